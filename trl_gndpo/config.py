@@ -1,0 +1,165 @@
+"""Configuration of the GNDPO trainer."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig
+
+# GRPO loss options whose behaviour GNDPO's loss does not implement; each must stay at its default.
+_UNSUPPORTED_GRPO_OPTIONS = {
+    "entropy_coef": 0.0,
+    "use_adaptive_entropy": False,
+    "top_entropy_quantile": 1.0,
+    "off_policy_mask_threshold": None,
+    "delta": None,
+}
+
+
+@dataclass
+class GNDPOConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`~trl_gndpo.GNDPOTrainer`].
+
+    Extends [`~trl.GRPOConfig`] with the teacher and the GNDPO token signal. Defaults that differ from `GRPOConfig`
+    follow the GNDPO reference recipe: temperature 1, top_p 1, no KL to a reference model (`beta=0`), dropout
+    disabled, a sequence-level importance ratio in token form (GSPO-token) clipped at 0.2, sequence-mean-token-mean
+    loss aggregation, AdamW with a constant learning rate of 1e-6 and weight decay 0.01.
+
+    Parameters:
+        > Parameters that control the teacher
+
+        teacher_model_name_or_path (`str`, *optional*):
+            Name or path of the teacher, used when the trainer's `teacher_model` argument is not given.
+        teacher_model_revision (`str`, *optional*):
+            Revision of the teacher (branch, tag or commit), used when the teacher is loaded from a name or path.
+        teacher_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
+            Keyword arguments for `from_pretrained` when the teacher is loaded from a name or path (a JSON string is
+            accepted, e.g. on the command line). `dtype` defaults to `"bfloat16"` on accelerators that support it,
+            `"float16"` on other GPUs and `"float32"` on CPU. A `quantization_config` may be a dict, e.g.
+            `{"load_in_4bit": true}` for a 4-bit teacher.
+
+        > Parameters that control the GNDPO token signal
+
+        token_signal_clamp (`float`, *optional*, defaults to `5.0`):
+            Bound `b` of the token signal `r_t = clamp(log q(y_t) - log p_old(y_t), -b, b)`, applied before
+            normalization.
+        normalization_scope (`str`, *optional*, defaults to `"global"`):
+            How the token signal becomes the advantage. `"global"`: whitened with the mean and unbiased variance of
+            the signal over every valid completion token of the whole generation batch, on all processes (GNDPO).
+            `"none"`: the clamped signal is the advantage (plain on-policy distillation baseline).
+        whitening_eps (`float`, *optional*, defaults to `1e-8`):
+            Added to the variance inside the square root of the whitening.
+        outcome_advantage_weight (`float`, *optional*, defaults to `0.0`):
+            Weight `w` of GRPO's sequence-level outcome advantage from `reward_funcs`, added to every valid token:
+            `A_t + w * A_seq`. GNDPO uses none (0.0); the rewards are then only logged.
+        max_log_ratio (`float`, *optional*, defaults to `10.0`):
+            Upper clamp of the log importance ratio in the policy loss.
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+
+    # Teacher
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Name or path of the teacher, used when the trainer's `teacher_model` is not given."},
+    )
+    teacher_model_revision: str | None = field(
+        default=None,
+        metadata={"help": "Revision of the teacher (branch, tag or commit) when it is loaded from a name or path."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `from_pretrained` when the teacher is loaded from a name or path (dict or "
+            "JSON string). `dtype` defaults to bfloat16 where supported, float16 on other GPUs, float32 on CPU. "
+            'A `quantization_config` may be a dict, e.g. `{"load_in_4bit": true}`.'
+        },
+    )
+
+    # Token signal
+    token_signal_clamp: float = field(
+        default=5.0,
+        metadata={"help": "Bound b of the token signal clamp(log q - log p_old, -b, b), applied before normalization."},
+    )
+    normalization_scope: str = field(
+        default="global",
+        metadata={
+            "help": "'global': whiten the token signal over every valid completion token of the whole generation "
+            "batch on all processes (GNDPO). 'none': use the clamped signal as the advantage (plain OPD).",
+            "choices": ["global", "none"],
+        },
+    )
+    whitening_eps: float = field(
+        default=1e-8,
+        metadata={"help": "Added to the variance inside the square root of the whitening."},
+    )
+    outcome_advantage_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of GRPO's sequence-level outcome advantage from `reward_funcs`, added to every valid "
+            "token. 0 (GNDPO): rewards are only logged."
+        },
+    )
+    max_log_ratio: float = field(
+        default=10.0,
+        metadata={"help": "Upper clamp of the log importance ratio in the policy loss."},
+    )
+
+    # GRPO defaults replaced by the GNDPO reference recipe
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Disable dropout in the student and the teacher, so the token signal is not noisy."},
+    )
+    loss_type: str = field(
+        default="grpo",
+        metadata={
+            "help": "Loss aggregation. 'grpo': sequence-mean-token-mean (GNDPO reference). 'dapo': sum over tokens "
+            "divided by the number of valid tokens of the generation batch.",
+            "choices": ["grpo", "dapo"],
+        },
+    )
+    importance_sampling_level: str = field(
+        default="sequence",
+        metadata={
+            "help": "'sequence': GSPO ratio in token form, sg[s_i] * p_t / sg[p_t] (GNDPO reference). 'token': "
+            "per-token PPO ratio.",
+            "choices": ["sequence", "token"],
+        },
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay of AdamW."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "The scheduler type to use."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.normalization_scope not in ("global", "none"):
+            raise ValueError(
+                f"normalization_scope must be 'global' or 'none', got {self.normalization_scope!r}."
+            )
+        if not self.token_signal_clamp > 0:
+            raise ValueError(f"token_signal_clamp must be > 0, got {self.token_signal_clamp}.")
+        if not self.whitening_eps > 0:
+            raise ValueError(f"whitening_eps must be > 0 (it keeps constant signals finite), got {self.whitening_eps}.")
+        if not self.outcome_advantage_weight >= 0:
+            raise ValueError(f"outcome_advantage_weight must be >= 0, got {self.outcome_advantage_weight}.")
+        if not self.max_log_ratio > 0:
+            raise ValueError(f"max_log_ratio must be > 0, got {self.max_log_ratio}.")
+        if self.loss_type not in ("grpo", "dapo"):
+            raise ValueError(
+                f"GNDPO supports loss_type 'grpo' (sequence-mean-token-mean) or 'dapo' (global token mean), got "
+                f"{self.loss_type!r}."
+            )
+        if self.importance_sampling_level not in ("sequence", "token"):
+            raise ValueError(
+                f"importance_sampling_level must be 'sequence' or 'token', got {self.importance_sampling_level!r}."
+            )
+        if self.beta != 0.0:
+            raise ValueError(
+                f"GNDPO has no KL-to-reference term (the teacher's token signal takes its place): set beta=0.0, "
+                f"got {self.beta}."
+            )
+        for name, default in _UNSUPPORTED_GRPO_OPTIONS.items():
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is a GRPOTrainer loss option that GNDPO's loss does not "
+                    f"implement; leave it at {default!r}."
+                )

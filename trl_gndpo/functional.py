@@ -1,0 +1,164 @@
+"""Pure tensor functions of GNDPO: the token signal, its global whitening and the clipped policy loss.
+
+Nothing here imports a model or a trainer. Every function reads like the equation in its docstring, works on any
+device and dtype, and is tested against a float64 reference in ``tests/test_functional.py``.
+
+Notation: ``p`` is the student, ``q`` the teacher, ``y_t`` the sampled completion token and ``m_t`` the mask of valid
+completion tokens (padding, masked truncated completions and tool tokens are 0). Tensors are ``(batch, completion)``.
+
+Two different "global normalizations" exist in this field and are kept apart here:
+
+- *advantage whitening* (GNDPO, :func:`whiten`): the advantage is standardized with the mean and variance of the token
+  signal over every valid token of the whole generation batch, on all processes;
+- *loss aggregation* (DAPO, ``loss_type="dapo"``): the loss is divided by the global number of tokens. This changes
+  the weight of each token in the gradient, not the advantage values.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "clamped_log_ratio",
+    "clipped_policy_loss",
+    "masked_moments",
+    "mean_and_unbiased_var",
+    "seq_mean_token_mean",
+    "whiten",
+    "whitened_advantages",
+]
+
+
+def clamped_log_ratio(
+    teacher_logps: torch.Tensor, student_logps: torch.Tensor, mask: torch.Tensor, bound: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Token signal of on-policy distillation, clamped.
+
+    .. math:: r_t = \mathrm{clamp}\big(\log q(y_t) - \log p_\text{old}(y_t),\ -b,\ b\big)
+
+    Tokens where either log-prob is not finite (a NaN or an infinite teacher log-prob on a valid token) carry no
+    usable signal: they are dropped from the returned mask, so they neither count in the statistics nor receive an
+    advantage. The caller logs how many were dropped.
+
+    Args:
+        teacher_logps: ``log q(y_t)``, shape ``(B, T)``.
+        student_logps: ``log p_old(y_t)``, shape ``(B, T)``.
+        mask: valid completion tokens, shape ``(B, T)``, bool or 0/1.
+        bound: the clamp ``b > 0`` (5.0 in the GNDPO reference).
+
+    Returns:
+        ``(r, valid)``: the clamped signal, 0 where ``valid`` is False, and the bool mask of tokens with a finite signal.
+    """
+    valid = mask.bool() & torch.isfinite(teacher_logps) & torch.isfinite(student_logps)
+    raw = torch.where(valid, teacher_logps - student_logps, torch.zeros_like(teacher_logps))
+    return raw.clamp(-bound, bound), valid
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    r"""Sufficient statistics ``[n, \sum x, \sum x^2]`` of the valid entries of ``x``, in float64.
+
+    Moments add across processes, so one all-reduce (sum) of this 3-vector gives the statistics of the concatenated
+    batch. float64 keeps :math:`\sum x^2 - n\mu^2` exact enough for millions of tokens.
+    """
+    m = mask.to(torch.float64)
+    x = x.to(torch.float64) * m
+    return torch.stack([m.sum(), x.sum(), (x * x).sum()])
+
+
+def mean_and_unbiased_var(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Mean and Bessel-corrected variance from ``[n, \sum x, \sum x^2]``.
+
+    .. math:: \mu = \frac{\sum x}{n}, \qquad \sigma^2 = \frac{\sum x^2 - n \mu^2}{n - 1}
+
+    With ``n = 0`` both are 0; with ``n = 1`` the variance is 0 (a single token carries no spread), so the whitened
+    advantage is 0 instead of NaN.
+    """
+    n, s, ss = moments.unbind()
+    mean = s / n.clamp(min=1)
+    var = ((ss - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    return mean, torch.where(n > 1, var, torch.zeros_like(var))
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    r"""Standardize with given statistics, zero off the mask.
+
+    .. math:: A_t = m_t \, \frac{x_t - \mu}{\sqrt{\sigma^2 + \epsilon}}
+    """
+    out = (x.to(torch.float64) - mean) * torch.rsqrt(var + eps)
+    return torch.where(mask.bool(), out, torch.zeros_like(out)).to(x.dtype)
+
+
+def whitened_advantages(
+    signal: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 1e-8,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""GNDPO global normalization: whiten the token signal over every valid token of the generation batch.
+
+    .. math:: A_t = m_t \, \frac{r_t - \mu}{\sqrt{\sigma^2 + \epsilon}}, \qquad
+              \mu, \sigma^2 = \text{mean, unbiased variance of } \{ r_t : m_t = 1 \} \text{ over all processes}
+
+    Args:
+        signal: token signal ``r``, shape ``(B, T)``.
+        mask: valid tokens, shape ``(B, T)``.
+        eps: added to the variance inside the square root (1e-8 in the reference).
+        all_reduce_sum: sums a tensor over processes (e.g. ``accelerator.reduce(t, "sum")``); it is called exactly once,
+            on the 3-vector of :func:`masked_moments`. ``None`` for a single process.
+
+    Returns:
+        ``(advantages, mean, var)``; every process gets the same ``mean`` and ``var``.
+    """
+    moments = masked_moments(signal, mask)
+    if all_reduce_sum is not None:
+        moments = all_reduce_sum(moments)
+    mean, var = mean_and_unbiased_var(moments)
+    return whiten(signal, mask, mean, var, eps), mean, var
+
+
+def clipped_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    level: str = "sequence",
+    max_log_ratio: float = 10.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-token clipped surrogate loss with a sequence-level (GSPO, token form) or token-level (PPO) ratio.
+
+    ``level="sequence"`` (GSPO-token, the GNDPO reference):
+
+    .. math:: \log s_i = \frac{1}{|y_i|} \sum_t m_t (\log p_t - \log p_{\text{old},t}), \qquad
+              \rho_{i,t} = \mathrm{sg}[s_i] \, \frac{p_t}{\mathrm{sg}[p_t]}
+
+    so the ratio's value is the sequence ratio while each token keeps its own gradient
+    :math:`A_{i,t} \nabla \log p_t` (a plain sequence ratio would average the per-token advantages away).
+    ``level="token"``: :math:`\rho_{i,t} = p_t / p_{\text{old},t}`. In both, :math:`\log\rho` is clamped above at
+    ``max_log_ratio`` and
+
+    .. math:: \ell_{i,t} = \max\big(-A_{i,t}\,\rho_{i,t},\ -A_{i,t}\,\mathrm{clip}(\rho_{i,t}, 1-\epsilon_\text{low},
+              1+\epsilon_\text{high})\big)
+
+    Returns:
+        ``(per_token_loss, ratio)``, both ``(B, T)``; aggregate with the mask (e.g. :func:`seq_mean_token_mean`).
+    """
+    if level == "sequence":
+        m = mask.to(logps.dtype)
+        seq_log_ratio = ((logps - old_logps) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = logps - logps.detach() + seq_log_ratio.detach()
+    elif level == "token":
+        log_ratio = logps - old_logps
+    else:
+        raise ValueError(f"level must be 'sequence' or 'token', got {level!r}")
+    ratio = torch.exp(log_ratio.clamp(max=max_log_ratio))
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+    return torch.maximum(-advantages * ratio, -advantages * clipped), ratio
+
+
+def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    r"""Average over tokens of each sequence, then over sequences: :math:`\frac{1}{B}\sum_i \frac{\sum_t m_{i,t} x_{i,t}}
+    {\max(1, \sum_t m_{i,t})}`."""
+    m = mask.to(x.dtype)
+    return ((x * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
