@@ -265,3 +265,19 @@ def test_outcome_rewards_are_logged_and_mixed_only_on_request(cpu_config_kwargs,
     expected = expected_advantages(student_logps, teacher_logps, mask, trainer.args)
     expected = expected + 0.5 * sequence_advantages.unsqueeze(1) * mask
     torch.testing.assert_close(batch["advantages"].double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_all_masked_generation_batch_gives_zero_advantages(cpu_config_kwargs):
+    """Every completion hits max_completion_length and is masked: zero advantages, zero loss, finite weights."""
+    trainer = GNDPOTrainer(
+        model=make_text_model(seed=0),
+        teacher_model=make_text_model(seed=1),
+        args=GNDPOConfig(**cpu_config_kwargs(mask_truncated_completions=True, max_completion_length=2)),
+        train_dataset=make_text_dataset(),
+        processing_class=make_tokenizer(),
+    )
+    records, _ = run(trainer, trainer.teacher_model)
+    for batch, _, _ in records:
+        assert batch["completion_mask"].sum() == 0
+        assert torch.equal(batch["advantages"], torch.zeros_like(batch["advantages"]))
+    assert all(log["loss"] == 0 for log in trainer.state.log_history if "loss" in log)

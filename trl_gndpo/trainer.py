@@ -31,7 +31,7 @@ _MODEL_INPUT_KEYS = (
 # Settings that decide how an image becomes tokens: the teacher must agree with the student on each of them.
 _VISION_CONFIG_KEYS = ("patch_size", "spatial_merge_size", "temporal_patch_size", "in_channels")
 _IMAGE_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-_IMAGE_PROCESSOR_KEYS = ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels", "size")
+_IMAGE_PROCESSOR_KEYS = ("patch_size", "merge_size", "temporal_patch_size", "size")  # size holds min/max pixels
 # GRPO's outcome-reward metrics, meaningless for the placeholder reward.
 _REWARD_METRICS = ("reward", "reward_std", "frac_reward_zero_std")
 
