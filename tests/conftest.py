@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -19,7 +18,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 torch.set_num_threads(1)
 
 # Works with both pytest import modes (prepend / importlib): make `import tiny_models` resolvable.
@@ -28,7 +26,6 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from tiny_models import cpu_grpo_kwargs, install_video_processor_workaround  # noqa: E402
-
 
 install_video_processor_workaround()
 

@@ -1,4 +1,4 @@
-"""Bad configurations and inputs fail at construction, before any training step, with a message that says what to do."""
+"""Bad configurations and inputs fail at construction, before any training step, with a message saying what to do."""
 
 import dataclasses
 import json
@@ -42,12 +42,19 @@ def test_config_rejects_bad_values(overrides, message, cpu_config_kwargs):
 def test_config_defaults_follow_the_reference_recipe(cpu_config_kwargs):
     defaults = {f.name: f.default for f in dataclasses.fields(GNDPOConfig)}
     assert {k: defaults[k] for k in ("temperature", "top_p", "beta", "epsilon", "learning_rate", "weight_decay")} == {
-        "temperature": 1.0, "top_p": 1.0, "beta": 0.0, "epsilon": 0.2, "learning_rate": 1e-6, "weight_decay": 0.01
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "beta": 0.0,
+        "epsilon": 0.2,
+        "learning_rate": 1e-6,
+        "weight_decay": 0.01,
     }
     assert defaults["disable_dropout"] and defaults["loss_type"] == "grpo"
     assert defaults["importance_sampling_level"] == "sequence" and defaults["lr_scheduler_type"] == "constant"
     assert (defaults["token_signal_clamp"], defaults["normalization_scope"], defaults["whitening_eps"]) == (
-        5.0, "global", 1e-8
+        5.0,
+        "global",
+        1e-8,
     )
     assert defaults["outcome_advantage_weight"] == 0.0
     parsed = GNDPOConfig(**cpu_config_kwargs(teacher_model_init_kwargs=json.dumps({"dtype": "bfloat16"})))
@@ -87,7 +94,9 @@ def test_teacher_with_a_different_vocabulary_of_the_same_size(cpu_config_kwargs)
     a, b = list(vocab)[-2:]  # two merged tokens, swapped: same size, different vocabulary
     vocab[a], vocab[b] = vocab[b], vocab[a]
     other = Qwen2Tokenizer(
-        vocab=vocab, merges=[tuple(m) for m in json.loads(merges_json)], eos_token="<|im_end|>",
+        vocab=vocab,
+        merges=[tuple(m) for m in json.loads(merges_json)],
+        eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
     assert len(other) == len(make_tokenizer())
@@ -120,8 +129,13 @@ def test_teacher_with_another_image_layout(cpu_config_kwargs):
     student, processor = make_vlm("qwen2_5_vl")
     teacher, _ = make_vlm("qwen3_vl", seed=1)  # 16-pixel patches against the student's 14
     with pytest.raises(ValueError, match="patch_size: student 14, teacher 16"):
-        build(cpu_config_kwargs, model=student, teacher_model=teacher, processing_class=processor,
-              train_dataset=make_image_dataset())
+        build(
+            cpu_config_kwargs,
+            model=student,
+            teacher_model=teacher,
+            processing_class=processor,
+            train_dataset=make_image_dataset(),
+        )
 
 
 def test_teacher_processor_with_other_image_sizes(cpu_config_kwargs):
@@ -131,5 +145,11 @@ def test_teacher_processor_with_other_image_sizes(cpu_config_kwargs):
     size = teacher_processor.image_processor.size
     teacher_processor.image_processor.size = dataclasses.replace(size, longest_edge=4 * size.longest_edge)
     with pytest.raises(ValueError, match="image_processor.size"):
-        build(cpu_config_kwargs, model=student, teacher_model=teacher, processing_class=processor,
-              teacher_processing_class=teacher_processor, train_dataset=make_image_dataset())
+        build(
+            cpu_config_kwargs,
+            model=student,
+            teacher_model=teacher,
+            processing_class=processor,
+            teacher_processing_class=teacher_processor,
+            train_dataset=make_image_dataset(),
+        )

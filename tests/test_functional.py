@@ -148,7 +148,7 @@ def reference_policy_loss(logps, old, adv, mask, eps_low, eps_high, level, max_l
 def test_clipped_policy_loss_matches_reference(seed, level):
     g = torch.Generator().manual_seed(seed)
     logps = (-torch.rand(5, 7, generator=g, dtype=torch.float64) * 3).requires_grad_()
-    old = (logps.detach() + torch.randn(5, 7, generator=g, dtype=torch.float64) * 0.3)
+    old = logps.detach() + torch.randn(5, 7, generator=g, dtype=torch.float64) * 0.3
     adv = torch.randn(5, 7, generator=g, dtype=torch.float64)
     mask = torch.rand(5, 7, generator=g) < 0.8
     loss, ratio = F.clipped_policy_loss(logps, old, adv, mask, 0.2, 0.28, level=level)

@@ -20,7 +20,6 @@ from tiny_models import (
     make_vlm,
     save_tiny,
 )
-
 from trl import GRPOTrainer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
@@ -118,8 +117,17 @@ def test_text_full_finetune(family, scope, cpu_config_kwargs):
     assert changed(before, trainer.model), "the student did not train"
     check_advantages(records, config)
     logs = trainer.state.log_history[0]
-    for name in ("reverse_kl", "teacher_logp", "student_logp", "signal_mean", "signal_std", "clamped_frac",
-                 "advantage_mean", "advantage_std", "advantage_abs_max"):
+    for name in (
+        "reverse_kl",
+        "teacher_logp",
+        "student_logp",
+        "signal_mean",
+        "signal_std",
+        "clamped_frac",
+        "advantage_mean",
+        "advantage_std",
+        "advantage_abs_max",
+    ):
         assert math.isfinite(logs[f"gndpo/{name}"]), name
     assert logs["gndpo/teacher_logp"] < 0 and logs["gndpo/student_logp"] < 0
     assert logs["gndpo/reverse_kl"] == pytest.approx(logs["gndpo/student_logp"] - logs["gndpo/teacher_logp"])

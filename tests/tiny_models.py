@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 import torch
+import trl
 from datasets import Dataset
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -47,9 +48,6 @@ from transformers import (
     Qwen3VLProcessor,
 )
 from transformers.utils import is_torchvision_available
-
-import trl
-
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -96,7 +94,7 @@ def install_video_processor_workaround() -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_bpe() -> tuple[str, str]:
     """Train the byte-level BPE once; return (vocab, merges) as JSON strings so callers can't mutate the cache."""
     bpe = Tokenizer(models.BPE())
@@ -112,7 +110,7 @@ def _trained_bpe() -> tuple[str, str]:
     return json.dumps(model["vocab"]), json.dumps(model["merges"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_template(name: str) -> str:
     return (CHAT_TEMPLATES_DIR / f"{name}.jinja").read_text()
 
@@ -334,15 +332,20 @@ _QUESTIONS = [
     "Describe the quick brown fox.",
 ]
 _COLOURS = [
-    (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0), (255, 255, 0), (0, 255, 255), (128, 0, 128)
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 255),
+    (0, 0, 0),
+    (255, 255, 0),
+    (0, 255, 255),
+    (128, 0, 128),
 ]
 
 
 def make_text_dataset(n: int = 8) -> Dataset:
     """``n`` conversational prompts: ``prompt = [{"role": "user", "content": str}]``."""
-    prompts = [
-        [{"role": "user", "content": _QUESTIONS[i % len(_QUESTIONS)].format(a=i, b=i + 7)}] for i in range(n)
-    ]
+    prompts = [[{"role": "user", "content": _QUESTIONS[i % len(_QUESTIONS)].format(a=i, b=i + 7)}] for i in range(n)]
     return Dataset.from_dict({"prompt": prompts})
 
 

@@ -79,7 +79,9 @@ class GNDPOConfig(GRPOConfig):
     # Token signal
     token_signal_clamp: float = field(
         default=5.0,
-        metadata={"help": "Bound b of the token signal clamp(log q - log p_old, -b, b), applied before normalization."},
+        metadata={
+            "help": "Bound b of the token signal clamp(log q - log p_old, -b, b), applied before normalization."
+        },
     )
     normalization_scope: str = field(
         default="global",
@@ -132,13 +134,13 @@ class GNDPOConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.normalization_scope not in ("global", "none"):
-            raise ValueError(
-                f"normalization_scope must be 'global' or 'none', got {self.normalization_scope!r}."
-            )
+            raise ValueError(f"normalization_scope must be 'global' or 'none', got {self.normalization_scope!r}.")
         if not self.token_signal_clamp > 0:
             raise ValueError(f"token_signal_clamp must be > 0, got {self.token_signal_clamp}.")
         if not self.whitening_eps > 0:
-            raise ValueError(f"whitening_eps must be > 0 (it keeps constant signals finite), got {self.whitening_eps}.")
+            raise ValueError(
+                f"whitening_eps must be > 0 (it keeps constant signals finite), got {self.whitening_eps}."
+            )
         if not self.outcome_advantage_weight >= 0:
             raise ValueError(f"outcome_advantage_weight must be >= 0, got {self.outcome_advantage_weight}.")
         if not self.max_log_ratio > 0:

@@ -47,7 +47,7 @@ def clamped_log_ratio(
         bound: the clamp ``b > 0`` (5.0 in the GNDPO reference).
 
     Returns:
-        ``(r, valid)``: the clamped signal, 0 where ``valid`` is False, and the bool mask of tokens with a finite signal.
+        ``(r, valid)``: the clamped signal (0 where ``valid`` is False) and the mask of tokens with a finite signal.
     """
     valid = mask.bool() & torch.isfinite(teacher_logps) & torch.isfinite(student_logps)
     raw = torch.where(valid, teacher_logps - student_logps, torch.zeros_like(teacher_logps))
@@ -103,7 +103,7 @@ def whitened_advantages(
         signal: token signal ``r``, shape ``(B, T)``.
         mask: valid tokens, shape ``(B, T)``.
         eps: added to the variance inside the square root (1e-8 in the reference).
-        all_reduce_sum: sums a tensor over processes (e.g. ``accelerator.reduce(t, "sum")``); it is called exactly once,
+        all_reduce_sum: sums a tensor over processes (e.g. ``accelerator.reduce(t, "sum")``); called exactly once,
             on the 3-vector of :func:`masked_moments`. ``None`` for a single process.
 
     Returns:
@@ -158,7 +158,9 @@ def clipped_policy_loss(
 
 
 def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    r"""Average over tokens of each sequence, then over sequences: :math:`\frac{1}{B}\sum_i \frac{\sum_t m_{i,t} x_{i,t}}
-    {\max(1, \sum_t m_{i,t})}`."""
+    r"""Average over the tokens of each sequence, then over sequences.
+
+    .. math:: \frac{1}{B} \sum_i \frac{\sum_t m_{i,t} x_{i,t}}{\max(1, \sum_t m_{i,t})}
+    """
     m = mask.to(x.dtype)
     return ((x * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()

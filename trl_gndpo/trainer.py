@@ -108,7 +108,9 @@ class GNDPOTrainer(GRPOTrainer):
     # Set-up checks: every mismatch is reported before the first training step.
 
     def _check_datasets(self, train_dataset, eval_dataset) -> None:
-        datasets = [train_dataset] + (list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset])
+        datasets = [train_dataset] + (
+            list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+        )
         for dataset in datasets:
             columns = getattr(dataset, "column_names", None)
             if not columns:  # None, or a streaming dataset whose columns are unknown until read
@@ -136,14 +138,11 @@ class GNDPOTrainer(GRPOTrainer):
             teacher_tokenizer = getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
             student_vocab, teacher_vocab = self._tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
             if student_vocab != teacher_vocab:
-                differing = sorted(
-                    {t for t in student_vocab.keys() ^ teacher_vocab.keys()}
-                    | {t for t in student_vocab.keys() & teacher_vocab.keys() if student_vocab[t] != teacher_vocab[t]}
-                )
+                differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()))
                 raise ValueError(
-                    f"The teacher's tokenizer differs from the student's ({len(teacher_vocab)} vs {len(student_vocab)} "
-                    f"tokens; {len(differing)} tokens differ or are missing, e.g. {differing[:5]}). GNDPO scores the "
-                    "student's token ids with the teacher, so both must share one vocabulary."
+                    f"The teacher's tokenizer differs from the student's ({len(teacher_vocab)} vs "
+                    f"{len(student_vocab)} tokens; differing (token, id) pairs include {differing[:4]}). GNDPO scores "
+                    "the student's token ids with the teacher, so both must share one vocabulary."
                 )
         else:
             logger.warning(
@@ -152,31 +151,19 @@ class GNDPOTrainer(GRPOTrainer):
             )
         if not self._is_vlm:
             return
-        student_vision = getattr(student_config, "vision_config", None)
         teacher_vision = getattr(teacher_config, "vision_config", None)
         if teacher_vision is None:
             raise ValueError(
                 f"The student is a vision-language model but the teacher ({type(teacher).__name__}) has no vision "
                 "tower: it must see the same images. Use a vision-language teacher of the same family."
             )
-        mismatches = [
-            f"vision_config.{key}: student {getattr(student_vision, key, None)}, teacher {getattr(teacher_vision, key, None)}"
-            for key in _VISION_CONFIG_KEYS
-            if getattr(student_vision, key, None) != getattr(teacher_vision, key, None)
-        ] + [
-            f"{key}: student {getattr(student_config, key, None)}, teacher {getattr(teacher_config, key, None)}"
-            for key in _IMAGE_TOKEN_KEYS
-            if getattr(student_config, key, None) != getattr(teacher_config, key, None)
-        ]
-        teacher_image_processor = getattr(teacher_processing_class, "image_processor", None)
-        if teacher_image_processor is not None:
-            student_image_processor = self.processing_class.image_processor
-            mismatches += [
-                f"image_processor.{key}: student {getattr(student_image_processor, key, None)}, "
-                f"teacher {getattr(teacher_image_processor, key, None)}"
-                for key in _IMAGE_PROCESSOR_KEYS
-                if getattr(student_image_processor, key, None) != getattr(teacher_image_processor, key, None)
-            ]
+        student_processor = self.processing_class.image_processor
+        teacher_processor = getattr(teacher_processing_class, "image_processor", None)
+        mismatches = (
+            _differences("vision_config.", student_config.vision_config, teacher_vision, _VISION_CONFIG_KEYS)
+            + _differences("", student_config, teacher_config, _IMAGE_TOKEN_KEYS)
+            + _differences("image_processor.", student_processor, teacher_processor, _IMAGE_PROCESSOR_KEYS)
+        )
         if mismatches:
             raise ValueError(
                 "The teacher lays image tokens out differently from the student, so it cannot score the student's "
@@ -204,7 +191,10 @@ class GNDPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         if self._placeholder_reward:
-            for key in (*_REWARD_METRICS, *(f"rewards/{n}/{s}" for n in self.reward_func_names for s in ("mean", "std"))):
+            for key in (
+                *_REWARD_METRICS,
+                *(f"rewards/{n}/{s}" for n in self.reward_func_names for s in ("mean", "std")),
+            ):
                 metrics.pop(key, None)
 
         mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
@@ -333,6 +323,17 @@ class GNDPOTrainer(GRPOTrainer):
         metrics["clip_ratio/region_mean"].append(global_mean((low | high).float()))
         metrics["policy_loss"].append(self.accelerator.gather(loss.detach() * accumulation).mean().item())
         return loss
+
+
+def _differences(prefix: str, student, teacher, keys: tuple[str, ...]) -> list[str]:
+    """'<prefix><key>: student <value>, teacher <value>' for each setting on which the two disagree."""
+    if teacher is None:  # nothing to compare against (e.g. no teacher processor)
+        return []
+    return [
+        f"{prefix}{key}: student {getattr(student, key, None)}, teacher {getattr(teacher, key, None)}"
+        for key in keys
+        if getattr(student, key, None) != getattr(teacher, key, None)
+    ]
 
 
 def _load_teacher(name: str, args: GNDPOConfig) -> PreTrainedModel:
