@@ -1,0 +1,453 @@
+"""The examples build, the single-GPU ones train, and every launch line in examples/README.md parses.
+
+Each example is imported from examples/ and called with the paths of tiny Qwen2.5-VL checkpoints saved by
+tests/tiny_models (student hidden 64, teacher hidden 128, one tokenizer and processor) and with a local dataset that
+has Geometry3K's columns, so the examples' own model loading, data mapping, LoRA / QLoRA and trainer code runs. The
+only overrides are the CPU flags and tiny batch sizes of `cpu_grpo_kwargs` (use_cpu, bf16 and activation
+checkpointing off, 2 x 2 completions of 8 tokens, one step). The examples' GPU defaults are checked on their own: the
+config each example asks for is built unchanged, with only `use_cpu=True` added.
+
+The notebook must work when opened on its own, so it repeats the script, and a copy rots silently unless checked.
+Hence: (1) the notebook's code cells, concatenated, must be the script statement for statement (equal ASTs, with the
+script's `if __name__ == "__main__":` block unwrapped and the notebook's `%pip` install cell aside), so a change to
+one fails here until the other gets it too; (2) every cell compiles on its own, and the notebook is committed without
+outputs; (3) every code cell but the install one is executed in order in one namespace, with only the defaults of
+`build_trainer` bound to the tiny models: the notebook's own cells build the trainer, train a step and print the
+gndpo/ metrics. Not covered: the `%pip` line and the hub downloads of the real models and dataset.
+
+Multi-GPU: each accelerate YAML goes through accelerate's own `launch_command` with the process-spawning functions
+stubbed, and the environment that the launcher would hand to the training processes is turned into accelerate's
+`DeepSpeedPlugin` / `FullyShardedDataParallelPlugin`. Nothing here runs on several GPUs or with DeepSpeed (not
+installed); tests/test_distributed.py runs the trainer on two CPU processes. vLLM is not installed either: the
+README's vLLM colocate line is parsed and must select vLLM in colocate mode, then its trainer is built with
+`use_vllm` forced off, so vLLM generation itself is not tested here.
+"""
+
+import ast
+import configparser
+import difflib
+import importlib.util
+import json
+import math
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import accelerate.commands.launch as accelerate_launch
+import datasets
+import pytest
+import torch
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+from bitsandbytes.nn import Linear4bit
+from datasets import Dataset, Features, Image, List, Value
+from peft import PeftModel
+from tiny_models import cpu_grpo_kwargs, make_image, make_vlm, save_tiny
+from torch.distributed.fsdp import CPUOffloadPolicy
+from transformers import BitsAndBytesConfig
+
+from trl_gndpo import GNDPOConfig, GNDPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+NOTEBOOK = EXAMPLES / "qwen2_5_vl_lora.ipynb"
+LANGUAGE_MODEL_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[str, str]:
+    """Tiny Qwen2.5-VL student and bigger teacher, saved with their processor so examples load them by path."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    student, processor = make_vlm("qwen2_5_vl", seed=0)
+    teacher, teacher_processor = make_vlm("qwen2_5_vl", seed=1, hidden_size=128)
+    save_tiny(student, processor, root / "student")
+    save_tiny(teacher, teacher_processor, root / "teacher")
+    return str(root / "student"), str(root / "teacher")
+
+
+@pytest.fixture(scope="module")
+def geometry3k(tmp_path_factory) -> str:
+    """A local dataset laid out like hiyouga/geometry3k (parquet shards; images / problem / answer columns)."""
+    root = tmp_path_factory.mktemp("geometry3k")
+    rows = {
+        "images": [[make_image(i)] for i in range(8)],
+        "problem": [f"<image>Find x if AB = {i + 2}." for i in range(8)],
+        "answer": [str(i) for i in range(8)],
+    }
+    features = Features({"images": List(Image()), "problem": Value("string"), "answer": Value("string")})
+    (root / "data").mkdir()
+    Dataset.from_dict(rows, features=features).to_parquet(root / "data" / "train-00000-of-00001.parquet")
+    return str(root)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path_factory, monkeypatch):
+    """Examples importable by name (they import each other, as when run from examples/); datasets cached in tmp."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "datasets-cache")
+    yield
+    for name in ("qwen2_5_vl_lora", "qlora", "multi_gpu"):
+        sys.modules.pop(name, None)
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_overrides(tmp_path, **overrides) -> dict:
+    return cpu_grpo_kwargs(output_dir=str(tmp_path / "output"), max_steps=1, **overrides)
+
+
+def as_flags(kwargs: dict) -> list[str]:
+    return [item for key, value in kwargs.items() for item in (f"--{key}", str(value))]
+
+
+def lora_modules(model) -> set[str]:
+    return {name for name, module in model.named_modules() if hasattr(module, "lora_A") and module.lora_A}
+
+
+def check_language_model_lora(model) -> None:
+    """LoRA on every attention / MLP projection of the language model, nowhere else; only the adapter trains."""
+    assert isinstance(model, PeftModel)
+    adapted = lora_modules(model)
+    assert adapted and all(".language_model." in name for name in adapted), sorted(adapted)
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == LANGUAGE_MODEL_PROJECTIONS
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in name for name in trainable), trainable
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def train_one_step(trainer) -> dict:
+    """Train, check that the adapter moved and the teacher did not; return the step's logs."""
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    teacher_before = {n: p.detach().float().clone() for n, p in teacher.named_parameters()}
+    before = lora_weights(trainer.model)
+    trainer.train()
+    after = lora_weights(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before), "the adapter did not train"
+    assert all(torch.equal(p.detach().float(), teacher_before[n]) for n, p in teacher.named_parameters())
+    logs = trainer.state.log_history[0]
+    for name in ("reverse_kl", "teacher_logp", "student_logp", "advantage_std"):
+        assert math.isfinite(logs[f"gndpo/{name}"]), name
+    return logs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# qwen2_5_vl_lora.py and its notebook
+# --------------------------------------------------------------------------------------------------------------------
+def test_geometry3k_rows_become_conversational_prompts(geometry3k):
+    lora = load_example("qwen2_5_vl_lora")
+    dataset = lora.load_prompts(geometry3k, "train")
+    assert sorted(dataset.column_names) == ["images", "prompt"]  # the reference answer is dropped
+    assert dataset[0]["prompt"] == [{"role": "user", "content": f"Find x if AB = 2.\n{lora.INSTRUCTION}"}]
+    assert len(dataset[0]["images"]) == 1 and dataset[0]["images"][0].size == (32, 32)
+
+
+def test_lora_script_trains_a_language_model_adapter(checkpoints, geometry3k, tmp_path):
+    lora = load_example("qwen2_5_vl_lora")
+    student, teacher = checkpoints
+    trainer = lora.build_trainer(
+        student, teacher, dataset=lora.load_prompts(geometry3k, "train"), **cpu_overrides(tmp_path)
+    )
+    check_language_model_lora(trainer.model)
+    base = trainer.model.get_base_model()
+    assert base.model.language_model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert trainer.processing_class.tokenizer.padding_side == "left"  # GRPOTrainer's own processor loading
+    teacher_model = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    assert teacher_model.config.get_text_config().hidden_size == 128 and not teacher_model.training  # by path
+    train_one_step(trainer)
+
+
+def script_statements(path: Path) -> list[ast.stmt]:
+    """The script's statements, docstring dropped and the `if __name__ == "__main__":` block unwrapped."""
+    statements = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            continue
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'":
+            statements.extend(node.body)
+        else:
+            statements.append(node)
+    return statements
+
+
+def notebook_code_cells() -> tuple[list[str], list[str]]:
+    """(install cells, other code cells) as source strings, after checking the nbformat 4 structure."""
+    notebook = json.loads(NOTEBOOK.read_text())
+    assert notebook["nbformat"] == 4 and notebook["metadata"]["kernelspec"]["language"] == "python"
+    install, code = [], []
+    for cell in notebook["cells"]:
+        assert cell["cell_type"] in ("code", "markdown") and isinstance(cell["source"], list)
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, "commit the notebook without outputs"
+            source = "".join(cell["source"])
+            (install if "%pip" in source else code).append(source)
+    return install, code
+
+
+def test_notebook_installs_this_repository():
+    install, _ = notebook_code_cells()
+    assert len(install) == 1
+    commands = [line for line in install[0].splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 1 and commands[0].startswith("%pip install")
+    target = (EXAMPLES / commands[0].split()[-1]).resolve()  # relative to the notebook's folder
+    setup = configparser.ConfigParser()
+    setup.read(target / "setup.cfg")
+    assert setup["metadata"]["name"] == "trl-gndpo"
+
+
+def test_notebook_is_the_script_and_runs(checkpoints, geometry3k, tmp_path, capsys):
+    _, cells = notebook_code_cells()
+    for i, source in enumerate(cells):
+        compile(source, f"{NOTEBOOK.name} code cell {i}", "exec")
+    notebook = [ast.unparse(s) for s in ast.parse("\n".join(cells)).body]
+    script = [ast.unparse(s) for s in script_statements(EXAMPLES / "qwen2_5_vl_lora.py")]
+    assert notebook == script, "the notebook and qwen2_5_vl_lora.py differ:\n" + "\n".join(
+        difflib.unified_diff(script, notebook, "qwen2_5_vl_lora.py", NOTEBOOK.name, lineterm="")
+    )
+
+    namespace = {"__name__": "__main__"}
+    for source in cells:
+        exec(compile(source, NOTEBOOK.name, "exec"), namespace)
+        build = namespace.get("build_trainer")
+        if build is not None and not hasattr(build, "tiny"):  # bind the tiny models as soon as it is defined
+            student, teacher = checkpoints
+            dataset = namespace["load_prompts"](geometry3k, "train")
+
+            def tiny_build(build=build, student=student, teacher=teacher, dataset=dataset):
+                return build(student, teacher, dataset=dataset, **cpu_overrides(tmp_path))
+
+            tiny_build.tiny = True
+            namespace["build_trainer"] = tiny_build
+    trainer = namespace["trainer"]
+    check_language_model_lora(trainer.model)
+    assert trainer.state.global_step == 1
+    assert (tmp_path / "output" / "adapter_model.safetensors").exists()  # the notebook's save_model()
+    assert re.search(r"^step +1 +reverse KL -?\d+\.\d{4} .*advantage std \d\.\d\d$", capsys.readouterr().out, re.M)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# qlora.py
+# --------------------------------------------------------------------------------------------------------------------
+def test_qlora_trains_a_4bit_student_with_a_4bit_teacher(checkpoints, geometry3k, tmp_path):
+    qlora = load_example("qlora")
+    student, teacher = checkpoints
+    dataset = qlora.load_prompts(geometry3k, "train")
+    trainer = qlora.build_trainer(student, teacher, dataset=dataset, **cpu_overrides(tmp_path))
+    check_language_model_lora(trainer.model)
+    for model in (trainer.model.get_base_model(), trainer.accelerator.unwrap_model(trainer.teacher_model)):
+        assert model.is_loaded_in_4bit
+        layer = model.model.language_model.layers[0].mlp.down_proj
+        layer = getattr(layer, "base_layer", layer)  # the student's is wrapped by LoRA
+        assert isinstance(layer, Linear4bit) and layer.weight.quant_type == "nf4"
+        assert layer.compute_dtype == torch.bfloat16
+        # the vision tower and lm_head stay unquantized, in bf16
+        for kept in (model.model.visual.blocks[0].mlp.down_proj, model.lm_head):
+            assert type(kept) is torch.nn.Linear and kept.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for n, p in trainer.model.named_parameters() if ".lora_" in n)
+    train_one_step(trainer)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_lora", "qlora"])
+def test_single_gpu_defaults_are_a_valid_gpu_recipe(name, monkeypatch):
+    """`build_trainer()` as `python examples/<name>.py` calls it, minus the hub: the config is valid unchanged."""
+    example = load_example(name)
+    calls = {}
+    monkeypatch.setattr(example, "load_prompts", lambda: calls.setdefault("dataset", object()))
+    monkeypatch.setattr(example, "GNDPOTrainer", lambda **kwargs: calls.setdefault("trainer", kwargs))
+    monkeypatch.setattr(example, "GNDPOConfig", lambda **kwargs: calls.setdefault("config", kwargs))
+    example.build_trainer()
+
+    trainer, requested = calls["trainer"], calls["config"]
+    assert trainer["model"] == example.STUDENT and trainer["teacher_model"] == example.TEACHER
+    assert trainer["model"].startswith("Qwen/Qwen2.5-VL-") and trainer["teacher_model"].startswith("Qwen/Qwen2.5-VL-")
+    assert trainer["train_dataset"] is calls["dataset"]  # Geometry3K from the hub when no dataset is given
+    assert requested["bf16"] and requested["activation_checkpointing"]
+    assert requested["model_init_kwargs"]["dtype"] == "bfloat16"
+    config = GNDPOConfig(**requested, use_cpu=True)  # valid as written: batch sizes, GNDPO and GRPO checks
+    assert config.generation_batch_size == config.per_device_train_batch_size * config.gradient_accumulation_steps
+    assert config.steps_per_generation == config.gradient_accumulation_steps  # one optimizer step per generation
+    assert config.generation_batch_size // config.num_generations >= 8  # enough prompts to whiten over
+    assert trainer["peft_config"].lora_dropout == 0.0
+    target = re.compile(trainer["peft_config"].target_modules)
+    vlm, _ = make_vlm("qwen2_5_vl")
+    matched = {n for n, m in vlm.named_modules() if isinstance(m, torch.nn.Linear) and target.fullmatch(n)}
+    assert matched and all(".language_model." in n for n in matched)
+    if name == "qlora":
+        student = trainer["quantization_config"]
+        teacher = BitsAndBytesConfig.from_dict(requested["teacher_model_init_kwargs"]["quantization_config"])
+        for quantization in (student, teacher):
+            assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "nf4"
+            assert quantization.bnb_4bit_compute_dtype == torch.bfloat16
+        assert student.bnb_4bit_use_double_quant
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# multi_gpu.py
+# --------------------------------------------------------------------------------------------------------------------
+def test_multi_gpu_parses_and_builds_lora(checkpoints, geometry3k, tmp_path):
+    multi_gpu = load_example("multi_gpu")
+    student, teacher = checkpoints
+    target = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
+    argv = ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", geometry3k]
+    argv += ["--use_peft", "--lora_target_modules", target, "--teacher_model_init_kwargs", '{"dtype": "bfloat16"}']
+    script_args, args, model_args = multi_gpu.parse_args(argv + as_flags(cpu_overrides(tmp_path)))
+    assert isinstance(args, GNDPOConfig) and args.teacher_model_name_or_path == teacher and args.max_steps == 1
+    assert args.teacher_model_init_kwargs == {"dtype": "bfloat16"}  # JSON on the command line
+    assert (model_args.dtype, model_args.lora_dropout, model_args.lora_target_modules) == ("bfloat16", 0.0, target)
+    assert script_args.dataset_name == geometry3k and script_args.dataset_train_split == "train"
+
+    trainer = multi_gpu.build_trainer(script_args, args, model_args)
+    check_language_model_lora(trainer.model)
+    base = trainer.model.get_base_model()
+    assert base.model.language_model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    assert trainer.accelerator.unwrap_model(trainer.teacher_model).dtype == torch.bfloat16
+    assert sorted(trainer.train_dataset.column_names) == ["images", "prompt"]
+    assert trainer.train_dataset[0]["prompt"][0]["content"].startswith("Find x if AB = 2.")
+
+
+def test_multi_gpu_defaults_and_4bit_student(checkpoints, geometry3k, tmp_path):
+    multi_gpu = load_example("multi_gpu")
+    script_args, args, model_args = multi_gpu.parse_args(["--model_name_or_path", "m", "--use_cpu"])
+    assert script_args.dataset_name == "hiyouga/geometry3k" and not model_args.use_peft  # full fine-tune by default
+    assert not model_args.load_in_4bit and args.teacher_model_name_or_path is None
+
+    student, teacher = checkpoints
+    argv = ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", geometry3k]
+    argv += ["--load_in_4bit", "--use_peft", "--lora_target_modules", "q_proj", "v_proj"]
+    trainer = multi_gpu.build_trainer(*multi_gpu.parse_args(argv + as_flags(cpu_overrides(tmp_path))))
+    base = trainer.model.get_base_model()
+    assert base.is_loaded_in_4bit and isinstance(base.model.language_model.layers[0].mlp.up_proj, Linear4bit)
+    assert {name.rsplit(".", 1)[-1] for name in lora_modules(trainer.model)} == {"q_proj", "v_proj"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# accelerate YAMLs and README launch lines
+# --------------------------------------------------------------------------------------------------------------------
+def launch(argv: list[str], monkeypatch):
+    """Run accelerate's own `launch_command` on `argv`, spawning nothing: (launcher, its args, worker env)."""
+    launched = []
+    for launcher in ("deepspeed_launcher", "multi_gpu_launcher", "simple_launcher"):
+        monkeypatch.setattr(accelerate_launch, launcher, lambda args, name=launcher: launched.append((name, args)))
+    accelerate_launch.launch_command(accelerate_launch.launch_command_parser().parse_args(argv))
+    ((launcher, args),) = launched
+    if launcher == "deepspeed_launcher":
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    return launcher, args, {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+EXPECTED_YAML = {
+    "ddp.yaml": ("multi_gpu_launcher", DistributedType.MULTI_GPU),
+    "zero2.yaml": ("deepspeed_launcher", DistributedType.DEEPSPEED),
+    "zero3.yaml": ("deepspeed_launcher", DistributedType.DEEPSPEED),
+    "fsdp.yaml": ("multi_gpu_launcher", DistributedType.FSDP),
+}
+
+
+def test_every_accelerate_config_is_tested():
+    assert sorted(p.name for p in (EXAMPLES / "accelerate").iterdir()) == sorted(EXPECTED_YAML)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_YAML))
+def test_accelerate_config(name, monkeypatch):
+    path = str(EXAMPLES / "accelerate" / name)
+    config = load_config_from_file(path)  # what `accelerate launch --config_file` reads; rejects unknown keys
+    assert isinstance(config, ClusterConfig) and config.distributed_type == EXPECTED_YAML[name][1]
+    assert (config.mixed_precision, config.num_processes, config.num_machines, config.use_cpu) == ("bf16", 8, 1, False)
+    # accelerate ignores unknown keys inside deepspeed_config / fsdp_config: each must be a launcher flag
+    flags = {action.dest for action in accelerate_launch.launch_command_parser()._actions}
+    for key in config.deepspeed_config:
+        assert key in flags, f"{name}: unknown deepspeed_config key {key}"
+    for key in config.fsdp_config:
+        assert (key if key.startswith("fsdp_") else f"fsdp_{key}") in flags, f"{name}: unknown fsdp_config key {key}"
+
+    launcher, args, env = launch(["--config_file", path, "examples/multi_gpu.py", "--output_dir", "x"], monkeypatch)
+    assert launcher == EXPECTED_YAML[name][0] and args.num_processes == 8
+    assert args.training_script_args == ["--output_dir", "x"]
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for key, value in env.items():  # the worker processes build accelerate's plugins from this environment
+        monkeypatch.setenv(key, value)
+    if name == "ddp.yaml":
+        assert "ACCELERATE_USE_DEEPSPEED" not in env and "ACCELERATE_USE_FSDP" not in env
+    elif name.startswith("zero"):
+        plugin = DeepSpeedPlugin()
+        zero = plugin.deepspeed_config["zero_optimization"]
+        assert plugin.zero_stage == zero["stage"] == int(name[4])
+        assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "none"
+        assert plugin.zero3_init_flag == (name == "zero3.yaml")  # ZeRO-3 shards both models while they load
+        assert zero["stage3_gather_16bit_weights_on_model_save"] == (name == "zero3.yaml")
+    else:
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+        assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+        assert plugin.cpu_ram_efficient_loading is False  # the teacher would load empty weights on ranks > 0
+        assert plugin.activation_checkpointing is False  # checkpointing comes from GNDPOConfig
+        assert not isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+
+
+def readme_commands() -> list[str]:
+    """Every command in the bash blocks of examples/README.md, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", (EXAMPLES / "README.md").read_text(), re.S)
+    return [command.strip() for block in blocks for command in block.replace("\\\n", " ").splitlines() if command]
+
+
+def test_readme_lists_every_example_and_config():
+    readme = (EXAMPLES / "README.md").read_text()
+    files = [p.relative_to(EXAMPLES).as_posix() for p in EXAMPLES.rglob("*") if p.is_file() and p.name != "README.md"]
+    files = [f for f in files if "__pycache__" not in f and ".ipynb_checkpoints" not in f]
+    assert files and all(f"`{f}`" in readme for f in files), files
+    commands = " ".join(readme_commands())
+    for file in files:  # every script, the notebook and every accelerate config has a command line
+        assert f"examples/{file}" in commands, file
+    assert "--use_vllm" in commands and "--vllm_mode colocate" in commands
+
+
+def command_id(command: str) -> str:
+    """`zero3.yaml` (the accelerate config) or `qlora.py`, plus `-vllm`: a failing launch line is easy to find."""
+    words = shlex.split(command)
+    target = words[words.index("--config_file") + 1] if "--config_file" in words else words[-1]
+    return Path(target).name + ("-vllm" if "--use_vllm" in words else "")
+
+
+@pytest.mark.parametrize("command", readme_commands(), ids=command_id)
+def test_readme_launch_line(command, checkpoints, geometry3k, tmp_path, monkeypatch):
+    words = shlex.split(command)
+    if words[0] in ("python", "jupyter"):
+        assert (ROOT / words[-1]).is_file() and words[-1].startswith("examples/")
+        return
+    assert words[:2] == ["accelerate", "launch"], command
+    launcher, args, _ = launch(words[2:], monkeypatch)
+    assert Path(args.training_script) == Path("examples/multi_gpu.py")
+    multi_gpu = load_example("multi_gpu")
+    script_args, config, model_args = multi_gpu.parse_args(args.training_script_args + ["--use_cpu"])  # no GPU here
+    assert model_args.model_name_or_path.startswith("Qwen/Qwen2.5-VL-")
+    assert config.teacher_model_name_or_path.startswith("Qwen/Qwen2.5-VL-")
+    assert config.output_dir and script_args.dataset_name == "hiyouga/geometry3k"
+    assert config.generation_batch_size * 8 // config.num_generations == 32  # 32 prompts per step on 8 GPUs
+    if "--use_vllm" in words:
+        assert config.use_vllm and config.vllm_mode == "colocate"
+
+    # The same line with the tiny models, the local dataset and CPU flags; vLLM (not installed here) is forced off.
+    student, teacher = checkpoints
+    cpu = {k: v for k, v in cpu_overrides(tmp_path).items() if not k.startswith(("per_device", "gradient_acc"))}
+    argv = args.training_script_args + ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher]
+    argv += ["--dataset_name", geometry3k, "--use_vllm", "false", *as_flags(cpu)]
+    trainer = multi_gpu.build_trainer(*multi_gpu.parse_args(argv))
+    assert isinstance(trainer, GNDPOTrainer) and not trainer.use_vllm
+    assert isinstance(trainer.model, PeftModel) == ("--use_peft" in words)
+    if "--use_peft" in words:
+        check_language_model_lora(trainer.model)
