@@ -1,7 +1,10 @@
 """The `trl-gndpo` command line: flags and YAML parsing, a real training run on tiny models, and the embedded demo."""
 
 import json
-import math
+import os
+import re
+import subprocess
+import sys
 from importlib.metadata import entry_points
 
 import pytest
@@ -14,6 +17,11 @@ from trl_gndpo import cli, demo
 def test_console_script_points_to_main():
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "trl-gndpo"]
     assert script.load() is cli.main
+
+
+def test_main_returns_none_so_the_exit_status_is_zero(monkeypatch):
+    monkeypatch.setattr(cli, "run", lambda argv: (4.0, 3.0))
+    assert cli.main([]) is None
 
 
 def test_help_lists_the_gndpo_options(capsys):
@@ -71,7 +79,7 @@ def test_train_from_paths_and_a_local_dataset(tmp_path):
     (tmp_path / "data").mkdir()
     rows = [{"prompt": [{"role": "user", "content": f"Count to {i}."}]} for i in range(8)]
     (tmp_path / "data" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    trainer = cli.main(
+    trainer = cli.run(
         ["--model_name_or_path", str(tmp_path / "student"), "--teacher_model_name_or_path", str(tmp_path / "teacher"),
          "--dataset_name", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
          "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
@@ -107,13 +115,16 @@ def test_demo_models_are_cached_and_pruned(demo_cache):
     assert "quantization_config" not in teacher_config
 
 
-def test_demo_runs_at_reduced_size(demo_cache, tmp_path, capsys):
-    before, after = cli.main(
-        ["--demo_cache_dir", str(demo_cache), "--output_dir", str(tmp_path), "--max_steps", "1",
-         "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
-         "--demo_eval_samples", "1", "--disable_tqdm", "true"]
-    )  # fmt: skip
-    assert math.isfinite(before) and math.isfinite(after) and before > 0 and after > 0
-    out = capsys.readouterr().out
-    assert f"before {before:.4f}, after {after:.4f}" in out
-    assert "'gndpo/reverse_kl'" in out  # the metrics are logged every step
+def test_demo_runs_at_reduced_size(demo_cache, tmp_path):
+    """`python -m trl_gndpo` without a model: the real demo for 1 step exits 0 and prints the KL and the metrics."""
+    command = [sys.executable, "-m", "trl_gndpo", "--demo_cache_dir", str(demo_cache), "--output_dir", str(tmp_path),
+               "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "2",
+               "--max_completion_length", "4", "--demo_eval_samples", "1", "--disable_tqdm", "true"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    match = re.search(r"before (\d+\.\d+), after (\d+\.\d+) nats/token", result.stdout)
+    assert match, result.stdout[-3000:]
+    before, after = map(float, match.groups())
+    assert before > 0 and after > 0
+    assert "'gndpo/reverse_kl'" in result.stdout  # the metrics are logged every step

@@ -152,11 +152,17 @@ def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> t
     return before, after
 
 
-def main(argv: Sequence[str] | None = None):
+def run(argv: Sequence[str] | None = None):
+    """Parse and run: the trainer of a real run, or the demo's (before, after) reverse KL."""
     script_args, training_args, model_args = parse(argv)
     if model_args.model_name_or_path is None:
         return run_demo(script_args, training_args)
     return train(script_args, training_args, model_args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: returns nothing, so the exit status is 0 on success."""
+    run(argv)
 
 
 if __name__ == "__main__":
