@@ -72,6 +72,20 @@ def test_demo_defaults_apply_only_without_a_model(tmp_path):
         assert training_args.use_cpu and not training_args.bf16
 
 
+def even_length_reward(completions, **kwargs):
+    """A reward given to the command line by its dotted path."""
+    return [float(len(str(c)) % 2 == 0) for c in completions]
+
+
+def test_reward_functions_by_name_or_path():
+    import trl.rewards
+
+    assert cli.load_reward_func("accuracy_reward") is trl.rewards.accuracy_reward
+    assert cli.load_reward_func("test_cli.even_length_reward") is even_length_reward
+    with pytest.raises(ValueError, match="Unknown reward function"):
+        cli.load_reward_func("no_such_reward")
+
+
 def test_train_from_paths_and_a_local_dataset(tmp_path):
     tokenizer = make_tokenizer()
     save_tiny(make_text_model(seed=0), tokenizer, tmp_path / "student")
@@ -84,10 +98,13 @@ def test_train_from_paths_and_a_local_dataset(tmp_path):
          "--dataset_name", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
          "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
          "--learning_rate", "1e-2", "--report_to", "none", "--activation_checkpointing", "false",
-         "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--dtype", "float32"]
+         "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--dtype", "float32",
+         "--reward_funcs", "test_cli.even_length_reward", "--margin_calibration", "shift"]
     )  # fmt: skip
     assert trainer.state.global_step == 1
     assert "gndpo/reverse_kl" in trainer.state.log_history[0]
+    assert "rewards/even_length_reward/mean" in trainer.state.log_history[0]
+    assert "uniopd/margin_before" in trainer.state.log_history[0]
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 

@@ -1,4 +1,4 @@
-"""Global whitening across two processes (gloo on CPU): one statistic for the whole generation batch."""
+"""Two processes (gloo on CPU): global whitening and Uni-OPD group margins see the whole generation batch."""
 
 import os
 import socket
@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from trl_gndpo import uniopd as U
 
 TESTS = Path(__file__).parent
 
@@ -17,37 +19,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_share_the_statistics_of_the_concatenated_batch(tmp_path):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(TESTS / "distributed_run.py"),
-        str(tmp_path),
-    ]
+def run_two_processes(tmp_path, mode):
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(TESTS / "distributed_run.py"), str(tmp_path), mode]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 2  # one whitening per generation batch, two steps
-    for step0, step1 in zip(*ranks, strict=True):
-        assert torch.equal(step0["mean"], step1["mean"]) and torch.equal(step0["var"], step1["var"])
-        signal = torch.cat([step0["signal"][step0["mask"]], step1["signal"][step1["mask"]]]).double()
-        assert step0["mask"].any() and step1["mask"].any()
-        torch.testing.assert_close(step0["mean"].double(), signal.mean())
-        torch.testing.assert_close(step0["var"].double(), signal.var(unbiased=True))
+
+def calls(records, name):
+    return [r for r in records if r["function"] == name]
+
+
+def test_two_processes_share_the_statistics_of_the_concatenated_batch(tmp_path):
+    ranks = run_two_processes(tmp_path, "whitening")
+    steps = [calls(r, "whitened_advantages") for r in ranks]
+    assert len(steps[0]) == len(steps[1]) == 2  # one whitening per generation batch, two steps
+    for call0, call1 in zip(*steps, strict=True):
+        (signal0, mask0, *_), (adv0, mean0, var0) = call0["args"], call0["result"]
+        (signal1, mask1, *_), (adv1, mean1, var1) = call1["args"], call1["result"]
+        assert torch.equal(mean0, mean1) and torch.equal(var0, var1)
+        signal = torch.cat([signal0[mask0], signal1[mask1]]).double()
+        assert mask0.any() and mask1.any()
+        torch.testing.assert_close(mean0.double(), signal.mean())
+        torch.testing.assert_close(var0.double(), signal.var(unbiased=True))
         # the ranks saw different tokens, so a local statistic would have differed from the global one
-        local_means = [s["signal"][s["mask"]].double().mean() for s in (step0, step1)]
-        assert not torch.isclose(local_means[0], local_means[1])
-        for s in (step0, step1):
-            expected = (s["signal"].double() - signal.mean()) / torch.sqrt(signal.var() + 1e-8) * s["mask"]
-            torch.testing.assert_close(s["advantages"].double(), expected)
+        assert not torch.isclose(signal0[mask0].double().mean(), signal1[mask1].double().mean())
+        for s, m, a in ((signal0, mask0, adv0), (signal1, mask1, adv1)):
+            expected = (s.double() - signal.mean()) / torch.sqrt(signal.var() + 1e-8) * m
+            torch.testing.assert_close(a.double(), expected)
+
+
+def test_uniopd_group_margins_span_processes(tmp_path):
+    """Each prompt group of 4 has 2 completions on each rank: both ranks compute the same per-group shift."""
+    ranks = run_two_processes(tmp_path, "uniopd")
+    shifts = [calls(r, "margin_shift") for r in ranks]
+    assert len(shifts[0]) == len(shifts[1]) == 3
+    for call0, call1 in zip(*shifts, strict=True):
+        for a, b in zip(call0["args"], call1["args"], strict=True):
+            assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
+        assert torch.equal(call0["result"][0], call1["result"][0])
+    eligible = 0
+    for step, (batch0, batch1) in enumerate(zip(calls(ranks[0], "batch"), calls(ranks[1], "batch"), strict=True)):
+        advantages = torch.cat([batch0["advantages"], batch1["advantages"]]).double()
+        mask = torch.cat([batch0["mask"], batch1["mask"]])
+        means, present = U.response_means(advantages, mask)
+        correct, gathered_present = shifts[0][step]["args"][1], shifts[0][step]["args"][2]
+        assert torch.equal(present, gathered_present), "the gathered rows are rank 0's then rank 1's"
+        gap = U.margin_gap(means.view(-1, 4), correct.view(-1, 4), present.view(-1, 4), "mean")
+        ok = ~torch.isnan(gap)
+        eligible += ok.sum().item()
+        assert (gap[ok] >= 0.4 - 1e-5).all()
+    assert eligible > 0

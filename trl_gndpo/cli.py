@@ -8,6 +8,8 @@ Every `GNDPOConfig`, `trl.ModelConfig` (`--use_peft`, `--lora_r`, `--load_in_4bi
 (`--dataset_name`, `--dataset_train_split`, ...) field is a flag; `--config` reads them from YAML.
 """
 
+import importlib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +33,15 @@ class GNDPOScriptArguments(ScriptArguments):
             Share of the teacher's decoder layers the demo's student lacks.
         demo_eval_samples (`int`, *optional*, defaults to `4`):
             Completions sampled per held-out prompt to measure the reverse KL before and after training.
+        reward_funcs (`list[str]`, *optional*):
+            Outcome rewards, logged and used by the Uni-OPD options: names from `trl.rewards` (e.g.
+            `accuracy_reward`, `think_format_reward`) or dotted import paths (`my_lib.rewards.my_reward`).
     """
+
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={"help": "Outcome rewards: names from `trl.rewards` (e.g. accuracy_reward) or dotted import paths."},
+    )
 
     demo_cache_dir: str | None = field(
         default=None,
@@ -80,6 +90,21 @@ def parse(argv: Sequence[str] | None = None) -> tuple[GNDPOScriptArguments, GNDP
     return script_args, training_args, model_args
 
 
+def load_reward_func(name: str):
+    """A reward function from `trl.rewards` by name, or from a dotted import path (searched from the working dir)."""
+    import trl.rewards
+
+    if "." not in name:
+        if not hasattr(trl.rewards, name):
+            raise ValueError(
+                f"Unknown reward function {name!r}: use a name from `trl.rewards` or a dotted import path."
+            )
+        return getattr(trl.rewards, name)
+    module, attribute = name.rsplit(".", 1)
+    sys.path.insert(0, os.getcwd())
+    return getattr(importlib.import_module(module), attribute)
+
+
 def train(script_args: GNDPOScriptArguments, training_args: GNDPOConfig, model_args: ModelConfig):
     """Distill `--teacher_model_name_or_path` into `--model_name_or_path` on `--dataset_name`, then save."""
     from datasets import load_dataset
@@ -99,6 +124,7 @@ def train(script_args: GNDPOScriptArguments, training_args: GNDPOConfig, model_a
     dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
     trainer = GNDPOTrainer(
         model=model_args.model_name_or_path,
+        reward_funcs=[load_reward_func(name) for name in script_args.reward_funcs or []],
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,

@@ -54,6 +54,33 @@ class GNDPOConfig(GRPOConfig):
             `A_t + w * A_seq`. GNDPO uses none (0.0); the rewards are then only logged.
         max_log_ratio (`float`, *optional*, defaults to `10.0`):
             Upper clamp of the log importance ratio in the policy loss.
+        max_abs_log_ratio (`float`, *optional*):
+            Token guard from the Uni-OPD reference scripts (which use 10): tokens with `|log p - log q|` at or above
+            this bound leave the statistics and the loss. `None` (default) keeps every token.
+
+        > Parameters of Uni-OPD (arXiv 2605.03677): margin calibration and balancing, which need `reward_funcs`
+
+        correctness_threshold (`float`, *optional*, defaults to `0.5`):
+            A completion is correct when its weighted outcome reward is at least this value.
+        margin_calibration (`str`, *optional*, defaults to `"none"`):
+            `"shift"`: where the gap between correct and incorrect responses' mean token advantages is below
+            `margin_delta`, shift the classes apart until it equals `margin_delta`. `"mask"`: instead drop the
+            responses that close the gap, greedily. The two are alternatives; `"none"` disables calibration. It acts
+            on the advantages after normalization, i.e. on what the loss sees.
+        margin_scope (`str`, *optional*, defaults to `"group"`):
+            `"group"`: one margin per prompt group; `"global"`: one over the whole generation batch, all processes.
+        margin_mode (`str`, *optional*, defaults to `"mean"`):
+            Gap statistic: `"mean"` (mean correct - mean incorrect) or `"minmax"` (min correct - max incorrect).
+        margin_direction (`str`, *optional*, defaults to `"both"`):
+            Who moves under `"shift"`: `"both"` (half each), `"correct_up"` or `"incorrect_down"`.
+        margin_delta (`float`, *optional*, defaults to `0.4`):
+            The margin to reach.
+        margin_min_retain_ratio (`float`, *optional*, defaults to `0.25`):
+            Under `"mask"`, the share of each class (at least one response) that is never dropped.
+        balance_ratio (`float`, *optional*):
+            Online correctness-aware balancing: in each group, randomly drop the majority class's surplus down to
+            correct:incorrect = `balance_ratio`:1 (dropped responses leave the statistics and the loss). `None`
+            (default) disables it; the reference uses 1.0.
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -107,6 +134,47 @@ class GNDPOConfig(GRPOConfig):
         metadata={"help": "Upper clamp of the log importance ratio in the policy loss."},
     )
 
+    max_abs_log_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Drop tokens with |log p - log q| >= this bound from statistics and loss (Uni-OPD: 10)."},
+    )
+
+    # Uni-OPD
+    correctness_threshold: float = field(
+        default=0.5, metadata={"help": "A completion is correct when its weighted outcome reward is at least this."}
+    )
+    margin_calibration: str = field(
+        default="none",
+        metadata={
+            "help": "Uni-OPD margin calibration on the normalized advantages: 'shift' the classes apart, or 'mask' "
+            "the responses that close the gap (alternatives), or 'none'.",
+            "choices": ["none", "shift", "mask"],
+        },
+    )
+    margin_scope: str = field(
+        default="group",
+        metadata={"help": "One margin per prompt group, or one global margin.", "choices": ["group", "global"]},
+    )
+    margin_mode: str = field(
+        default="mean",
+        metadata={
+            "help": "Gap: mean correct - mean incorrect, or min correct - max incorrect.",
+            "choices": ["mean", "minmax"],
+        },
+    )
+    margin_direction: str = field(
+        default="both",
+        metadata={"help": "Who moves under 'shift'.", "choices": ["both", "correct_up", "incorrect_down"]},
+    )
+    margin_delta: float = field(default=0.4, metadata={"help": "The margin to reach."})
+    margin_min_retain_ratio: float = field(
+        default=0.25, metadata={"help": "Under 'mask', the share of each class that is never dropped."}
+    )
+    balance_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Drop each group's majority-class surplus down to correct:incorrect = ratio:1 (off: None)."},
+    )
+
     # GRPO defaults replaced by the GNDPO reference recipe
     disable_dropout: bool = field(
         default=True,
@@ -145,6 +213,24 @@ class GNDPOConfig(GRPOConfig):
             raise ValueError(f"outcome_advantage_weight must be >= 0, got {self.outcome_advantage_weight}.")
         if not self.max_log_ratio > 0:
             raise ValueError(f"max_log_ratio must be > 0, got {self.max_log_ratio}.")
+        if self.max_abs_log_ratio is not None and not self.max_abs_log_ratio > 0:
+            raise ValueError(f"max_abs_log_ratio must be > 0 or None, got {self.max_abs_log_ratio}.")
+        choices = {
+            "margin_calibration": ("none", "shift", "mask"),
+            "margin_scope": ("group", "global"),
+            "margin_mode": ("mean", "minmax"),
+            "margin_direction": ("both", "correct_up", "incorrect_down"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                hint = " ('shift' and 'mask' are alternatives: pick one)" if name == "margin_calibration" else ""
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}{hint}.")
+        if self.margin_calibration != "none" and not self.margin_delta > 0:
+            raise ValueError(f"margin_delta must be > 0, got {self.margin_delta}.")
+        if not 0 < self.margin_min_retain_ratio <= 1:
+            raise ValueError(f"margin_min_retain_ratio must be in (0, 1], got {self.margin_min_retain_ratio}.")
+        if self.balance_ratio is not None and not self.balance_ratio > 0:
+            raise ValueError(f"balance_ratio must be > 0 or None, got {self.balance_ratio}.")
         if self.loss_type not in ("grpo", "dapo"):
             raise ValueError(
                 f"GNDPO supports loss_type 'grpo' (sequence-mean-token-mean) or 'dapo' (global token mean), got "

@@ -11,6 +11,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
 from . import functional as F
+from . import uniopd as U
 from .config import GNDPOConfig
 
 logger = logging.get_logger(__name__)
@@ -56,8 +57,8 @@ class GNDPOTrainer(GRPOTrainer):
         teacher_model: the teacher, a name or path (loaded with `args.teacher_model_init_kwargs`) or a
             `PreTrainedModel`; defaults to `args.teacher_model_name_or_path`. It must share the student's tokenizer
             and, for vision-language students, its image layout.
-        reward_funcs: optional outcome rewards (GRPO signature). Logged, and mixed into the advantage only with
-            `args.outcome_advantage_weight > 0`.
+        reward_funcs: optional outcome rewards (GRPO signature). Logged; they decide correctness for the Uni-OPD
+            options, and are mixed into the advantage only with `args.outcome_advantage_weight > 0`.
         args: a [`GNDPOConfig`].
         teacher_processing_class: the teacher's tokenizer or processor, used only to check that it tokenizes and lays
             out images like the student's. Loaded from the teacher's path when the teacher is given by name.
@@ -96,6 +97,11 @@ class GNDPOTrainer(GRPOTrainer):
             )
         if args.outcome_advantage_weight > 0 and not reward_funcs:
             raise ValueError("outcome_advantage_weight > 0 needs `reward_funcs` to compute the outcome advantage.")
+        if (args.margin_calibration != "none" or args.balance_ratio is not None) and not reward_funcs:
+            raise ValueError(
+                "Uni-OPD margin calibration and balancing need `reward_funcs` to tell correct from incorrect "
+                "completions: pass them, or set margin_calibration='none' and balance_ratio=None."
+            )
         self._placeholder_reward = not reward_funcs
 
         super().__init__(model=model, reward_funcs=reward_funcs or no_outcome_reward, args=args, **grpo_kwargs)
@@ -199,17 +205,26 @@ class GNDPOTrainer(GRPOTrainer):
 
         mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
         student_logps, teacher_logps = self._score_student_and_teacher(batch, mode)
-        signal, valid = F.clamped_log_ratio(teacher_logps, student_logps, mask, self.args.token_signal_clamp)
+        signal, finite = F.clamped_log_ratio(teacher_logps, student_logps, mask, self.args.token_signal_clamp)
+        valid = finite
+        if self.args.max_abs_log_ratio is not None:  # Uni-OPD token guard
+            valid = valid & ((teacher_logps - student_logps).abs() < self.args.max_abs_log_ratio)
+        if self.args.balance_ratio is not None:
+            valid = valid & self._balanced_responses(valid, metrics).unsqueeze(1)
+        signal = torch.where(valid, signal, 0)
         if self.args.normalization_scope == "global":
-            advantages, mean, var = F.whitened_advantages(
+            advantages, _, _ = F.whitened_advantages(
                 signal, valid, self.args.whitening_eps, lambda t: self.accelerator.reduce(t, reduction="sum")
             )
         else:
             advantages = signal
+        if self.args.margin_calibration != "none":
+            advantages = self._calibrate_margins(advantages, valid, metrics)
         if self.args.outcome_advantage_weight > 0:
             advantages = advantages + self.args.outcome_advantage_weight * batch["advantages"].unsqueeze(1) * valid
         batch["advantages"] = advantages
-        batch["tool_mask"] = valid.to(batch["completion_mask"].dtype)  # non-finite tokens leave the loss too
+        batch["tool_mask"] = valid.to(batch["completion_mask"].dtype)  # dropped tokens leave the loss too
+        batch["num_items_in_batch"] = self.accelerator.gather(valid.sum()).sum()  # "dapo" divides by the loss tokens
 
         # Logged statistics, all over the whole generation batch on every process (one reduction).
         def valid_sum(x: torch.Tensor) -> torch.Tensor:
@@ -224,13 +239,16 @@ class GNDPOTrainer(GRPOTrainer):
                 valid_sum(student_logps),
                 valid_sum((log_ratio.abs() > self.args.token_signal_clamp).float()),
                 mask.sum().to(torch.float64),
+                finite.sum().to(torch.float64),
                 valid_sum(signal),
                 valid_sum(signal**2),
                 valid_sum(advantages),
                 valid_sum(advantages**2),
             ]
         )
-        n, kl, teacher, student, clamped, n_mask, r, r2, a, a2 = self.accelerator.reduce(sums, "sum").tolist()
+        n, kl, teacher, student, clamped, n_mask, n_finite, r, r2, a, a2 = self.accelerator.reduce(
+            sums, "sum"
+        ).tolist()
         abs_max = torch.where(valid, advantages.abs(), 0).amax().to(torch.float64)
         adv_abs_max = self.accelerator.reduce(abs_max, "max").item()
         count = max(n, 1.0)
@@ -241,13 +259,67 @@ class GNDPOTrainer(GRPOTrainer):
         metrics["gndpo/signal_mean"].append(r_mean)
         metrics["gndpo/signal_std"].append(max(r2 / count - r_mean**2, 0.0) ** 0.5)
         metrics["gndpo/clamped_frac"].append(clamped / count)
-        metrics["gndpo/nonfinite_frac"].append((n_mask - n) / max(n_mask, 1.0))
+        metrics["gndpo/nonfinite_frac"].append((n_mask - n_finite) / max(n_mask, 1.0))
+        metrics["gndpo/valid_token_frac"].append(n / max(n_mask, 1.0))
         metrics["gndpo/advantage_mean"].append(a_mean)
         metrics["gndpo/advantage_std"].append(max(a2 / count - a_mean**2, 0.0) ** 0.5)
         metrics["gndpo/advantage_abs_max"].append(adv_abs_max)
-        if n < n_mask:
-            logger.warning(f"GNDPO: {int(n_mask - n)} completion tokens with a non-finite log-prob were masked.")
+        if n_finite < n_mask:
+            logger.warning(
+                f"GNDPO: {int(n_mask - n_finite)} completion tokens with a non-finite log-prob were masked."
+            )
         return batch
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards  # (all processes' completions, reward functions): Uni-OPD's correctness
+        return rewards
+
+    def _gathered_responses(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """Correctness and presence of every completion of the generation batch (all processes), and our rows."""
+        rewards = self._rewards_per_func
+        total = (rewards * self.reward_weights.to(rewards.device)).nansum(1)
+        present = self.accelerator.gather(valid.any(1)).bool() & ~torch.isnan(rewards).all(1)
+        local = slice(self.accelerator.process_index * len(valid), (self.accelerator.process_index + 1) * len(valid))
+        return (total >= self.args.correctness_threshold).cpu(), present.cpu(), local
+
+    def _balanced_responses(self, valid: torch.Tensor, metrics) -> torch.Tensor:
+        """Uni-OPD online balancing; every process draws the same responses to drop (same seed, same inputs)."""
+        correct, present, local = self._gathered_responses(valid)
+        # seeded by the step, so a resumed run draws what the uninterrupted one would have
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+        group_size = self.num_generations if self.model.training else self.num_generations_eval
+        keep = U.balance_classes(correct, present, group_size, self.args.balance_ratio, generator)
+        metrics["uniopd/correct_frac"].append((correct & present).sum().item() / max(present.sum().item(), 1))
+        metrics["uniopd/balance_dropped_frac"].append((present & ~keep).sum().item() / max(present.sum().item(), 1))
+        return keep[local].to(valid.device)
+
+    def _calibrate_margins(self, advantages: torch.Tensor, valid: torch.Tensor, metrics) -> torch.Tensor:
+        """Uni-OPD margin shift or mask on the normalized advantages, per prompt group or over the whole batch."""
+        correct, present, local = self._gathered_responses(valid)
+        if self.args.balance_ratio is None:  # else logged, before balancing, by `_balanced_responses`
+            metrics["uniopd/correct_frac"].append((correct & present).sum().item() / max(present.sum().item(), 1))
+        means, _ = U.response_means(advantages, valid)
+        means = self.accelerator.gather(means.float()).cpu()
+        group_size = self.num_generations if self.model.training else self.num_generations_eval
+        group = group_size if self.args.margin_scope == "group" else len(means)
+        args = (means, correct, present, group, self.args.margin_delta, self.args.margin_mode)
+        if self.args.margin_calibration == "shift":
+            shift, gap = U.margin_shift(*args, direction=self.args.margin_direction)
+            after = means + shift
+            advantages = advantages + shift[local].to(advantages)[:, None] * valid
+        else:
+            keep, gap = U.margin_mask(*args, min_retain_ratio=self.args.margin_min_retain_ratio)
+            after, present = means, present & keep
+            advantages = advantages * keep[local].to(advantages)[:, None]
+        gap_after = U.margin_gap(
+            after.view(-1, group), correct.view(-1, group), present.view(-1, group), self.args.margin_mode
+        )
+        eligible = ~torch.isnan(gap)
+        metrics["uniopd/margin_before"].append(gap[eligible].mean().item() if eligible.any() else 0.0)
+        metrics["uniopd/margin_after"].append(gap_after[eligible].mean().item() if eligible.any() else 0.0)
+        metrics["uniopd/calibrated_group_frac"].append((gap < self.args.margin_delta).float().mean().item())
+        return advantages
 
     @torch.no_grad()
     def _score_student_and_teacher(self, batch: dict, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
