@@ -153,3 +153,18 @@ def test_teacher_processor_with_other_image_sizes(cpu_config_kwargs):
             teacher_processing_class=teacher_processor,
             train_dataset=make_image_dataset(),
         )
+
+
+@pytest.mark.parametrize("column", ["image", "images"])
+def test_images_that_fail_to_decode(column, cpu_config_kwargs):
+    dataset = make_image_dataset(4, column=column)
+    broken = {"bytes": b"not an image", "path": None}
+    rows = dataset.cast_column(column, dataset.features[column]).to_dict()
+    rows[column][2] = broken if column == "image" else [broken]
+    dataset = Dataset.from_dict(rows, features=dataset.features)
+    student, processor = make_vlm("qwen2_vl")
+    teacher, _ = make_vlm("qwen2_vl", seed=1)
+    with pytest.raises(ValueError, match=rf"1 images of column '{column}' cannot be decoded, at rows 2 \("):
+        build(
+            cpu_config_kwargs, model=student, teacher_model=teacher, processing_class=processor, train_dataset=dataset
+        )

@@ -72,7 +72,7 @@ def changed(before, model, names=None):
     return [n for n in (names or before) if not torch.equal(before[n], after[n])]
 
 
-def check_advantages(records, config):
+def check_advantages(records, config, unit_variance=True):
     assert records, "no generation batch was recorded"
     for batch, student_logps, teacher_logps in records:
         mask = batch["completion_mask"].double()
@@ -81,7 +81,7 @@ def check_advantages(records, config):
         assert advantages.shape == batch["completion_ids"].shape
         expected = expected_advantages(student_logps, teacher_logps, mask, config)
         torch.testing.assert_close(advantages, expected, rtol=1e-4, atol=1e-4)
-        if config.normalization_scope == "global":
+        if config.normalization_scope == "global" and unit_variance:
             valid = advantages[mask.bool()]
             assert valid.mean().item() == pytest.approx(0.0, abs=1e-5)
             assert valid.var().item() == pytest.approx(1.0, rel=1e-3)
@@ -217,15 +217,15 @@ def test_non_finite_teacher_log_probs_are_masked_and_logged(cpu_config_kwargs):
         train_dataset=make_text_dataset(),
         processing_class=make_tokenizer(),
     )
-    score = trainer._score_student_and_teacher
+    score = trainer._score_tokens
 
     def corrupt(batch, mode):
-        student_logps, teacher_logps = score(batch, mode)
-        teacher_logps[0, :3] = float("nan")
-        teacher_logps[1, 0] = float("-inf")
-        return student_logps, teacher_logps
+        scores = score(batch, mode)
+        scores["teacher"][0, :3] = float("nan")
+        scores["teacher"][1, 0] = float("-inf")
+        return scores
 
-    trainer._score_student_and_teacher = corrupt
+    trainer._score_tokens = corrupt
     records, before = run(trainer, teacher)
     assert changed(before, trainer.model)
     for batch, _, _ in records:
@@ -289,3 +289,48 @@ def test_all_masked_generation_batch_gives_zero_advantages(cpu_config_kwargs):
         assert batch["completion_mask"].sum() == 0
         assert torch.equal(batch["advantages"], torch.zeros_like(batch["advantages"]))
     assert all(log["loss"] == 0 for log in trainer.state.log_history if "loss" in log)
+
+
+def test_empty_completions_train_without_nan(cpu_config_kwargs):
+    """Every completion is just the end-of-turn token: one valid token each, finite advantages and weights."""
+    tokenizer = make_tokenizer()
+    others = [i for i in range(len(tokenizer)) if i != tokenizer.eos_token_id]
+    trainer = GNDPOTrainer(
+        model=make_text_model(seed=0),
+        teacher_model=make_text_model(seed=1),
+        args=GNDPOConfig(**cpu_config_kwargs(generation_kwargs={"suppress_tokens": others})),
+        train_dataset=make_text_dataset(),
+        processing_class=tokenizer,
+    )
+    records, before = run(trainer, trainer.teacher_model)
+    for batch, _, _ in records:
+        assert (batch["completion_ids"][:, 0] == tokenizer.eos_token_id).all()
+        assert batch["completion_mask"].sum(1).tolist() == [1] * len(batch["completion_ids"])
+        assert torch.isfinite(batch["advantages"]).all()
+    # two prompts of a batch may be the same text: then every signal is equal and the advantages are all 0
+    check_advantages(records, trainer.args, unit_variance=False)
+
+
+def test_long_prompts_are_skipped_and_counted(cpu_config_kwargs):
+    dataset = make_text_dataset(8)
+    tokenizer = make_tokenizer()
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in dataset["prompt"]]
+    lengths = [len(tokenizer(text)["input_ids"]) for text in texts]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the prompts are longer
+    trainer = GNDPOTrainer(
+        model=make_text_model(seed=0),
+        teacher_model=make_text_model(seed=1),
+        args=GNDPOConfig(**cpu_config_kwargs(max_prompt_length=limit)),
+        train_dataset=dataset,
+        processing_class=make_tokenizer(),
+    )
+    records, _ = run(trainer, trainer.teacher_model)
+    skipped = kept = 0
+    for batch, _, _ in records:
+        too_long = batch["prompt_mask"].sum(1) > limit
+        skipped, kept = skipped + too_long.sum().item(), kept + (~too_long).sum().item()
+        assert (batch["tool_mask"][too_long] == 0).all() and (batch["advantages"][too_long] == 0).all()
+        assert (batch["tool_mask"][~too_long].sum(1) > 0).all()
+    assert skipped > 0 and kept > 0
+    logged = [log["gndpo/long_prompt_frac"] for log in trainer.state.log_history if "gndpo/long_prompt_frac" in log]
+    assert sum(logged) * 4 == pytest.approx(skipped)

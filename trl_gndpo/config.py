@@ -1,5 +1,6 @@
 """Configuration of the GNDPO trainer."""
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,26 @@ class GNDPOConfig(GRPOConfig):
             `A_t + w * A_seq`. GNDPO uses none (0.0); the rewards are then only logged.
         max_log_ratio (`float`, *optional*, defaults to `10.0`):
             Upper clamp of the log importance ratio in the policy loss.
+        reward_extrapolation (`float`, *optional*, defaults to `1.0`):
+            ExOPD / G-OPD (arXiv 2602.12125) scale `lambda` on the teacher-minus-reference signal: the raw signal is
+            `lambda (log q - log p_base) - (log p_old - log p_base)` with `p_base` the initial student (with a PEFT
+            adapter, the base weights with the adapter disabled, so no copy is kept). `1.0` is plain OPD exactly;
+            ExOPD uses `1.25`.
+        value_baseline (`bool`, *optional*, defaults to `False`):
+            vOPD (arXiv 2605.07865): add the detached per-token reverse KL of the full next-token distributions,
+            `KL(p || q)`, to the signal (its closed-form value baseline), computed chunk by chunk over the vocabulary
+            from both models' hidden states with TRL's chunked divergence kernel. Needs `temperature=1`.
+        token_selection (`str`, *optional*, defaults to `"none"`):
+            TIP (arXiv 2604.14084) token selection before the statistics: `"entropy"` keeps the tokens whose student
+            entropy is in the top `token_selection_ratio` of the generation batch; `"quadrant"` also keeps
+            low-entropy tokens whose teacher-student divergence `|log p - log q|` is in the top share. Dropped tokens
+            leave the statistics and the loss.
+        token_selection_ratio (`float`, *optional*, defaults to `0.5`):
+            The share used by `token_selection` (TIP: keeping 50% by entropy matched all-token training).
+        max_prompt_length (`int`, *optional*):
+            Completions of prompts longer than this many tokens (image tokens included) are excluded from the
+            statistics and the loss, and counted in `gndpo/long_prompt_frac`. `None` (default) keeps all; the GNDPO
+            reference uses 8192.
         max_abs_log_ratio (`float`, *optional*):
             Token guard from the Uni-OPD reference scripts (which use 10): tokens with `|log p - log q|` at or above
             this bound leave the statistics and the loss. `None` (default) keeps every token.
@@ -134,6 +155,33 @@ class GNDPOConfig(GRPOConfig):
         metadata={"help": "Upper clamp of the log importance ratio in the policy loss."},
     )
 
+    reward_extrapolation: float = field(
+        default=1.0,
+        metadata={
+            "help": "ExOPD lambda on the teacher-minus-initial-student signal; 1.0 is plain OPD, ExOPD uses 1.25."
+        },
+    )
+    value_baseline: bool = field(
+        default=False,
+        metadata={"help": "vOPD: add the detached full-vocabulary reverse KL(p || q) of each position to the signal."},
+    )
+    token_selection: str = field(
+        default="none",
+        metadata={
+            "help": "TIP token selection: 'entropy' keeps the highest-entropy share of tokens, 'quadrant' also keeps "
+            "low-entropy tokens with a high teacher-student divergence; 'none' keeps all.",
+            "choices": ["none", "entropy", "quadrant"],
+        },
+    )
+    token_selection_ratio: float = field(
+        default=0.5, metadata={"help": "Share of tokens counted as high entropy (and high divergence) by TIP."}
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Skip (mask and count) completions of prompts longer than this many tokens (None: keep all)."
+        },
+    )
     max_abs_log_ratio: float | None = field(
         default=None,
         metadata={"help": "Drop tokens with |log p - log q| >= this bound from statistics and loss (Uni-OPD: 10)."},
@@ -213,6 +261,19 @@ class GNDPOConfig(GRPOConfig):
             raise ValueError(f"outcome_advantage_weight must be >= 0, got {self.outcome_advantage_weight}.")
         if not self.max_log_ratio > 0:
             raise ValueError(f"max_log_ratio must be > 0, got {self.max_log_ratio}.")
+        if not math.isfinite(self.reward_extrapolation):
+            raise ValueError(f"reward_extrapolation must be finite, got {self.reward_extrapolation}.")
+        if self.value_baseline and self.temperature != 1.0:
+            raise ValueError(
+                f"value_baseline (vOPD) compares the distributions at temperature 1; set temperature=1.0 (got "
+                f"{self.temperature}) or value_baseline=False."
+            )
+        if self.token_selection not in ("none", "entropy", "quadrant"):
+            raise ValueError(f"token_selection must be 'none', 'entropy' or 'quadrant', got {self.token_selection!r}.")
+        if not 0 < self.token_selection_ratio <= 1:
+            raise ValueError(f"token_selection_ratio must be in (0, 1], got {self.token_selection_ratio}.")
+        if self.max_prompt_length is not None and not self.max_prompt_length > 0:
+            raise ValueError(f"max_prompt_length must be > 0 or None, got {self.max_prompt_length}.")
         if self.max_abs_log_ratio is not None and not self.max_abs_log_ratio > 0:
             raise ValueError(f"max_abs_log_ratio must be > 0 or None, got {self.max_abs_log_ratio}.")
         choices = {

@@ -30,28 +30,52 @@ __all__ = [
 
 
 def clamped_log_ratio(
-    teacher_logps: torch.Tensor, student_logps: torch.Tensor, mask: torch.Tensor, bound: float
+    teacher_logps: torch.Tensor,
+    student_logps: torch.Tensor,
+    mask: torch.Tensor,
+    bound: float,
+    *,
+    base_logps: torch.Tensor | None = None,
+    extrapolation: float = 1.0,
+    value_baseline: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Token signal of on-policy distillation, clamped.
 
     .. math:: r_t = \mathrm{clamp}\big(\log q(y_t) - \log p_\text{old}(y_t),\ -b,\ b\big)
 
-    Tokens where either log-prob is not finite (a NaN or an infinite teacher log-prob on a valid token) carry no
-    usable signal: they are dropped from the returned mask, so they neither count in the statistics nor receive an
-    advantage. The caller logs how many were dropped.
+    Two estimators extend the raw log-ratio before the clamp:
+
+    - ExOPD / G-OPD reward extrapolation (arXiv 2602.12125), with ``base_logps`` :math:`\log p_\text{base}` (the
+      initial student) and ``extrapolation`` :math:`\lambda`:
+      :math:`\lambda (\log q - \log p_\text{base}) - (\log p_\text{old} - \log p_\text{base})
+      = (\log q - \log p_\text{old}) + (\lambda - 1)(\log q - \log p_\text{base})`, computed in the second form
+      so that :math:`\lambda = 1` gives plain OPD bit for bit;
+    - vOPD's closed-form value baseline (arXiv 2605.07865): ``value_baseline`` :math:`\mathrm{KL}_t(p \| q)` (the
+      full-distribution reverse KL at the position, detached) is added.
+
+    Tokens where any input is not finite (a NaN or an infinite log-prob on a valid token) carry no usable signal: they
+    are dropped from the returned mask, so they neither count in the statistics nor receive an advantage. The caller
+    logs how many were dropped.
 
     Args:
         teacher_logps: ``log q(y_t)``, shape ``(B, T)``.
         student_logps: ``log p_old(y_t)``, shape ``(B, T)``.
         mask: valid completion tokens, shape ``(B, T)``, bool or 0/1.
         bound: the clamp ``b > 0`` (5.0 in the GNDPO reference).
+        base_logps: ``log p_base(y_t)`` for reward extrapolation, shape ``(B, T)``.
+        extrapolation: :math:`\lambda` (1.25 in ExOPD); ignored without ``base_logps``.
+        value_baseline: per-token :math:`\mathrm{KL}(p \| q)`, shape ``(B, T)``.
 
     Returns:
         ``(r, valid)``: the clamped signal (0 where ``valid`` is False) and the mask of tokens with a finite signal.
     """
-    valid = mask.bool() & torch.isfinite(teacher_logps) & torch.isfinite(student_logps)
-    raw = torch.where(valid, teacher_logps - student_logps, torch.zeros_like(teacher_logps))
-    return raw.clamp(-bound, bound), valid
+    raw = teacher_logps - student_logps
+    if base_logps is not None:
+        raw = raw + (extrapolation - 1.0) * (teacher_logps - base_logps)
+    if value_baseline is not None:
+        raw = raw + value_baseline
+    valid = mask.bool() & torch.isfinite(raw) & torch.isfinite(teacher_logps) & torch.isfinite(student_logps)
+    return torch.where(valid, raw, torch.zeros_like(raw)).clamp(-bound, bound), valid
 
 
 def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -60,9 +84,9 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Moments add across processes, so one all-reduce (sum) of this 3-vector gives the statistics of the concatenated
     batch. float64 keeps :math:`\sum x^2 - n\mu^2` exact enough for millions of tokens.
     """
-    m = mask.to(torch.float64)
-    x = x.to(torch.float64) * m
-    return torch.stack([m.sum(), x.sum(), (x * x).sum()])
+    valid = mask.bool()
+    x = torch.where(valid, x.to(torch.float64), 0.0)  # not x * mask: NaN * 0 is NaN
+    return torch.stack([valid.sum().to(torch.float64), x.sum(), (x * x).sum()])
 
 
 def mean_and_unbiased_var(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +169,9 @@ def clipped_policy_loss(
         ``(per_token_loss, ratio)``, both ``(B, T)``; aggregate with the mask (e.g. :func:`seq_mean_token_mean`).
     """
     if level == "sequence":
-        m = mask.to(logps.dtype)
-        seq_log_ratio = ((logps - old_logps) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        valid = mask.bool()
+        token_log_ratio = torch.where(valid, logps - old_logps, 0.0)  # masked garbage (NaN) must not leak in
+        seq_log_ratio = token_log_ratio.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
         log_ratio = logps - logps.detach() + seq_log_ratio.detach()
     elif level == "token":
         log_ratio = logps - old_logps
@@ -162,5 +187,5 @@ def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     .. math:: \frac{1}{B} \sum_i \frac{\sum_t m_{i,t} x_{i,t}}{\max(1, \sum_t m_{i,t})}
     """
-    m = mask.to(x.dtype)
-    return ((x * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    valid = mask.bool()
+    return (torch.where(valid, x, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)).mean()

@@ -1,14 +1,27 @@
 """GNDPO trainer: TRL's GRPOTrainer with a frozen teacher whose token signal, globally whitened, is the advantage."""
 
+import copy
+import io
+from contextlib import contextmanager
 from typing import Any
 
+import PIL.Image
 import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, Image
 from transformers import AutoProcessor, BitsAndBytesConfig, PreTrainedModel
 from transformers.utils import logging
 from trl import GRPOTrainer
+from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
+from trl.trainer.utils import (
+    RepeatSampler,
+    add_fused_lm_head,
+    create_model_from_path,
+    disable_dropout_in_model,
+    use_adapter,
+)
 
 from . import functional as F
 from . import uniopd as U
@@ -40,6 +53,21 @@ _REWARD_METRICS = ("reward", "reward_std", "frac_reward_zero_std")
 def no_outcome_reward(completions: list, **kwargs) -> list[float]:
     """Placeholder reward: GRPOTrainer requires one, GNDPO's advantage comes from the teacher alone."""
     return [0.0] * len(completions)
+
+
+class _EpochRepeatSampler(RepeatSampler):
+    """TRL's `RepeatSampler` with `set_epoch`, so that a run resumed from a checkpoint keeps the epoch's data order.
+
+    `RepeatSampler` seeds its generator once and draws a new permutation on every pass, so a trainer resumed in epoch
+    `e >= 1` (with a fresh sampler) would replay epoch 0's order. `Trainer` calls `set_epoch(epoch)` before each
+    epoch: re-seed and skip the earlier epochs' permutations, so the order is the uninterrupted run's.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed)
+            for _ in range(epoch):
+                torch.randperm(self.num_samples, generator=self.generator)
 
 
 class GNDPOTrainer(GRPOTrainer):
@@ -103,12 +131,34 @@ class GNDPOTrainer(GRPOTrainer):
                 "completions: pass them, or set margin_calibration='none' and balance_ratio=None."
             )
         self._placeholder_reward = not reward_funcs
+        # ExOPD's reference: a frozen copy of the initial student, taken before training touches it. With a PEFT
+        # adapter, the base weights with the adapter disabled serve instead (no copy).
+        base_model = None
+        if args.reward_extrapolation != 1.0 and grpo_kwargs.get("peft_config") is None and not is_peft_model(model):
+            if isinstance(model, str):
+                base_model = create_model_from_path(model, **dict(args.model_init_kwargs or {}))
+            else:
+                base_model = copy.deepcopy(model)
 
         super().__init__(model=model, reward_funcs=reward_funcs or no_outcome_reward, args=args, **grpo_kwargs)
 
         self._check_datasets(grpo_kwargs.get("train_dataset"), grpo_kwargs.get("eval_dataset"))
+        generate_every = args.steps_per_generation * args.num_iterations
+        if (
+            args.save_strategy == "steps"
+            and args.save_steps >= 1
+            and (args.save_steps * args.gradient_accumulation_steps) % generate_every
+        ):
+            logger.warning(
+                f"Checkpoints every {args.save_steps} steps fall inside a generation batch (one generation every "
+                f"{generate_every} micro-steps); GRPOTrainer does not save its generation buffer, so resuming from "
+                "them regenerates with the updated model. Use save_steps * gradient_accumulation_steps divisible by "
+                "steps_per_generation * num_iterations for exact resumption."
+            )
         self._check_teacher(teacher_model, teacher_processing_class)
-        self.teacher_model = self._prepare_teacher(teacher_model)
+        self.teacher_model = self._prepare_teacher(teacher_model, temperature=1.0)
+        # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
+        self.base_model = None if base_model is None else self._prepare_teacher(base_model, self.temperature)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Set-up checks: every mismatch is reported before the first training step.
@@ -129,6 +179,8 @@ class GNDPOTrainer(GRPOTrainer):
                     f"The dataset has an image column {image_columns} but the student's processing class is a "
                     "text tokenizer. Use a vision-language student with its processor, or drop the image column."
                 )
+            for column in image_columns:
+                _check_images_decode(dataset, column)
 
     def _check_teacher(self, teacher: PreTrainedModel, teacher_processing_class) -> None:
         student = self.accelerator.unwrap_model(self.model)
@@ -176,13 +228,24 @@ class GNDPOTrainer(GRPOTrainer):
                 "inputs: " + "; ".join(mismatches) + ". Use a teacher of the same family and image settings."
             )
 
-    def _prepare_teacher(self, teacher: PreTrainedModel):
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        return _EpochRepeatSampler(
+            sampler.data_source,
+            mini_repeat_count=sampler.mini_repeat_count,
+            batch_size=sampler.batch_size,
+            repeat_count=sampler.repeat_count,
+            shuffle=sampler.shuffle,
+            seed=sampler.seed,
+        )
+
+    def _prepare_teacher(self, teacher: PreTrainedModel, temperature: float):
+        """Freeze a scoring-only model, give it TRL's fused log-prob head and prepare it like TRL's reference model."""
         teacher.requires_grad_(False)
         teacher.eval()
         if self.args.disable_dropout:
             disable_dropout_in_model(teacher)
-        # The teacher scores at temperature 1, whatever the student samples with.
-        add_fused_lm_head(teacher, temperature=1.0, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        add_fused_lm_head(teacher, temperature=temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(teacher, self.accelerator)
         if self.is_fsdp_enabled:
@@ -204,11 +267,28 @@ class GNDPOTrainer(GRPOTrainer):
                 metrics.pop(key, None)
 
         mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
-        student_logps, teacher_logps = self._score_student_and_teacher(batch, mode)
-        signal, finite = F.clamped_log_ratio(teacher_logps, student_logps, mask, self.args.token_signal_clamp)
+        if self.args.max_prompt_length is not None:  # a masked, logged skip of over-long prompts
+            too_long = batch["prompt_mask"].sum(1) > self.args.max_prompt_length
+            metrics["gndpo/long_prompt_frac"].append(self.accelerator.gather(too_long.float()).mean().item())
+            mask = mask * ~too_long.unsqueeze(1)
+        scores = self._score_tokens(batch, mode)
+        student_logps, teacher_logps = scores["student"], scores["teacher"]
+        signal, finite = F.clamped_log_ratio(
+            teacher_logps,
+            student_logps,
+            mask,
+            self.args.token_signal_clamp,
+            base_logps=scores.get("base"),
+            extrapolation=self.args.reward_extrapolation,
+            value_baseline=scores.get("kl"),
+        )
         valid = finite
         if self.args.max_abs_log_ratio is not None:  # Uni-OPD token guard
             valid = valid & ((teacher_logps - student_logps).abs() < self.args.max_abs_log_ratio)
+        if self.args.token_selection != "none":
+            valid = self._select_informative_tokens(
+                scores["entropy"], (student_logps - teacher_logps).abs(), valid, metrics
+            )
         if self.args.balance_ratio is not None:
             valid = valid & self._balanced_responses(valid, metrics).unsqueeze(1)
         signal = torch.where(valid, signal, 0)
@@ -270,6 +350,20 @@ class GNDPOTrainer(GRPOTrainer):
             )
         return batch
 
+    def _select_informative_tokens(self, entropy, divergence, valid, metrics) -> torch.Tensor:
+        """TIP: keep the high-entropy share of tokens (and, for "quadrant", high-divergence low-entropy ones).
+
+        The thresholds are quantiles over every valid token of the generation batch on all processes (TRL's
+        `get_high_entropy_mask`, which gathers them).
+        """
+        quantile = 1.0 - self.args.token_selection_ratio
+        keep = self.get_high_entropy_mask(entropy, valid, quantile)
+        if self.args.token_selection == "quadrant":
+            keep = keep | self.get_high_entropy_mask(divergence.nan_to_num(0.0), valid, quantile)
+        counts = self.accelerator.reduce(torch.stack([(keep & valid).sum(), valid.sum()]).float(), "sum")
+        metrics["gndpo/tip_kept_frac"].append((counts[0] / counts[1].clamp(min=1)).item())
+        return valid & keep
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._rewards_per_func = rewards  # (all processes' completions, reward functions): Uni-OPD's correctness
@@ -322,21 +416,47 @@ class GNDPOTrainer(GRPOTrainer):
         return advantages
 
     @torch.no_grad()
-    def _score_student_and_teacher(self, batch: dict, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs of the sampled tokens under the student (training side) and the teacher, on the same inputs."""
+    def _score_tokens(self, batch: dict, mode: str) -> dict[str, torch.Tensor]:
+        """Per-token scores of the sampled completions, all on the same inputs (ids and images), in float32.
+
+        `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
+        temperature; teacher at temperature 1). With the estimators that need them: `entropy` (student, TIP), `base`
+        (initial student, ExOPD), `kl` (full-vocabulary KL(p || q), vOPD).
+        """
+        completion_length = batch["completion_ids"].size(1)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        args = (input_ids, attention_mask, batch["completion_ids"].size(1))
+        args = (input_ids, attention_mask, completion_length)
         kwargs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch}
         kwargs["batch_size"] = (
             self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         )
-        student_logps = batch.get("old_per_token_logps")
-        if student_logps is None:
-            with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-                student_logps, _, _ = self._get_per_token_logps_and_entropies(self.model, *args, **kwargs)
-        teacher_logps, _, _ = self._get_per_token_logps_and_entropies(self.teacher_model, *args, **kwargs)
-        return student_logps.float(), teacher_logps.float()
+        want_entropy, want_kl = self.args.token_selection != "none", self.args.value_baseline
+        scores = {"student": batch.get("old_per_token_logps")}
+        with _capture_completion_states(self.model, completion_length, enabled=want_kl) as student_states:
+            if scores["student"] is None or want_entropy or want_kl:
+                with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                    scores["student"], scores["entropy"], _ = self._get_per_token_logps_and_entropies(
+                        self.model, *args, compute_entropy=want_entropy, **kwargs
+                    )
+        with _capture_completion_states(self.teacher_model, completion_length, enabled=want_kl) as teacher_states:
+            scores["teacher"], _, _ = self._get_per_token_logps_and_entropies(self.teacher_model, *args, **kwargs)
+        if self.args.reward_extrapolation != 1.0:
+            if self.base_model is None:  # PEFT: the initial student is the base weights with the adapter disabled
+                with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None):
+                    scores["base"], _, _ = self._get_per_token_logps_and_entropies(self.model, *args, **kwargs)
+            else:
+                scores["base"], _, _ = self._get_per_token_logps_and_entropies(self.base_model, *args, **kwargs)
+        if want_kl:
+            mask = batch["completion_mask"].bool()
+            kl = _reverse_kl_per_token(
+                self.accelerator.unwrap_model(self.model),
+                torch.cat(student_states)[mask],
+                self.accelerator.unwrap_model(self.teacher_model),
+                torch.cat(teacher_states)[mask],
+            )
+            scores["kl"] = kl.new_zeros(mask.shape).masked_scatter(mask, kl)
+        return {k: v.float() for k, v in scores.items() if v is not None}
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss: clipped policy gradient on the per-token advantages.
@@ -395,6 +515,90 @@ class GNDPOTrainer(GRPOTrainer):
         metrics["clip_ratio/region_mean"].append(global_mean((low | high).float()))
         metrics["policy_loss"].append(self.accelerator.gather(loss.detach() * accumulation).mean().item())
         return loss
+
+
+@contextmanager
+def _capture_completion_states(model, completion_length: int, enabled: bool = True):
+    """Collect the backbone's last hidden states at the positions that predict the completion tokens.
+
+    A forward hook on the backbone that TRL's fused head calls, so the batch chunking and image slicing of
+    `_get_per_token_logps_and_entropies` apply unchanged; keeps `(chunk, completion_length, hidden)` per call.
+    """
+    states = []
+    if not enabled:
+        yield states
+        return
+    unwrapped = model
+    while hasattr(unwrapped, "module"):  # DDP / DeepSpeed / accelerate wrappers
+        unwrapped = unwrapped.module
+    if is_peft_model(unwrapped):
+        unwrapped = unwrapped.get_base_model()
+
+    def keep(module, args, output):
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        states.append(hidden[:, -completion_length - 1 : -1].detach())
+
+    handle = unwrapped.base_model.register_forward_hook(keep)
+    try:
+        yield states
+    finally:
+        handle.remove()
+
+
+def _reverse_kl_per_token(student, student_states, teacher, teacher_states) -> torch.Tensor:
+    """KL(p || q) per position from both models' hidden states, vocabulary chunk by vocabulary chunk (TRL's kernel).
+
+    The teacher's head is cut to the student's vocabulary rows (a teacher may pad its embedding further).
+    """
+    student = student.get_base_model() if is_peft_model(student) else student
+    heads = [m.get_output_embeddings() for m in (student, teacher)]
+    rows = heads[0].weight.shape[0]
+    scale_and_cap = []
+    for m in (student, teacher):
+        config = m.config.get_text_config()
+        scale_and_cap += [
+            getattr(config, "logit_scale", None) or 1.0,
+            getattr(config, "final_logit_softcapping", None),
+        ]
+    kl, _ = ChunkedDivergenceFunction.apply(
+        student_states,
+        heads[0].weight,
+        heads[0].bias,
+        teacher_states,
+        heads[1].weight[:rows],
+        None if heads[1].bias is None else heads[1].bias[:rows],
+        1.0,  # beta = 1: reverse KL(student || teacher)
+        1.0,
+        *scale_and_cap,
+    )
+    return kl
+
+
+def _check_images_decode(dataset, column: str) -> None:
+    """Open every stored image of a `datasets.Image` column (header and data check, no full decode) before training."""
+    if not isinstance(dataset, Dataset):
+        return  # a stream: nothing stored to check up front
+    feature = dataset.features[column]
+    listed = not isinstance(feature, Image)  # `images`: a list of images
+    if not isinstance(getattr(feature, "feature", None) if listed else feature, Image):
+        return
+    raw = dataset.cast_column(column, type(feature)(Image(decode=False)) if listed else Image(decode=False))
+    bad = []
+    for row, value in enumerate(raw[column]):
+        for image in value if isinstance(value, list) else [value]:
+            if image is None:
+                continue
+            try:
+                source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
+                with PIL.Image.open(source) as opened:
+                    opened.verify()
+            except Exception as error:  # PIL raises many types for broken files
+                bad.append(f"{row} ({type(error).__name__})")
+    if bad:
+        raise ValueError(
+            f"{len(bad)} images of column {column!r} cannot be decoded, at rows {', '.join(bad[:10])}. Fix or drop "
+            "those rows (e.g. `dataset.filter`) before training."
+        )
 
 
 def _differences(prefix: str, student, teacher, keys: tuple[str, ...]) -> list[str]:
