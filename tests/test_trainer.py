@@ -334,3 +334,38 @@ def test_long_prompts_are_skipped_and_counted(cpu_config_kwargs):
     assert skipped > 0 and kept > 0
     logged = [log["gndpo/long_prompt_frac"] for log in trainer.state.log_history if "gndpo/long_prompt_frac" in log]
     assert sum(logged) * 4 == pytest.approx(skipped)
+
+
+@pytest.mark.parametrize("placement", [{"teacher_offload": True}, {"teacher_device": "cpu"}])
+def test_teacher_placement_gives_the_same_advantages(placement, cpu_config_kwargs):
+    """On CPU the devices coincide, so this checks the wiring: same scores, and the offload round trip each batch."""
+
+    def train(**options):
+        teacher = make_text_model(seed=1)
+        moves = []
+        to = teacher.to
+        teacher.to = lambda *a, **k: (moves.append(str(a[0] if a else k.get("device"))), to(*a, **k))[1]
+        trainer = GNDPOTrainer(
+            model=make_text_model(seed=0),
+            teacher_model=teacher,
+            args=GNDPOConfig(**cpu_config_kwargs(**options)),
+            train_dataset=make_text_dataset(),
+            processing_class=make_tokenizer(),
+        )
+        records, _ = run(trainer, teacher)
+        return trainer, [batch["advantages"] for batch, _, _ in records], moves
+
+    _, reference, _ = train()
+    trainer, advantages, moves = train(**placement)
+    assert trainer.teacher_model is trainer.accelerator.unwrap_model(trainer.teacher_model), "not handed to accelerate"
+    for a, b in zip(advantages, reference, strict=True):
+        torch.testing.assert_close(a, b)
+    if placement.get("teacher_offload"):
+        assert moves == ["cpu"] + ["cpu", "cpu"] * 2, "parked once, then in and out around each scoring pass"
+    else:
+        assert moves == ["cpu"]
+
+
+def test_teacher_placement_options_are_validated(cpu_config_kwargs):
+    with pytest.raises(ValueError, match="alternatives"):
+        GNDPOConfig(**cpu_config_kwargs(teacher_device="cpu", teacher_offload=True))

@@ -38,6 +38,13 @@ class GNDPOConfig(GRPOConfig):
             accepted, e.g. on the command line). `dtype` defaults to `"bfloat16"` on accelerators that support it,
             `"float16"` on other GPUs and `"float32"` on CPU. A `quantization_config` may be a dict, e.g.
             `{"load_in_4bit": true}` for a 4-bit teacher.
+        teacher_device (`str`, *optional*):
+            Keep the teacher on this device (e.g. `"cuda:1"`, or `"cpu"`) instead of the training device; its inputs
+            are moved there for scoring and its log-probs moved back. Not with DeepSpeed or FSDP.
+        teacher_offload (`bool`, *optional*, defaults to `False`):
+            Keep the teacher in CPU memory and move it to the training device only for its scoring pass (once per
+            generation batch): less GPU memory, one host-device copy of the teacher per generation batch. Not with
+            DeepSpeed, FSDP, a quantized teacher or `teacher_device`.
 
         > Parameters that control the GNDPO token signal
 
@@ -122,6 +129,15 @@ class GNDPOConfig(GRPOConfig):
             "JSON string). `dtype` defaults to bfloat16 where supported, float16 on other GPUs, float32 on CPU. "
             'A `quantization_config` may be a dict, e.g. `{"load_in_4bit": true}`.'
         },
+    )
+
+    teacher_device: str | None = field(
+        default=None,
+        metadata={"help": "Keep the teacher on this device (e.g. 'cuda:1' or 'cpu'); not with DeepSpeed or FSDP."},
+    )
+    teacher_offload: bool = field(
+        default=False,
+        metadata={"help": "Keep the teacher in CPU memory, moving it to the training device only to score."},
     )
 
     # Token signal
@@ -249,6 +265,13 @@ class GNDPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if (self.teacher_device is not None or self.teacher_offload) and (self.deepspeed or self.fsdp):
+            raise ValueError(
+                "teacher_device and teacher_offload place the teacher outside DeepSpeed/FSDP, which shard it "
+                "themselves: drop them, or train without DeepSpeed/FSDP."
+            )
+        if self.teacher_device is not None and self.teacher_offload:
+            raise ValueError("teacher_device and teacher_offload are alternatives: set one of them.")
         if self.normalization_scope not in ("global", "none"):
             raise ValueError(f"normalization_scope must be 'global' or 'none', got {self.normalization_scope!r}.")
         if not self.token_signal_clamp > 0:

@@ -156,7 +156,12 @@ class GNDPOTrainer(GRPOTrainer):
                 "steps_per_generation * num_iterations for exact resumption."
             )
         self._check_teacher(teacher_model, teacher_processing_class)
-        self.teacher_model = self._prepare_teacher(teacher_model, temperature=1.0)
+        if args.teacher_offload and getattr(teacher_model, "is_quantized", False):
+            raise ValueError(
+                "teacher_offload moves the teacher between devices, which a quantized teacher does not support: load "
+                "it on the training device, or drop teacher_offload."
+            )
+        self.teacher_model = self._prepare_teacher(teacher_model, temperature=1.0, placed=True)
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
         self.base_model = None if base_model is None else self._prepare_teacher(base_model, self.temperature)
 
@@ -239,13 +244,18 @@ class GNDPOTrainer(GRPOTrainer):
             seed=sampler.seed,
         )
 
-    def _prepare_teacher(self, teacher: PreTrainedModel, temperature: float):
-        """Freeze a scoring-only model, give it TRL's fused log-prob head and prepare it like TRL's reference model."""
+    def _prepare_teacher(self, teacher: PreTrainedModel, temperature: float, placed: bool = False):
+        """Freeze a scoring-only model, give it TRL's fused log-prob head and prepare it like TRL's reference model.
+
+        `placed`: the teacher honours `teacher_device` / `teacher_offload` (then it is not handed to accelerate).
+        """
         teacher.requires_grad_(False)
         teacher.eval()
         if self.args.disable_dropout:
             disable_dropout_in_model(teacher)
         add_fused_lm_head(teacher, temperature=temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        if placed and (self.args.teacher_device is not None or self.args.teacher_offload):
+            return teacher.to(self.args.teacher_device or "cpu")
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(teacher, self.accelerator)
         if self.is_fsdp_enabled:
@@ -350,6 +360,19 @@ class GNDPOTrainer(GRPOTrainer):
             )
         return batch
 
+    def _teacher_log_probs(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The teacher's scoring pass, on its own device (`teacher_device`) or moved in for it (`teacher_offload`)."""
+        if self.args.teacher_offload:
+            self.teacher_model.to(self.accelerator.device)
+        device = next(self.teacher_model.parameters()).device
+        if device != self.accelerator.device:
+            args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        logps, _, _ = self._get_per_token_logps_and_entropies(self.teacher_model, *args, **kwargs)
+        if self.args.teacher_offload:
+            self.teacher_model.to("cpu")
+        return logps.to(self.accelerator.device)
+
     def _select_informative_tokens(self, entropy, divergence, valid, metrics) -> torch.Tensor:
         """TIP: keep the high-entropy share of tokens (and, for "quadrant", high-divergence low-entropy ones).
 
@@ -440,7 +463,7 @@ class GNDPOTrainer(GRPOTrainer):
                         self.model, *args, compute_entropy=want_entropy, **kwargs
                     )
         with _capture_completion_states(self.teacher_model, completion_length, enabled=want_kl) as teacher_states:
-            scores["teacher"], _, _ = self._get_per_token_logps_and_entropies(self.teacher_model, *args, **kwargs)
+            scores["teacher"] = self._teacher_log_probs(args, kwargs)
         if self.args.reward_extrapolation != 1.0:
             if self.base_model is None:  # PEFT: the initial student is the base weights with the adapter disabled
                 with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None):
@@ -552,7 +575,8 @@ def _reverse_kl_per_token(student, student_states, teacher, teacher_states) -> t
     """
     student = student.get_base_model() if is_peft_model(student) else student
     heads = [m.get_output_embeddings() for m in (student, teacher)]
-    rows = heads[0].weight.shape[0]
+    rows, device = heads[0].weight.shape[0], student_states.device
+    teacher_states = teacher_states.to(device)  # a teacher on its own device, or offloaded
     scale_and_cap = []
     for m in (student, teacher):
         config = m.config.get_text_config()
@@ -565,8 +589,8 @@ def _reverse_kl_per_token(student, student_states, teacher, teacher_states) -> t
         heads[0].weight,
         heads[0].bias,
         teacher_states,
-        heads[1].weight[:rows],
-        None if heads[1].bias is None else heads[1].bias[:rows],
+        heads[1].weight[:rows].to(device),
+        None if heads[1].bias is None else heads[1].bias[:rows].to(device),
         1.0,  # beta = 1: reverse KL(student || teacher)
         1.0,
         *scale_and_cap,
