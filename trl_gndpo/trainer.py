@@ -79,6 +79,7 @@ class GNDPOTrainer(GRPOTrainer):
     and images. The token signal `r_t = clamp(log q(y_t) - log p_old(y_t), -b, b)` is whitened with its mean and
     unbiased variance over every valid completion token of the generation batch on all processes, and the result is
     the per-token advantage of a clipped policy-gradient loss (GSPO-token ratio, sequence-mean-token-mean).
+    Options of the same trainer add the Uni-OPD calibration and balancing and the ExOPD, vOPD and TIP estimators.
 
     Args:
         model: the student, a name or path or a `PreTrainedModel` (as for `GRPOTrainer`).
@@ -111,6 +112,13 @@ class GNDPOTrainer(GRPOTrainer):
             args = GNDPOConfig(f"{str(name).split('/')[-1]}-GNDPO")
         elif not isinstance(args, GNDPOConfig):
             raise TypeError(f"args must be a GNDPOConfig, got {type(args).__name__}.")
+        if args.outcome_advantage_weight > 0 and not reward_funcs:
+            raise ValueError("outcome_advantage_weight > 0 needs `reward_funcs` to compute the outcome advantage.")
+        if (args.margin_calibration != "none" or args.balance_ratio is not None) and not reward_funcs:
+            raise ValueError(
+                "Uni-OPD margin calibration and balancing need `reward_funcs` to tell correct from incorrect "
+                "completions: pass them, or set margin_calibration='none' and balance_ratio=None."
+            )
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError("GNDPO needs a teacher: pass `teacher_model` or set `teacher_model_name_or_path`.")
@@ -122,13 +130,6 @@ class GNDPOTrainer(GRPOTrainer):
             raise ValueError(
                 "teacher_model_init_kwargs is set but the teacher is already instantiated: drop the kwargs or pass "
                 "the teacher by name."
-            )
-        if args.outcome_advantage_weight > 0 and not reward_funcs:
-            raise ValueError("outcome_advantage_weight > 0 needs `reward_funcs` to compute the outcome advantage.")
-        if (args.margin_calibration != "none" or args.balance_ratio is not None) and not reward_funcs:
-            raise ValueError(
-                "Uni-OPD margin calibration and balancing need `reward_funcs` to tell correct from incorrect "
-                "completions: pass them, or set margin_calibration='none' and balance_ratio=None."
             )
         self._placeholder_reward = not reward_funcs
         # ExOPD's reference: a frozen copy of the initial student, taken before training touches it. With a PEFT
@@ -316,48 +317,7 @@ class GNDPOTrainer(GRPOTrainer):
         batch["tool_mask"] = valid.to(batch["completion_mask"].dtype)  # dropped tokens leave the loss too
         batch["num_items_in_batch"] = self.accelerator.gather(valid.sum()).sum()  # "dapo" divides by the loss tokens
 
-        # Logged statistics, all over the whole generation batch on every process (one reduction).
-        def valid_sum(x: torch.Tensor) -> torch.Tensor:
-            return torch.where(valid, x, 0).to(torch.float64).sum()
-
-        log_ratio = student_logps - teacher_logps
-        sums = torch.stack(
-            [
-                valid_sum(torch.ones_like(signal)),
-                valid_sum(log_ratio),
-                valid_sum(teacher_logps),
-                valid_sum(student_logps),
-                valid_sum((log_ratio.abs() > self.args.token_signal_clamp).float()),
-                mask.sum().to(torch.float64),
-                finite.sum().to(torch.float64),
-                valid_sum(signal),
-                valid_sum(signal**2),
-                valid_sum(advantages),
-                valid_sum(advantages**2),
-            ]
-        )
-        n, kl, teacher, student, clamped, n_mask, n_finite, r, r2, a, a2 = self.accelerator.reduce(
-            sums, "sum"
-        ).tolist()
-        abs_max = torch.where(valid, advantages.abs(), 0).amax().to(torch.float64)
-        adv_abs_max = self.accelerator.reduce(abs_max, "max").item()
-        count = max(n, 1.0)
-        r_mean, a_mean = r / count, a / count
-        metrics["gndpo/reverse_kl"].append(kl / count)
-        metrics["gndpo/teacher_logp"].append(teacher / count)
-        metrics["gndpo/student_logp"].append(student / count)
-        metrics["gndpo/signal_mean"].append(r_mean)
-        metrics["gndpo/signal_std"].append(max(r2 / count - r_mean**2, 0.0) ** 0.5)
-        metrics["gndpo/clamped_frac"].append(clamped / count)
-        metrics["gndpo/nonfinite_frac"].append((n_mask - n_finite) / max(n_mask, 1.0))
-        metrics["gndpo/valid_token_frac"].append(n / max(n_mask, 1.0))
-        metrics["gndpo/advantage_mean"].append(a_mean)
-        metrics["gndpo/advantage_std"].append(max(a2 / count - a_mean**2, 0.0) ** 0.5)
-        metrics["gndpo/advantage_abs_max"].append(adv_abs_max)
-        if n_finite < n_mask:
-            logger.warning(
-                f"GNDPO: {int(n_mask - n_finite)} completion tokens with a non-finite log-prob were masked."
-            )
+        self._log_token_statistics(metrics, mask, finite, valid, student_logps, teacher_logps, signal, advantages)
         return batch
 
     def _teacher_log_probs(self, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -372,6 +332,49 @@ class GNDPOTrainer(GRPOTrainer):
         if self.args.teacher_offload:
             self.teacher_model.to("cpu")
         return logps.to(self.accelerator.device)
+
+    def _log_token_statistics(self, metrics, mask, finite, valid, student_logps, teacher_logps, signal, advantages):
+        """The `gndpo/` metrics, over the whole generation batch on every process (one sum and one max reduction)."""
+
+        def valid_sum(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(valid, x, 0).to(torch.float64).sum()
+
+        log_ratio = student_logps - teacher_logps
+        sums = torch.stack(
+            [
+                valid_sum(torch.ones_like(signal)),
+                valid_sum(log_ratio),
+                valid_sum(teacher_logps),
+                valid_sum(student_logps),
+                valid_sum((signal.abs() >= self.args.token_signal_clamp).float()),
+                mask.sum().to(torch.float64),
+                finite.sum().to(torch.float64),
+                valid_sum(signal),
+                valid_sum(signal**2),
+                valid_sum(advantages),
+                valid_sum(advantages**2),
+            ]
+        )
+        totals = self.accelerator.reduce(sums, "sum").tolist()
+        n, kl, teacher, student, clamped, n_mask, n_finite, r, r2, a, a2 = totals
+        abs_max = self.accelerator.reduce(torch.where(valid, advantages.abs(), 0).amax().to(torch.float64), "max")
+        count = max(n, 1.0)
+        r_mean, a_mean = r / count, a / count
+        metrics["gndpo/reverse_kl"].append(kl / count)
+        metrics["gndpo/teacher_logp"].append(teacher / count)
+        metrics["gndpo/student_logp"].append(student / count)
+        metrics["gndpo/signal_mean"].append(r_mean)
+        metrics["gndpo/signal_std"].append(max(r2 / count - r_mean**2, 0.0) ** 0.5)
+        metrics["gndpo/clamped_frac"].append(clamped / count)
+        metrics["gndpo/nonfinite_frac"].append((n_mask - n_finite) / max(n_mask, 1.0))
+        metrics["gndpo/valid_token_frac"].append(n / max(n_mask, 1.0))
+        metrics["gndpo/advantage_mean"].append(a_mean)
+        metrics["gndpo/advantage_std"].append(max(a2 / count - a_mean**2, 0.0) ** 0.5)
+        metrics["gndpo/advantage_abs_max"].append(abs_max.item())
+        if n_finite < n_mask:
+            logger.warning(
+                f"GNDPO: {int(n_mask - n_finite)} completion tokens with a non-finite log-prob were masked."
+            )
 
     def _select_informative_tokens(self, entropy, divergence, valid, metrics) -> torch.Tensor:
         """TIP: keep the high-entropy share of tokens (and, for "quadrant", high-divergence low-entropy ones).
