@@ -253,8 +253,8 @@ def explain_gaps(main: dict) -> list[str]:
         noise = sum(deltas[p] for p in SAME_WORK_PHASES)
         text += (
             f" Phases with a GNDPO-specific cause add {specific:+.3g} s/step; the phases that do the same work in "
-            f"every trainer (generation, optim + rest) differ by {noise:+.3g} s/step, which is run-to-run variation "
-            "on this machine and is not explained by the trainers."
+            f"every trainer (generation, optim + rest) differ by {noise:+.3g} s/step, which no GNDPO-specific work "
+            "explains (see the note on generation speed, when there is one)."
         )
         if not causes:
             text += " The gap is not yet explained."
@@ -267,13 +267,14 @@ def explain_gaps(main: dict) -> list[str]:
     gen_g, gen_d = generation_median(g), generation_median(d)
     if gen_d > 0 and abs(gen_g / gen_d - 1) > 0.05:
         out.append(
-            f"**Machine speed differed between the processes**: generation, the same work in both trainers, took "
-            f"{fmt(gen_g)} s/step under GNDPO and {fmt(gen_d)} s/step under DistillationTrainer (medians, "
-            f"{pct(gen_g, gen_d)}; per step in results.json). Scaling each step time by its generation time, "
-            "assuming the whole step was slowed alike, GNDPO's step is "
+            f"**Generation, the same work in both trainers, ran at different speeds**: {fmt(gen_g)} s/step in "
+            f"GNDPO's processes and {fmt(gen_d)} s/step in DistillationTrainer's (medians, {pct(gen_g, gen_d)}; "
+            "per step in results.json). Why is not established: either this machine ran the processes at different "
+            "speeds (the rounds table shows how much generation varies between processes of one trainer) or "
+            "something in GNDPO's process slows the student's sampling. If it is the machine, scaling each step time "
+            "by its generation time puts GNDPO's step at "
             f"{fmt(ratio(speed_adjusted(g, d), d['step_time_median']))}x DistillationTrainer's instead of "
-            f"{fmt(ratio(g['step_time_median'], d['step_time_median']))}x. This is an estimate; more `--rounds` "
-            "narrow it."
+            f"{fmt(ratio(g['step_time_median'], d['step_time_median']))}x; more `--rounds` narrow this down."
         )
     if g["completion_tokens_per_s"] < d["completion_tokens_per_s"]:
         out.append(
@@ -346,7 +347,10 @@ def render_not_run(entry: dict) -> list[str]:
 def render_size(entry: dict) -> str:
     lines = [f"## Size `{entry['size']}`", "", f"Command: `{entry['command']}`"]
     if "wall_s" in entry:
-        lines[-1] += f" ({entry['started']}, {entry['wall_s'] / 60:.1f} min in all)"
+        lines[-1] += (
+            f" (started {entry['started']}; {entry['wall_s'] / 60:.1f} min in all, including any wait for an idle "
+            "machine and repeated measurements)"
+        )
     lines.append("")
     if entry.get("status"):
         return "\n".join(lines + render_not_run(entry))
@@ -607,9 +611,10 @@ def render_variants(entry: dict) -> list[str]:
             [
                 "RSS after set-up against the full-precision teacher: "
                 + "; ".join(deltas)
-                + ". A memory-mapped full-precision teacher is file-backed (pages the kernel can drop and re-read); a "
-                "quantized teacher's weights are anonymous memory, and whatever the file-backed column keeps is the "
-                "full-precision checkpoint still mapped after quantizing.",
+                + ". A model that transformers loads from disk is memory-mapped: file-backed pages, which the kernel "
+                "can drop and re-read. Quantized weights are anonymous memory, and a quantized run's file-backed "
+                "column also holds whatever of the full-precision checkpoint stays mapped after quantizing. (The tiny "
+                "models are built in memory, so their weights are anonymous in every run.)",
                 "",
             ]
             if deltas
@@ -759,7 +764,8 @@ def targets(entries: list[dict]) -> list[str]:
         adjusted = ratio(speed_adjusted(g, d), d["step_time_median"])
         out.append(
             f"- GNDPO step time no more than DistillationTrainer's on the same work (`{e['size']}`): {verdict}, "
-            f"{fmt(x)}x ({fmt(adjusted)}x adjusted for machine speed; causes in that section)."
+            f"{fmt(x)}x ({fmt(adjusted)}x if the difference in generation speed is the machine's; causes in that "
+            "section)."
         )
     passes = []
     for e in entries:
