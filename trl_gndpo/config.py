@@ -109,6 +109,37 @@ class GNDPOConfig(GRPOConfig):
             Online correctness-aware balancing: in each group, randomly drop the majority class's surplus down to
             correct:incorrect = `balance_ratio`:1 (dropped responses leave the statistics and the loss). `None`
             (default) disables it; the reference uses 1.0.
+
+        > Parameters that control Visual Gradient Steering (VGS, vision-language students)
+
+        visual_gradient_steering (`bool`, *optional*, defaults to `False`):
+            Add the VGS loss `eta * (l_Std + gamma * l_Vis + lambda * l_LP)`, token-averaged like the policy loss,
+            with `l_Std = KL(p || q)`, `l_Vis = KL(p || q*)` and `l_LP = 1[VDS_t > quantile] * KL(p_text || q_text)`
+            over the full vocabulary. `p_text` and `q_text` score the same completion on a text-only view of the
+            sample (the conversation with its images removed); `q*` is the student's text-only distribution
+            (detached) moved by the teacher's image-minus-text log-prob gain, renormalized; `VDS_t = KL(q || q_text)`.
+            Needs a vision-language student and teacher. Costs one more teacher pass per generation batch and one
+            more student pass per micro-step (both on the text-only view).
+        vgs_alpha (`float`, *optional*, defaults to `0.3`):
+            Mixing weight: the loss is `(1 - vgs_alpha) * GNDPO + vgs_alpha * VGS`. The paper mixes VGS with a GRPO
+            loss at 0.3; `1.0` trains on VGS alone.
+        vgs_gamma (`float`, *optional*, defaults to `2.0`):
+            Weight `gamma` of the visual term `l_Vis`.
+        vgs_lambda (`float`, *optional*, defaults to `0.01`):
+            Weight `lambda` of the language-prior term `l_LP`.
+        vgs_lp_quantile (`float`, *optional*, defaults to `0.7`):
+            `l_LP` trains the tokens whose VDS exceeds this quantile of the VDS of every valid token of the
+            generation batch (all processes).
+        vgs_adaptive_gamma (`bool`, *optional*, defaults to `False`):
+            Per-token `gamma_t`: 0 below the 40th VDS percentile, `gamma / 2` up to the 70th, `gamma` above (the
+            paper's adaptive variant), percentiles over the generation batch.
+        vgs_eta (`float`, *optional*, defaults to `1.0`):
+            Fixed loss scale `eta`. The paper measures `eta = ||grad L_Std|| / ||grad L_Std + gamma grad L_Vis||`
+            and reports 0.41 for a 2B and 0.36 for a 4B Qwen3-VL student.
+        vgs_eta_measure_steps (`int`, *optional*, defaults to `0`):
+            If > 0, measure `eta` from the gradient norms (over the trainable parameters, two extra backward passes
+            per micro-step) during the first this-many optimizer steps, use the running mean meanwhile, then keep
+            it fixed (saved in checkpoints). Not with DeepSpeed ZeRO-3 or FSDP, which shard the gradients.
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -239,6 +270,40 @@ class GNDPOConfig(GRPOConfig):
         metadata={"help": "Drop each group's majority-class surplus down to correct:incorrect = ratio:1 (off: None)."},
     )
 
+    # Visual Gradient Steering
+    visual_gradient_steering: bool = field(
+        default=False,
+        metadata={
+            "help": "Add the VGS loss eta * (KL(p||q) + gamma KL(p||q*) + lambda 1[VDS > quantile] "
+            "KL(p_text||q_text)) on a text-only view of each sample (vision-language students)."
+        },
+    )
+    vgs_alpha: float = field(
+        default=0.3, metadata={"help": "Mixing weight: (1 - vgs_alpha) * GNDPO + vgs_alpha * VGS (1.0: VGS alone)."}
+    )
+    vgs_gamma: float = field(default=2.0, metadata={"help": "Weight gamma of the visual term KL(p || q*)."})
+    vgs_lambda: float = field(
+        default=0.01, metadata={"help": "Weight lambda of the language-prior term KL(p_text || q_text)."}
+    )
+    vgs_lp_quantile: float = field(
+        default=0.7,
+        metadata={"help": "The language-prior term trains tokens whose VDS exceeds this quantile of the batch's VDS."},
+    )
+    vgs_adaptive_gamma: bool = field(
+        default=False,
+        metadata={"help": "Per-token gamma: 0 / gamma/2 / gamma split at the 40th / 70th VDS percentiles."},
+    )
+    vgs_eta: float = field(
+        default=1.0, metadata={"help": "Fixed VGS loss scale eta (paper: 0.41 for a 2B, 0.36 for a 4B student)."}
+    )
+    vgs_eta_measure_steps: int = field(
+        default=0,
+        metadata={
+            "help": "If > 0, measure eta = ||grad L_Std|| / ||grad L_Std + gamma grad L_Vis|| over the first "
+            "this-many optimizer steps, then keep it fixed."
+        },
+    )
+
     # GRPO defaults replaced by the GNDPO reference recipe
     disable_dropout: bool = field(
         default=True,
@@ -315,6 +380,22 @@ class GNDPOConfig(GRPOConfig):
             raise ValueError(f"margin_min_retain_ratio must be in (0, 1], got {self.margin_min_retain_ratio}.")
         if self.balance_ratio is not None and not self.balance_ratio > 0:
             raise ValueError(f"balance_ratio must be > 0 or None, got {self.balance_ratio}.")
+        if not 0 <= self.vgs_alpha <= 1:
+            raise ValueError(f"vgs_alpha must be in [0, 1], got {self.vgs_alpha}.")
+        for name in ("vgs_gamma", "vgs_lambda"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.vgs_lp_quantile < 1:
+            raise ValueError(f"vgs_lp_quantile must be in [0, 1), got {self.vgs_lp_quantile}.")
+        if not self.vgs_eta > 0:
+            raise ValueError(f"vgs_eta must be > 0, got {self.vgs_eta}.")
+        if self.vgs_eta_measure_steps < 0:
+            raise ValueError(f"vgs_eta_measure_steps must be >= 0, got {self.vgs_eta_measure_steps}.")
+        if self.visual_gradient_steering and self.vgs_eta_measure_steps and (self.fsdp or self.deepspeed):
+            raise ValueError(
+                "vgs_eta_measure_steps measures gradient norms, which FSDP and DeepSpeed shard: set vgs_eta to a "
+                "fixed value (the paper's 0.41 / 0.36) and vgs_eta_measure_steps=0."
+            )
         if self.loss_type not in ("grpo", "dapo"):
             raise ValueError(
                 f"GNDPO supports loss_type 'grpo' (sequence-mean-token-mean) or 'dapo' (global token mean), got "

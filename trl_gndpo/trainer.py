@@ -2,7 +2,10 @@
 
 import copy
 import io
-from contextlib import contextmanager
+import json
+import math
+import os
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import PIL.Image
@@ -10,8 +13,10 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, Image
 from transformers import AutoProcessor, BitsAndBytesConfig, PreTrainedModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOTrainer
+from trl.data_utils import prepare_multimodal_messages
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
@@ -20,11 +25,13 @@ from trl.trainer.utils import (
     add_fused_lm_head,
     create_model_from_path,
     disable_dropout_in_model,
+    pad,
     use_adapter,
 )
 
 from . import functional as F
 from . import uniopd as U
+from . import vgs as V
 from .config import GNDPOConfig
 
 logger = logging.get_logger(__name__)
@@ -162,6 +169,9 @@ class GNDPOTrainer(GRPOTrainer):
                 "teacher_offload moves the teacher between devices, which a quantized teacher does not support: load "
                 "it on the training device, or drop teacher_offload."
             )
+        if args.visual_gradient_steering:
+            self._check_vgs(teacher_model)
+        self._vgs_eta, self._vgs_eta_samples = args.vgs_eta, []
         self.teacher_model = self._prepare_teacher(teacher_model, temperature=1.0, placed=True)
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
         self.base_model = None if base_model is None else self._prepare_teacher(base_model, self.temperature)
@@ -233,6 +243,40 @@ class GNDPOTrainer(GRPOTrainer):
                 "The teacher lays image tokens out differently from the student, so it cannot score the student's "
                 "inputs: " + "; ".join(mismatches) + ". Use a teacher of the same family and image settings."
             )
+
+    def _check_vgs(self, teacher: PreTrainedModel) -> None:
+        """VGS needs images to remove and plain vocabulary heads it can read (its divergences use their weights)."""
+        if not self._is_vlm:
+            raise ValueError(
+                "visual_gradient_steering contrasts each sample with its text-only view, so it needs a "
+                "vision-language student with its processor; this student is text-only. Set "
+                "visual_gradient_steering=False."
+            )
+        if self.tools or self.environment_factories is not None:
+            raise ValueError(
+                "visual_gradient_steering does not support tools or environments (their turns can carry images "
+                "the text-only view cannot remove): drop them or set visual_gradient_steering=False."
+            )
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if self.is_fsdp_enabled or zero3:
+            raise ValueError(
+                "visual_gradient_steering reads the vocabulary heads' weights directly, which FSDP and DeepSpeed "
+                "ZeRO-3 shard: use DDP or ZeRO-2, or set visual_gradient_steering=False."
+            )
+        for name, model in (("student", self.accelerator.unwrap_model(self.model)), ("teacher", teacher)):
+            model = model.get_base_model() if is_peft_model(model) else model
+            head, config = model.get_output_embeddings(), model.config.get_text_config()
+            if not isinstance(head, torch.nn.Linear) or not head.weight.is_floating_point():
+                raise ValueError(
+                    f"visual_gradient_steering needs the {name}'s vocabulary head as a plain linear layer with "
+                    f"floating-point weights, got {type(head).__name__}: keep the head out of LoRA targets and "
+                    "quantization."
+                )
+            if getattr(config, "final_logit_softcapping", None) or (getattr(config, "logit_scale", None) or 1) != 1:
+                raise ValueError(
+                    f"visual_gradient_steering does not implement logit soft-capping or scaling (the {name} uses "
+                    "them): set visual_gradient_steering=False."
+                )
 
     def _get_train_sampler(self, dataset=None):
         sampler = super()._get_train_sampler(dataset)
@@ -317,8 +361,85 @@ class GNDPOTrainer(GRPOTrainer):
         batch["tool_mask"] = valid.to(batch["completion_mask"].dtype)  # dropped tokens leave the loss too
         batch["num_items_in_batch"] = self.accelerator.gather(valid.sum()).sum()  # "dapo" divides by the loss tokens
 
+        if self.args.visual_gradient_steering:
+            self._add_text_view(batch, inputs, scores["teacher_states"], valid, mode, metrics)
+
         self._log_token_statistics(metrics, mask, finite, valid, student_logps, teacher_logps, signal, advantages)
         return batch
+
+    def _add_text_view(self, batch, inputs, teacher_states, valid, mode, metrics) -> None:
+        """VGS inputs of the generation batch, with one teacher pass over the text-only view.
+
+        Writes the text-only prompts (`vgs_text_prompt_ids` / `_mask`, left-padded, so completion positions line up
+        with the image view), the teacher's hidden states of both views at the completion positions, and the per-token
+        language-prior gate and `gamma_t` from the VDS quantiles over every valid token of the batch (all processes).
+        """
+        prompts = [
+            [
+                {**message, "content": [part for part in message["content"] if part.get("type") != "image"]}
+                for message in prepare_multimodal_messages(x["prompt"])
+            ]
+            for x in inputs
+        ]
+        tokenized = self.processing_class.apply_chat_template(
+            conversation=prompts,
+            chat_template=self.chat_template,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **self.chat_template_kwargs,
+        )
+        device = self.accelerator.device
+        ids = [torch.as_tensor(row) for row in tokenized["input_ids"]]
+        prompt_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
+        prompt_mask = pad([torch.ones_like(row) for row in ids], padding_value=0, padding_side="left").to(device)
+        completion_length = batch["completion_ids"].size(1)
+        # no image inputs: the model derives the text-only rotary positions (Qwen's 3-D ones) from these ids itself
+        args = (
+            torch.cat([prompt_ids, batch["completion_ids"]], 1),
+            torch.cat([prompt_mask, batch["completion_mask"]], 1),
+            completion_length,
+        )
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        with _capture_completion_states(self.teacher_model, completion_length) as text_states:
+            self._teacher_log_probs(args, {"batch_size": batch_size})
+        text_states = torch.cat(text_states).to(device)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        head, rows = teacher.get_output_embeddings(), self._vocab_rows()
+        vds = V.visual_dependency_scores(
+            teacher_states[valid].to(device),
+            text_states[valid],
+            head.weight[:rows].to(device),
+            None if head.bias is None else head.bias[:rows].to(device),
+        )
+        everywhere = self.accelerator.gather(self.accelerator.pad_across_processes(vds, pad_index=math.nan))
+        low, high, lp = V.quantile_thresholds(everywhere[~everywhere.isnan()], (0.4, 0.7, self.args.vgs_lp_quantile))
+        gate = V.language_prior_gate(vds, lp)
+        if self.args.vgs_adaptive_gamma:
+            gamma = V.adaptive_gamma(vds, low, high, self.args.vgs_gamma)
+        else:
+            gamma = torch.full_like(vds, self.args.vgs_gamma)
+        scatter = valid.new_zeros(valid.shape, dtype=torch.float32).masked_scatter
+        batch.update(
+            vgs_text_prompt_ids=prompt_ids,
+            vgs_text_prompt_mask=prompt_mask,
+            vgs_teacher_image=teacher_states,
+            vgs_teacher_text=text_states,
+            vgs_lp_gate=scatter(valid, gate.float()),
+            vgs_gamma=scatter(valid, gamma.float()),
+        )
+        totals = self.accelerator.reduce(torch.stack([vds.sum(), gate.sum(), gamma.sum(), vds.new_tensor(len(vds))]))
+        count = max(totals[3].item(), 1.0)
+        metrics["vgs/vds_mean"].append(totals[0].item() / count)
+        metrics["vgs/lp_token_frac"].append(totals[1].item() / count)
+        metrics["vgs/gamma_mean"].append(totals[2].item() / count)
+
+    def _vocab_rows(self) -> int:
+        """The student's vocabulary rows; a teacher's head may carry more (padding), which are never sampled."""
+        student = self.accelerator.unwrap_model(self.model)
+        return (
+            (student.get_base_model() if is_peft_model(student) else student).get_output_embeddings().weight.shape[0]
+        )
 
     def _teacher_log_probs(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The teacher's scoring pass, on its own device (`teacher_device`) or moved in for it (`teacher_offload`)."""
@@ -447,7 +568,8 @@ class GNDPOTrainer(GRPOTrainer):
 
         `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
         temperature; teacher at temperature 1). With the estimators that need them: `entropy` (student, TIP), `base`
-        (initial student, ExOPD), `kl` (full-vocabulary KL(p || q), vOPD).
+        (initial student, ExOPD), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden
+        states at the completion positions, in its own dtype, VGS).
         """
         completion_length = batch["completion_ids"].size(1)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
@@ -465,7 +587,8 @@ class GNDPOTrainer(GRPOTrainer):
                     scores["student"], scores["entropy"], _ = self._get_per_token_logps_and_entropies(
                         self.model, *args, compute_entropy=want_entropy, **kwargs
                     )
-        with _capture_completion_states(self.teacher_model, completion_length, enabled=want_kl) as teacher_states:
+        want_states = want_kl or self.args.visual_gradient_steering
+        with _capture_completion_states(self.teacher_model, completion_length, want_states) as teacher_states:
             scores["teacher"] = self._teacher_log_probs(args, kwargs)
         if self.args.reward_extrapolation != 1.0:
             if self.base_model is None:  # PEFT: the initial student is the base weights with the adapter disabled
@@ -482,7 +605,10 @@ class GNDPOTrainer(GRPOTrainer):
                 torch.cat(teacher_states)[mask],
             )
             scores["kl"] = kl.new_zeros(mask.shape).masked_scatter(mask, kl)
-        return {k: v.float() for k, v in scores.items() if v is not None}
+        scores = {k: v.float() for k, v in scores.items() if v is not None}
+        if self.args.visual_gradient_steering:
+            scores["teacher_states"] = torch.cat(teacher_states).to(self.accelerator.device)
+        return scores
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss: clipped policy gradient on the per-token advantages.
@@ -492,15 +618,17 @@ class GNDPOTrainer(GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         mask = inputs["completion_mask"] * inputs["tool_mask"]
-        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            input_ids,
-            attention_mask,
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{k: inputs[k] for k in _MODEL_INPUT_KEYS if k in inputs},
-        )
+        vgs = self.args.visual_gradient_steering
+        with _capture_completion_states(model, completion_ids.size(1), vgs, detach=False) as states:
+            logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                completion_ids.size(1),
+                compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled,
+                **{k: inputs[k] for k in _MODEL_INPUT_KEYS if k in inputs},
+            )
         old_logps = inputs.get("old_per_token_logps")
         per_token_loss, ratio = F.clipped_policy_loss(
             logps,
@@ -517,13 +645,20 @@ class GNDPOTrainer(GRPOTrainer):
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        if self.loss_type == "grpo":
-            loss = F.seq_mean_token_mean(per_token_loss, mask) / accumulation
-        else:  # "dapo": `num_items_in_batch` counts the valid tokens of the whole generation batch
+
+        def aggregate(per_token: torch.Tensor) -> torch.Tensor:
+            if self.loss_type == "grpo":
+                return F.seq_mean_token_mean(per_token, mask) / accumulation
+            # "dapo": `num_items_in_batch` counts the valid tokens of the whole generation batch
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * accumulation / self.args.steps_per_generation
-            loss = (per_token_loss * mask).sum() / normalizer
+            return torch.where(mask.bool(), per_token, 0).sum() / normalizer
+
+        policy_loss = loss = aggregate(per_token_loss)
+        if vgs:
+            alpha = self.args.vgs_alpha
+            loss = (1 - alpha) * loss + alpha * self._vgs_loss(model, inputs, torch.cat(states), aggregate, mode)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
 
@@ -539,16 +674,100 @@ class GNDPOTrainer(GRPOTrainer):
         metrics["clip_ratio/low_mean"].append(global_mean(low.float()))
         metrics["clip_ratio/high_mean"].append(global_mean(high.float()))
         metrics["clip_ratio/region_mean"].append(global_mean((low | high).float()))
-        metrics["policy_loss"].append(self.accelerator.gather(loss.detach() * accumulation).mean().item())
+        metrics["policy_loss"].append(self.accelerator.gather(policy_loss.detach() * accumulation).mean().item())
         return loss
+
+    def _vgs_loss(self, model, inputs, student_image, aggregate, mode) -> torch.Tensor:
+        """eta * aggregate(l_Std + gamma_t l_Vis + lambda 1[VDS > quantile] l_LP), with one text-view student pass."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        valid = (completion_mask * inputs["tool_mask"]).bool()
+        gate, gamma = inputs["vgs_lp_gate"], inputs["vgs_gamma"]
+        # l_LP's gradient runs through this pass; without it, p_text only enters q*, detached
+        trains_text = self.args.vgs_lambda > 0 and self.model.training
+        with (
+            _capture_completion_states(model, completion_ids.size(1), detach=not trains_text) as student_text,
+            nullcontext() if trains_text else torch.no_grad(),
+        ):
+            self._get_per_token_logps_and_entropies(
+                model,
+                torch.cat([inputs["vgs_text_prompt_ids"], completion_ids], 1),
+                torch.cat([inputs["vgs_text_prompt_mask"], completion_mask], 1),
+                completion_ids.size(1),
+            )
+        student = self.accelerator.unwrap_model(model)
+        student_head = (student.get_base_model() if is_peft_model(student) else student).get_output_embeddings()
+        teacher_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings()
+        rows, device = student_head.weight.shape[0], student_image.device
+        l_std, l_vis, l_lp = V.vgs_divergences(
+            student_image[valid],
+            torch.cat(student_text)[valid],
+            inputs["vgs_teacher_image"][valid],
+            inputs["vgs_teacher_text"][valid],
+            student_head.weight,
+            teacher_head.weight[:rows].to(device),
+            student_head.bias,
+            None if teacher_head.bias is None else teacher_head.bias[:rows].to(device),
+        )
+
+        def per_token(values: torch.Tensor) -> torch.Tensor:
+            return values.new_zeros(valid.shape).masked_scatter(valid, values)
+
+        standard, visual = per_token(l_std), per_token(gamma[valid] * l_vis)
+        prior = per_token(self.args.vgs_lambda * gate[valid] * l_lp)
+        if mode == "train" and self.state.global_step < self.args.vgs_eta_measure_steps:
+            self._measure_eta(model, aggregate(standard), aggregate(visual))
+
+        def global_mean(x: torch.Tensor) -> float:
+            totals = self.accelerator.reduce(torch.stack([x.detach().sum(), x.new_tensor(x.numel())]), "sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        metrics = self._metrics[mode]
+        metrics["vgs/std_kl"].append(global_mean(l_std))
+        metrics["vgs/visual_kl"].append(global_mean(l_vis))
+        metrics["vgs/language_prior_kl"].append(global_mean(gate[valid] * l_lp))
+        metrics["vgs/eta"].append(self._vgs_eta)
+        loss = self._vgs_eta * aggregate(standard + visual + prior)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        metrics["vgs/loss"].append(self.accelerator.gather(loss.detach() * accumulation).mean().item())
+        return loss
+
+    def _measure_eta(self, model, standard: torch.Tensor, visual: torch.Tensor) -> None:
+        """eta = ||grad L_Std|| / ||grad L_Std + grad (gamma L_Vis)|| over the trainable parameters, this micro-step,
+        averaged over processes; `self._vgs_eta` is the running mean of the measurements (fixed once they stop)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_std = torch.autograd.grad(standard, params, retain_graph=True, materialize_grads=True)
+        grad_vis = torch.autograd.grad(visual, params, retain_graph=True, materialize_grads=True)
+        norm_std = torch.stack([g.float().pow(2).sum() for g in grad_std]).sum()
+        norm_sum = torch.stack([(a + b).float().pow(2).sum() for a, b in zip(grad_std, grad_vis, strict=True)]).sum()
+        eta = (norm_std.sqrt() / norm_sum.sqrt().clamp(min=1e-12)).detach()
+        self._vgs_eta_samples.append(self.accelerator.reduce(eta, "mean").item())
+        self._vgs_eta = sum(self._vgs_eta_samples) / len(self._vgs_eta_samples)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.visual_gradient_steering and self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            with open(os.path.join(folder, "vgs_eta.json"), "w") as f:
+                json.dump({"eta": self._vgs_eta, "samples": self._vgs_eta_samples}, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = None if checkpoint is None else os.path.join(checkpoint, "vgs_eta.json")
+        if self.args.visual_gradient_steering and path is not None and os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            self._vgs_eta, self._vgs_eta_samples = state["eta"], state["samples"]
 
 
 @contextmanager
-def _capture_completion_states(model, completion_length: int, enabled: bool = True):
+def _capture_completion_states(model, completion_length: int, enabled: bool = True, detach: bool = True):
     """Collect the backbone's last hidden states at the positions that predict the completion tokens.
 
     A forward hook on the backbone that TRL's fused head calls, so the batch chunking and image slicing of
-    `_get_per_token_logps_and_entropies` apply unchanged; keeps `(chunk, completion_length, hidden)` per call.
+    `_get_per_token_logps_and_entropies` apply unchanged; keeps `(chunk, completion_length, hidden)` per call,
+    detached unless `detach=False` (a loss then backpropagates through them into the model).
     """
     states = []
     if not enabled:
@@ -562,7 +781,8 @@ def _capture_completion_states(model, completion_length: int, enabled: bool = Tr
 
     def keep(module, args, output):
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        states.append(hidden[:, -completion_length - 1 : -1].detach())
+        hidden = hidden[:, -completion_length - 1 : -1]
+        states.append(hidden.detach() if detach else hidden)
 
     handle = unwrapped.base_model.register_forward_hook(keep)
     try:
