@@ -2,17 +2,27 @@
 
 `whitening` mode: each rank records what it handed to and got back from the whitening (local token signal and mask,
 mean/variance used). `uniopd` mode (Uni-OPD margin shift per prompt group, groups split across the ranks): each rank
-records the inputs and output of the margin shift and its final advantages. The test compares the ranks.
+records the inputs and output of the margin shift and its final advantages. `vgs` mode (Visual Gradient Steering on a
+tiny Qwen2-VL): each rank records its local VDS, the values its quantiles were taken over, the thresholds, its gates
+and the measured eta. The test compares the ranks.
 """
 
 import sys
 
 import torch
 import torch.distributed as dist
-from tiny_models import cpu_grpo_kwargs, make_text_dataset, make_text_model, make_tokenizer
+from tiny_models import (
+    cpu_grpo_kwargs,
+    make_image_dataset,
+    make_text_dataset,
+    make_text_model,
+    make_tokenizer,
+    make_vlm,
+)
 
 import trl_gndpo.functional as F
 import trl_gndpo.uniopd as U
+import trl_gndpo.vgs as V
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
 
 out_dir, mode = sys.argv[1], sys.argv[2]
@@ -34,15 +44,24 @@ def parity_reward(completions, **kwargs):
 
 F.whitened_advantages = recording(F.whitened_advantages, "whitened_advantages")
 U.margin_shift = recording(U.margin_shift, "margin_shift")
+V.visual_dependency_scores = recording(V.visual_dependency_scores, "visual_dependency_scores")
+V.quantile_thresholds = recording(V.quantile_thresholds, "quantile_thresholds")
 torch.set_num_threads(1)
 options = {"margin_calibration": "shift", "num_generations": 4, "max_steps": 3} if mode == "uniopd" else {}
+if mode == "vgs":
+    options = {"visual_gradient_steering": True, "vgs_adaptive_gamma": True, "vgs_eta_measure_steps": 1}
+    (student, processor), (teacher, _) = make_vlm(seed=0), make_vlm(seed=1, hidden_size=128)
+    dataset = make_image_dataset()
+else:
+    student, teacher = make_text_model(seed=0), make_text_model(seed=1, hidden_size=128)
+    processor, dataset = make_tokenizer(), make_text_dataset()
 trainer = GNDPOTrainer(
-    model=make_text_model(seed=0),
-    teacher_model=make_text_model(seed=1, hidden_size=128),
+    model=student,
+    teacher_model=teacher,
     reward_funcs=parity_reward if mode == "uniopd" else None,
     args=GNDPOConfig(**cpu_grpo_kwargs(output_dir=f"{out_dir}/output", per_device_train_batch_size=2, **options)),
-    train_dataset=make_text_dataset(),
-    processing_class=make_tokenizer(),
+    train_dataset=dataset,
+    processing_class=processor,
 )
 assert dist.is_initialized() and trainer.accelerator.num_processes == 2, "expected two processes"
 generate = trainer._generate_and_score_completions
@@ -50,10 +69,15 @@ generate = trainer._generate_and_score_completions
 
 def record_batch(inputs):
     batch = generate(inputs)
-    records.append({"function": "batch", "advantages": batch["advantages"], "mask": batch["tool_mask"]})
+    record = {"function": "batch", "advantages": batch["advantages"], "mask": batch["tool_mask"]}
+    record.update({k: batch[k] for k in ("vgs_lp_gate", "vgs_gamma") if k in batch})
+    records.append(record)
     return batch
 
 
 trainer._generate_and_score_completions = record_batch
 trainer.train()
+records.append({"function": "eta", "result": trainer._vgs_eta, "samples": trainer._vgs_eta_samples})
+student = trainer.accelerator.unwrap_model(trainer.model)
+records.append({"function": "weights", "result": {n: p.detach().clone() for n, p in student.named_parameters()}})
 torch.save(records, f"{out_dir}/rank{trainer.accelerator.process_index}.pt")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tiny_models import make_vlm
 
 from trl_gndpo import uniopd as U
 
@@ -73,3 +74,33 @@ def test_uniopd_group_margins_span_processes(tmp_path):
         eligible += ok.sum().item()
         assert (gap[ok] >= 0.4 - 1e-5).all()
     assert eligible > 0
+
+
+def test_vgs_quantiles_and_eta_span_processes(tmp_path):
+    """Both ranks gate on the quantiles of the VDS of every valid token of both ranks, measure the same eta, and end
+    with the same weights (the text-view pass runs around the DDP wrapper; its gradients must still be reduced)."""
+    ranks = run_two_processes(tmp_path, "vgs")
+    local = [[c["result"] for c in calls(r, "visual_dependency_scores")] for r in ranks]
+    quantiles = [calls(r, "quantile_thresholds") for r in ranks]
+    batches = [calls(r, "batch") for r in ranks]
+    assert len(local[0]) == len(quantiles[0]) == len(batches[0]) == 2  # once per generation batch, two steps
+    for step in range(2):
+        vds0, vds1 = local[0][step], local[1][step]
+        (values0, levels), thresholds0 = quantiles[0][step]["args"], quantiles[0][step]["result"]
+        (values1, _), thresholds1 = quantiles[1][step]["args"], quantiles[1][step]["result"]
+        assert torch.equal(values0, values1) and thresholds0 == thresholds1
+        assert torch.equal(values0, torch.cat([vds0, vds1])), "rank 0's tokens, then rank 1's"
+        expected = torch.quantile(values0.double(), torch.tensor(levels, dtype=torch.float64)).tolist()
+        assert thresholds0 == expected and not torch.equal(vds0, vds1)
+        low, high, lp = thresholds0
+        for vds, batch in ((vds0, batches[0][step]), (vds1, batches[1][step])):
+            valid = batch["mask"].bool()
+            assert torch.equal(batch["vgs_lp_gate"][valid].bool(), vds > lp)
+            expected_gamma = torch.where(vds > high, 2.0, torch.where(vds > low, 1.0, 0.0))
+            assert torch.equal(batch["vgs_gamma"][valid], expected_gamma)
+    eta0, eta1 = calls(ranks[0], "eta")[0], calls(ranks[1], "eta")[0]
+    assert eta0["result"] == eta1["result"] != 1.0 and len(eta0["samples"]) == 1
+    weights0, weights1 = calls(ranks[0], "weights")[0]["result"], calls(ranks[1], "weights")[0]["result"]
+    initial = dict(make_vlm(seed=0)[0].named_parameters())
+    assert all(torch.equal(weights0[name], weights1[name]) for name in weights0)
+    assert any(not torch.equal(weights0[name], initial[name]) for name in weights0)

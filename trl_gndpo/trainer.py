@@ -684,12 +684,15 @@ class GNDPOTrainer(GRPOTrainer):
         gate, gamma = inputs["vgs_lp_gate"], inputs["vgs_gamma"]
         # l_LP's gradient runs through this pass; without it, p_text only enters q*, detached
         trains_text = self.args.vgs_lambda > 0 and self.model.training
+        # The second forward of this micro-step goes around the DDP wrapper, whose bookkeeping allows one forward per
+        # backward; its gradients still reach the parameters, whose hooks reduce the sum of both views' gradients.
+        module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         with (
             _capture_completion_states(model, completion_ids.size(1), detach=not trains_text) as student_text,
             nullcontext() if trains_text else torch.no_grad(),
         ):
             self._get_per_token_logps_and_entropies(
-                model,
+                module,
                 torch.cat([inputs["vgs_text_prompt_ids"], completion_ids], 1),
                 torch.cat([inputs["vgs_text_prompt_mask"], completion_mask], 1),
                 completion_ids.size(1),
