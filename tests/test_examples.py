@@ -417,10 +417,10 @@ def test_readme_lists_every_example_and_config():
 
 
 def command_id(command: str) -> str:
-    """`zero3.yaml` (the accelerate config) or `qlora.py`, plus `-vllm`: a failing launch line is easy to find."""
+    """`zero3.yaml` (the accelerate config) or `qlora.py`, plus `-vllm` or `-vgs`: a failing line is easy to find."""
     words = shlex.split(command)
     target = words[words.index("--config_file") + 1] if "--config_file" in words else words[-1]
-    return Path(target).name + ("-vllm" if "--use_vllm" in words else "")
+    return Path(target).name + ("-vllm" if "--use_vllm" in words else "") + ("-vgs" if "--vgs_eta" in words else "")
 
 
 @pytest.mark.parametrize("command", readme_commands(), ids=command_id)
@@ -451,3 +451,4 @@ def test_readme_launch_line(command, checkpoints, geometry3k, tmp_path, monkeypa
     assert isinstance(trainer.model, PeftModel) == ("--use_peft" in words)
     if "--use_peft" in words:
         check_language_model_lora(trainer.model)
+    assert trainer.args.visual_gradient_steering == ("--visual_gradient_steering" in words)

@@ -53,6 +53,8 @@ _MODEL_INPUT_KEYS = (
 _VISION_CONFIG_KEYS = ("patch_size", "spatial_merge_size", "temporal_patch_size", "in_channels")
 _IMAGE_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 _IMAGE_PROCESSOR_KEYS = ("patch_size", "merge_size", "temporal_patch_size", "size")  # size holds min/max pixels
+# Content blocks that the text-only view of Visual Gradient Steering removes.
+_VISUAL_PARTS = ("image", "video")
 # GRPO's outcome-reward metrics, meaningless for the placeholder reward.
 _REWARD_METRICS = ("reward", "reward_std", "frac_reward_zero_std")
 
@@ -376,7 +378,7 @@ class GNDPOTrainer(GRPOTrainer):
         """
         prompts = [
             [
-                {**message, "content": [part for part in message["content"] if part.get("type") != "image"]}
+                {**message, "content": [part for part in message["content"] if part.get("type") not in _VISUAL_PARTS]}
                 for message in prepare_multimodal_messages(x["prompt"])
             ]
             for x in inputs
@@ -407,7 +409,7 @@ class GNDPOTrainer(GRPOTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         head, rows = teacher.get_output_embeddings(), self._vocab_rows()
         vds = V.visual_dependency_scores(
-            teacher_states[valid].to(device),
+            teacher_states[valid],
             text_states[valid],
             head.weight[:rows].to(device),
             None if head.bias is None else head.bias[:rows].to(device),
@@ -428,7 +430,8 @@ class GNDPOTrainer(GRPOTrainer):
             vgs_lp_gate=scatter(valid, gate.float()),
             vgs_gamma=scatter(valid, gamma.float()),
         )
-        totals = self.accelerator.reduce(torch.stack([vds.sum(), gate.sum(), gamma.sum(), vds.new_tensor(len(vds))]))
+        totals = torch.stack([vds.sum(), gate.float().sum(), gamma.sum(), vds.new_tensor(len(vds))])
+        totals = self.accelerator.reduce(totals, "sum")
         count = max(totals[3].item(), 1.0)
         metrics["vgs/vds_mean"].append(totals[0].item() / count)
         metrics["vgs/lp_token_frac"].append(totals[1].item() / count)
