@@ -118,8 +118,9 @@ class GNDPOConfig(GRPOConfig):
             over the full vocabulary. `p_text` and `q_text` score the same completion on a text-only view of the
             sample (the conversation with its images removed); `q*` is the student's text-only distribution
             (detached) moved by the teacher's image-minus-text log-prob gain, renormalized; `VDS_t = KL(q || q_text)`.
-            Needs a vision-language student and teacher. Costs one more teacher pass per generation batch and one
-            more student pass per micro-step (both on the text-only view).
+            Needs a vision-language student and teacher; not with FSDP, DeepSpeed ZeRO-3, tools or environments.
+            Costs one more teacher pass per generation batch and one more student pass per micro-step (both on the
+            text-only view).
         vgs_alpha (`float`, *optional*, defaults to `0.3`):
             Mixing weight: the loss is `(1 - vgs_alpha) * GNDPO + vgs_alpha * VGS`. The paper mixes VGS with a GRPO
             loss at 0.3; `1.0` trains on VGS alone.
@@ -139,7 +140,7 @@ class GNDPOConfig(GRPOConfig):
         vgs_eta_measure_steps (`int`, *optional*, defaults to `0`):
             If > 0, measure `eta` from the gradient norms (over the trainable parameters, two extra backward passes
             per micro-step) during the first this-many optimizer steps, use the running mean meanwhile, then keep
-            it fixed (saved in checkpoints). Not with DeepSpeed ZeRO-3 or FSDP, which shard the gradients.
+            it fixed (saved in checkpoints). Not with DeepSpeed or FSDP, which shard the gradients.
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
