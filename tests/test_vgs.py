@@ -174,3 +174,13 @@ def test_gates_and_adaptive_gamma_follow_the_quantiles():
     )
     assert not gamma[values <= low].any()
     assert vgs.quantile_thresholds(values[:0], (0.7,)) == [float("inf")]
+
+
+def test_no_valid_position_gives_empty_terms_and_zero_gradients():
+    (h_p, h_pt), (h_q, h_qt), w_s, w_t, b_s, b_t = random_inputs(0)
+    empty = [h[:0] for h in (h_p, h_pt, h_q, h_qt)]
+    terms = vgs.vgs_divergences(*empty, w_s, w_t, b_s, b_t)
+    assert all(t.shape == (0,) for t in terms)
+    (grad,) = torch.autograd.grad(sum(t.sum() for t in terms), w_s)
+    assert not grad.any()
+    assert vgs.visual_dependency_scores(empty[2], empty[3], w_t, b_t).shape == (0,)
