@@ -12,8 +12,9 @@ by a hash of the sampled ids). Every completion is exactly `--completion-length`
 Per optimizer step: wall time (median over the measured steps, after warm-up), its split into the generation batch
 (generation and scoring, once per optimizer step here) and the update (loss, backward, optimizer), VGS's own parts
 (the text-only teacher pass with the VDS, and the VGS loss with its text-only student pass), and peak memory: on CPU
-the growth of glibc's heap in use over the step's start (`mallinfo2`, sampled every 2 ms), on a GPU the CUDA max
-allocated during the step; plus the process's peak RSS. Figures are written by this script, never by hand.
+the growth of glibc's heap in use over the step's start (`mallinfo2`, sampled every 2 ms or less often, so that the
+sampler takes at most 2% of the time), on a GPU the CUDA max allocated during the step; plus the process's peak RSS.
+Figures are written by this script, never by hand.
 """
 
 from __future__ import annotations
@@ -72,8 +73,13 @@ class PeakMemory:
         return info.uordblks + info.hblkhd
 
     def _sample(self):
-        while not self._stop.wait(0.002):
+        # A mallinfo2 read walks glibc's free lists under the arena lock (milliseconds on a large heap): sleep at least
+        # 49 times the last read, so the sampler takes at most 2% of the time from the threads it measures.
+        pause = 0.002
+        while not self._stop.wait(pause):
+            start = time.perf_counter()
             self._peak = max(self._peak, self.now())
+            pause = max(0.002, 49 * (time.perf_counter() - start))
 
     def reset(self) -> int:
         start = self.now()
