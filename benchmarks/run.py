@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ sys.path.insert(0, str(HERE))
 
 from models import GPU_PAIRS, QWEN_VOCAB, SIZES  # noqa: E402
 from report import TRAINERS, ok, print_summary, render  # noqa: E402
+from worker import step_summary  # noqa: E402
 
 VOCAB_SWEEP = (320, 32_768, QWEN_VOCAB)
 
@@ -300,25 +300,11 @@ def combine_rounds(records: list[dict]) -> dict:
         failed = next(r for r in records if "error" in r)
         return dict(failed, rounds=[round_summary(r) if "error" not in r else {"error": r["error"]} for r in records])
     steps = [s for r in good for s in r["per_step"]]
-    totals = [s["total"] for s in steps]
-    combined = dict(good[0])
-    median = statistics.median(totals)
-    phases = {p: sum(s["time"].get(p, 0.0) for s in steps) / len(steps) for p in good[0]["phases_mean"]}
     completion = sum(r["completion_tokens_per_step"] * r["steps_measured"] for r in good) / len(steps)
     prompt = sum(r["prompt_tokens_per_step"] * r["steps_measured"] for r in good) / len(steps)
+    combined = dict(good[0])
     combined.update(
-        per_step=steps,
-        step_times=totals,
-        steps_measured=len(steps),
-        step_time_median=median,
-        step_time_mean=sum(totals) / len(totals),
-        step_time_min=min(totals),
-        step_time_max=max(totals),
-        phases_mean=phases,
-        completion_tokens_per_step=completion,
-        prompt_tokens_per_step=prompt,
-        completion_tokens_per_s=completion / median,
-        tokens_per_s=(completion + prompt) / median,
+        step_summary(steps, completion, prompt),
         other_processes_cpu_share=max(r["other_processes_cpu_share"] for r in good),
         attempts=sum(r.get("attempts", 1) for r in good) - len(good) + 1,
         rounds=[round_summary(r) for r in good],

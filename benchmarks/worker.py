@@ -543,14 +543,33 @@ def machine(device) -> dict:
     return info
 
 
-def summarize(spec: dict, probe: Probe, result: dict) -> dict:
+def step_summary(steps: list[dict], completion_tokens: float, prompt_tokens: float) -> dict:
+    """Step-time figures of measured optimizer steps (one process's, or several rounds' pooled): median, mean, min,
+    max, the mean time of each phase, and tokens per second (tokens per step divided by the median step time)."""
     import statistics
 
+    totals = [s["total"] for s in steps]
+    median = statistics.median(totals)
+    return dict(
+        per_step=steps,
+        steps_measured=len(steps),
+        step_times=totals,
+        step_time_median=median,
+        step_time_mean=sum(totals) / len(totals),
+        step_time_min=min(totals),
+        step_time_max=max(totals),
+        phases_mean={p: sum(s["time"].get(p, 0.0) for s in steps) / len(steps) for p in PHASES},
+        completion_tokens_per_step=completion_tokens,
+        prompt_tokens_per_step=prompt_tokens,
+        completion_tokens_per_s=completion_tokens / median,
+        tokens_per_s=(completion_tokens + prompt_tokens) / median,
+    )
+
+
+def summarize(spec: dict, probe: Probe, result: dict) -> dict:
     measured = probe.steps[spec["warmup"] :]
     if not measured:
         raise RuntimeError(f"no measured step: {len(probe.steps)} steps ran, warm-up {spec['warmup']}")
-    totals = [s["total"] for s in measured]
-    median = statistics.median(totals)
     counters = defaultdict(int)  # measured steps: tokens per step
     for step in measured:
         for k, v in step["counters"].items():
@@ -563,7 +582,6 @@ def summarize(spec: dict, probe: Probe, result: dict) -> dict:
             everything[k] += v
     n_steps, n_all = len(measured), len(probe.steps)
     batches = everything["generation_batches"]
-    phases = {p: sum(s["time"].get(p, 0.0) for s in measured) / n_steps for p in PHASES}
     peak_delta = {p: max(s["peak_delta"].get(p, 0) for s in measured) for p in (*PHASES, "step")}
     own_peak_delta = {p: max(s["own_peak_delta"].get(p, 0) for s in measured) for p in PHASES}
     peak = {p: max(s["peak"].get(p, 0) for s in measured) for p in (*PHASES, "step")}
@@ -571,17 +589,7 @@ def summarize(spec: dict, probe: Probe, result: dict) -> dict:
     prompt_tokens = counters["prompt_tokens"] / n_steps
     per_batch = (lambda key: everything[key] / batches) if batches else (lambda key: math.nan)
     result.update(
-        steps_measured=n_steps,
-        step_times=totals,
-        step_time_median=median,
-        step_time_mean=sum(totals) / n_steps,
-        step_time_min=min(totals),
-        step_time_max=max(totals),
-        phases_mean=phases,
-        completion_tokens_per_step=completion_tokens,
-        prompt_tokens_per_step=prompt_tokens,
-        completion_tokens_per_s=completion_tokens / median,
-        tokens_per_s=(completion_tokens + prompt_tokens) / median,
+        step_summary(measured, completion_tokens, prompt_tokens),
         generation_batches_per_step=batches / n_all,
         optimizer_steps_per_generation_batch=n_all / batches if batches else math.nan,
         micro_steps_per_step=everything["micro_steps"] / n_all,
@@ -594,7 +602,6 @@ def summarize(spec: dict, probe: Probe, result: dict) -> dict:
         phase_peak_delta_bytes=peak_delta,
         phase_own_peak_delta_bytes=own_peak_delta,
         phase_peak_bytes=peak,
-        per_step=measured,
         outside_steps={k: dict(v) for k, v in probe.outside.items()},
     )
     return result
