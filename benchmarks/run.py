@@ -161,6 +161,8 @@ def base_spec(args) -> dict:
         spec[key] = defaults[key] if value is None else value
     if args.sample_interval is not None:
         spec["sample_interval"] = args.sample_interval
+    if args.sample_duty is not None:
+        spec["sample_duty"] = args.sample_duty
     if args.cpu:
         spec["cpu"] = True
     if args.size == "gpu-qwen" and not args.shrink:
@@ -241,6 +243,19 @@ def measure(args, spec: dict, logdir: Path) -> dict:
     entry["main"] = {t: combine_rounds(records) for t, records in rounds.items()}
     compared = [t for t in ("gndpo", "distillation") if t in trainers]
     short = max(1, spec["steps"] - 1)  # measured steps of the extra runs unless given
+
+    if args.probe_check:
+        # What the CPU memory probes cost: each trainer once more without them (timings only), and GNDPO and
+        # DistillationTrainer once with the sampler reading the heap every 2 ms whatever a read costs (no duty cap)
+        print(f"[{args.size}] timing check of the memory probes: off ({', '.join(trainers)}), uncapped sampler")
+        check = dict(spec, steps=spec["steps"] * args.rounds)  # as many measured steps as the pooled rounds
+        entry["probe_check"] = {
+            "off": {t: run(dict(check, trainer=t, memory_probes=False), f"probes-off-{t}") for t in trainers},
+            "uncapped": {
+                t: run(dict(check, trainer=t, sample_duty=1.0, sample_interval=0.002), f"probes-uncapped-{t}")
+                for t in compared
+            },
+        }
 
     if args.scaling:
         print(f"[{args.size}] scaling: completion length and batch size doubled")
@@ -411,6 +426,17 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--sample-interval", type=float, help="CPU memory sampling interval in seconds")
+    parser.add_argument(
+        "--sample-duty",
+        type=float,
+        help="most of the wall time the CPU memory sampler may spend reading (default 0.02)",
+    )
+    parser.add_argument(
+        "--probe-check",
+        action="store_true",
+        help="also run each trainer once with the CPU memory probes off, and GNDPO and DistillationTrainer once with "
+        "an uncapped 2 ms heap sampler, to measure what the probes cost in step time",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per worker process")
     parser.add_argument(
         "--busy-retries",
