@@ -353,9 +353,9 @@ def explain_generation(g: dict, d: dict, probe_check: dict | None) -> list[str]:
         if have_uncapped and gu > 1.05 * du and not slower_off:
             text += (
                 " Measured cause of the generation gap this benchmark reported before: its own heap sampler. "
-                "Uncapped, it slows GNDPO's generation more than DistillationTrainer's (its reads cost more on "
-                "GNDPO's heap, which holds the teacher and the tiles of the re-score passes, and take CPU time and "
-                "the allocator's lock from the training threads); without probes GNDPO's generation is not slower. "
+                "Uncapped, it slows GNDPO's generation more than DistillationTrainer's (a read takes longer on "
+                "GNDPO's heap, see the read times above, and reads take CPU time and the allocator's lock from the "
+                "training threads); without probes GNDPO's generation is not slower. "
                 "The sampler now sleeps at least 49 times its last read (at most 2% of the wall time), as in the "
                 "main runs above."
             )
