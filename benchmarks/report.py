@@ -214,8 +214,10 @@ CAUSE_HEAD_GPU = (
 )
 
 
-def explain_gaps(main: dict) -> list[str]:
-    """Every metric where GNDPO is slower or heavier than DistillationTrainer, with its measured cause."""
+def explain_gaps(main: dict, probe_check: dict | None = None) -> list[str]:
+    """Every metric where GNDPO is slower or heavier than DistillationTrainer, with its measured cause.
+
+    `probe_check`: the runs of `--probe-check` (memory probes off; uncapped heap sampler), when there are some."""
     g, d = main.get("gndpo"), main.get("distillation")
     if not (ok(g) and ok(d)):
         return ["GNDPO or DistillationTrainer failed in this run; no comparison."]
@@ -254,7 +256,7 @@ def explain_gaps(main: dict) -> list[str]:
         text += (
             f" Phases with a GNDPO-specific cause add {specific:+.3g} s/step; the phases that do the same work in "
             f"every trainer (generation, optim + rest) differ by {noise:+.3g} s/step, which no GNDPO-specific work "
-            "explains (see the note on generation speed, when there is one)."
+            "explains (between-process variation; see the note on generation speed, when there is one)."
         )
         if not causes:
             text += " The gap is not yet explained."
@@ -264,18 +266,7 @@ def explain_gaps(main: dict) -> list[str]:
             f"Step time: GNDPO is not slower ({fmt(g['step_time_median'])} s vs {fmt(d['step_time_median'])} s "
             f"median, {pct(g['step_time_median'], d['step_time_median'])}): the target (GNDPO <= Distillation) is met."
         )
-    gen_g, gen_d = generation_median(g), generation_median(d)
-    if gen_d > 0 and abs(gen_g / gen_d - 1) > 0.05:
-        out.append(
-            f"**Generation, the same work in both trainers, ran at different speeds**: {fmt(gen_g)} s/step in "
-            f"GNDPO's processes and {fmt(gen_d)} s/step in DistillationTrainer's (medians, {pct(gen_g, gen_d)}; "
-            "per step in results.json). Why is not established: either this machine ran the processes at different "
-            "speeds (the rounds table shows how much generation varies between processes of one trainer) or "
-            "something in GNDPO's process slows the student's sampling. If it is the machine, scaling each step time "
-            "by its generation time puts GNDPO's step at "
-            f"{fmt(ratio(speed_adjusted(g, d), d['step_time_median']))}x DistillationTrainer's instead of "
-            f"{fmt(ratio(g['step_time_median'], d['step_time_median']))}x; more `--rounds` narrow this down."
-        )
+    out += explain_generation(g, d, probe_check)
     if g["completion_tokens_per_s"] < d["completion_tokens_per_s"]:
         out.append(
             f"**Tokens per second: GNDPO is lower** ({fmt(g['completion_tokens_per_s'])} vs "
@@ -307,14 +298,199 @@ def explain_gaps(main: dict) -> list[str]:
                     "(positions x 32,768-column) float32 tile per call and, on this CPU, covers every prompt and "
                     "completion position (see the vocabulary-projection count)."
                 )
-        text += (
-            " How these phase peaks combine into the process-level peak (which the allocator's reuse of freed memory "
-            "also shapes) is not established: the process-level difference is not yet explained beyond this split."
-        )
+        text += " " + explain_rss_peak(g, d)
         out.append(text)
     else:
         out.append(f"Memory: GNDPO's {label} is not higher ({mib(gm)} vs {mib(dm)} MiB, {pct(gm, dm)}).")
     return out
+
+
+def _check_records(probe_check: dict | None, mode: str) -> dict:
+    return {t: r for t, r in ((probe_check or {}).get(mode) or {}).items() if ok(r)}
+
+
+def explain_generation(g: dict, d: dict, probe_check: dict | None) -> list[str]:
+    """Generation is the same work in every trainer: its speed in the two processes, and what the probe check shows
+    (the same work with the memory probes off, and with the former uncapped heap sampler)."""
+    gen_g, gen_d = generation_median(g), generation_median(d)
+    off, uncapped = _check_records(probe_check, "off"), _check_records(probe_check, "uncapped")
+
+    def close(a: float, b: float) -> bool:
+        return b > 0 and abs(a / b - 1) <= 0.05
+
+    same = close(gen_g, gen_d)
+    text = (
+        f"**Generation, the same work in both trainers**: {fmt(gen_g)} s/step in GNDPO's processes and "
+        f"{fmt(gen_d)} s/step in DistillationTrainer's (medians, {pct(gen_g, gen_d)}"
+        + (", within 5%)." if same else "; per step in results.json).")
+    )
+    have_off = "gndpo" in off and "distillation" in off
+    have_uncapped = "gndpo" in uncapped and "distillation" in uncapped
+    if have_uncapped:
+        ug, ud = uncapped["gndpo"], uncapped["distillation"]
+        og, od = ug["memory_probe_overhead"], ud["memory_probe_overhead"]
+        gu, du = generation_median(ug), generation_median(ud)
+        text += (
+            f" With the heap sampler uncapped (a read every 2 ms whatever it costs, as this benchmark sampled "
+            f"before): generation {fmt(gu)} vs {fmt(du)} s/step ({pct(gu, du)}), step {fmt(ug['step_time_median'])} "
+            f"vs {fmt(ud['step_time_median'])} s ({fmt(ratio(ug['step_time_median'], ud['step_time_median']))}x); "
+            f"a read (glibc's `mallinfo2`, which walks every free chunk of every arena under the arena's lock, and "
+            f"the RSS) took {1e3 * og['sampler_mean_s']:.2g} ms of wall time in GNDPO's process and "
+            f"{1e3 * od['sampler_mean_s']:.2g} ms in DistillationTrainer's, so the sampler was busy "
+            f"{100 * og['sampler_share']:.0f}% and {100 * od['sampler_share']:.0f}% of the time, beside "
+            f"{g['machine']['torch_threads']} torch thread(s) on {g['machine']['cpu_cores']} cores."
+        )
+    if have_off:
+        fg, fd = off["gndpo"], off["distillation"]
+        go, do = generation_median(fg), generation_median(fd)
+        text += (
+            f" With the memory probes off: generation {fmt(go)} vs {fmt(do)} s/step ({pct(go, do)}), step "
+            f"{fmt(fg['step_time_median'])} vs {fmt(fd['step_time_median'])} s "
+            f"({fmt(ratio(fg['step_time_median'], fd['step_time_median']))}x, against "
+            f"{fmt(ratio(g['step_time_median'], d['step_time_median']))}x in the main runs)."
+        )
+        slower_off = go > 1.05 * do
+        if have_uncapped and gu > 1.05 * du and not slower_off:
+            text += (
+                " Measured cause of the generation gap this benchmark reported before: its own heap sampler. "
+                "Uncapped, it slows GNDPO's generation more than DistillationTrainer's (a read takes longer on "
+                "GNDPO's heap, see the read times above, and reads take CPU time and the allocator's lock from the "
+                "training threads); without probes GNDPO's generation is not slower. "
+                "The sampler now sleeps at least 49 times its last read (at most 2% of the wall time), as in the "
+                "main runs above."
+            )
+        elif not slower_off:
+            text += " Without probes GNDPO's generation is not slower: nothing GNDPO-specific here."
+        else:
+            text += (
+                " Without probes GNDPO's generation is still more than 5% slower; whether that is variation between "
+                "processes (each check is one process) or GNDPO's is not established; scaling each step time by its "
+                f"generation time puts GNDPO's step at {fmt(ratio(speed_adjusted(g, d), d['step_time_median']))}x "
+                "DistillationTrainer's."
+            )
+        floor, floor_off = (probe_check or {}).get("floor"), off.get("grpo")
+        if ok(floor) and floor_off is not None:
+            text += (
+                f" The check runs are single processes at another time than the main runs: GRPO's generation, the "
+                f"same work again, took {fmt(generation_median(floor))} s/step in the main runs and "
+                f"{fmt(generation_median(floor_off))} s/step in its check run without probes, which shows how much "
+                "the machine's speed drifts between runs."
+            )
+    elif not same:
+        text += (
+            " Why is not established here (run with `--probe-check` to compare with the memory probes off): "
+            "scaling each step time by its generation time puts GNDPO's step at "
+            f"{fmt(ratio(speed_adjusted(g, d), d['step_time_median']))}x DistillationTrainer's instead of "
+            f"{fmt(ratio(g['step_time_median'], d['step_time_median']))}x."
+        )
+    return [text] if (not same or have_off or have_uncapped) else []
+
+
+def _where(peak: dict) -> str:
+    phase = peak.get("phase")
+    if phase == "step":
+        phase = "optim + rest"
+    elif phase == "outside":
+        phase = "between optimizer steps"
+    else:
+        phase = PHASE_LABELS.get(phase, phase)
+    return f"{phase} of optimizer step {peak['step']}" if peak.get("step") else f"{phase}, outside training steps"
+
+
+def explain_rss_peak(g: dict, d: dict) -> str:
+    """Where each process's RSS peaked (sampled with the heap), and how much of the difference is heap in use."""
+    pg, pd = g.get("rss_peak_sampled"), d.get("rss_peak_sampled")
+    if not (pg and pd):
+        return (
+            "How these phase peaks combine into the process-level peak is not established (this run did not sample "
+            "the RSS)."
+        )
+    d_rss, d_heap = g["peak_rss_bytes"] - d["peak_rss_bytes"], pg["heap"] - pd["heap"]
+    text = (
+        f"Where the RSS peaked (sampled with the heap, every boundary and sampler read): GNDPO at {mib(pg['rss'])} "
+        f"MiB in {_where(pg)}, with {mib(pg['heap'])} MiB of heap in use; DistillationTrainer at {mib(pd['rss'])} "
+        f"MiB in {_where(pd)}, with {mib(pd['heap'])} MiB in use (the kernel's peaks: {mib(g['peak_rss_bytes'])} "
+        f"and {mib(d['peak_rss_bytes'])} MiB). At the two peaks the heap in use differs by {mib(d_heap)} MiB, "
+        f"the peak RSS by {mib(d_rss)} MiB."
+    )
+    if d_rss > 0 and abs(d_heap - d_rss) <= max(0.25 * d_rss, 2 * MIB):
+        text += " The RSS difference is the heap in use at the peak: " + (
+            "GNDPO's loss forward and backward run TRL's fused head over every prompt and completion position "
+            "(see the vocabulary-projection count), whose saved activations and tiles make the extra heap."
+            if pg.get("phase") in ("backward", "loss_forward") and not g.get("fused_head_compact")
+            else "the memory GNDPO's phases hold at that moment."
+        )
+    else:
+        missed = [
+            f"{name}'s by {mib(r['peak_rss_bytes'] - peak['rss'])} MiB"
+            for name, r, peak in (("GNDPO", g, pg), ("DistillationTrainer", d, pd))
+            if r["peak_rss_bytes"] - peak["rss"] > 0.01 * r["peak_rss_bytes"]
+        ]
+        text += (
+            " The two do not match: the process-level difference also holds memory the allocator keeps after frees "
+            "(RSS that is not heap in use)"
+            + (
+                f", and the sampled peaks fall short of the kernel's ({', '.join(missed)}: the peak came between two "
+                "reads)"
+                if missed
+                else ""
+            )
+            + "; which phase makes the process-level difference is not established."
+        )
+    return text
+
+
+def probe_check_rows(entry: dict) -> list[list[str]]:
+    """Step and generation times with the capped memory probes (main runs), without probes, with the uncapped
+    sampler."""
+    main, check = entry["main"], entry.get("probe_check") or {}
+    rows = []
+    for mode, label in (("main", "capped (main runs)"), ("off", "off"), ("uncapped", "uncapped, every 2 ms")):
+        records = main if mode == "main" else check.get(mode) or {}
+        for t, r in _records(records):
+            if not ok(r):
+                rows.append([label, LABELS[t], "failed: " + r.get("error", "?"), "", "", "", "", ""])
+                continue
+            o = r.get("memory_probe_overhead") or {}
+            probes = o.get("memory_probes", True)
+            rows.append(
+                [
+                    label,
+                    LABELS[t],
+                    fmt(r["step_time_median"]),
+                    fmt(generation_median(r)),
+                    f"{o.get('sampler_reads', 0):,}" if probes else "-",
+                    f"{1e3 * o.get('sampler_mean_s', 0):.3g}" if probes and o.get("sampler_reads") else "-",
+                    f"{100 * o.get('sampler_share', 0):.1f}%" if probes else "-",
+                    f"{1e3 * o.get('boundary_mean_s', 0):.3g}" if probes and o.get("boundary_reads") else "-",
+                ]
+            )
+    return rows
+
+
+def render_probe_check(entry: dict) -> list[str]:
+    return [
+        "### What the memory probes cost (`--probe-check`)",
+        "",
+        "The main comparison once more per trainer with the CPU memory probes off (timings only), and for GNDPO and "
+        "DistillationTrainer with the heap sampler uncapped (a read every 2 ms whatever it costs, as this benchmark "
+        "sampled before). Each check is one process per trainer, so between-process variation applies.",
+        "",
+        table(
+            [
+                "memory probes",
+                "trainer",
+                "step time median (s)",
+                "generation median (s/step)",
+                "sampler reads",
+                "mean read (ms of wall time)",
+                "sampler busy (share of wall time)",
+                "mean boundary read (ms)",
+            ],
+            probe_check_rows(entry),
+        ),
+        "",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -463,7 +639,10 @@ def render_size(entry: dict) -> str:
         "### GNDPO vs DistillationTrainer: gaps and their measured causes",
         "",
     ]
-    lines += [f"- {text}" for text in explain_gaps(main)] + [""]
+    check = dict(entry["probe_check"], floor=main.get("grpo")) if entry.get("probe_check") else None
+    lines += [f"- {text}" for text in explain_gaps(main, check)] + [""]
+    if entry.get("probe_check"):
+        lines += render_probe_check(entry)
     if entry.get("scaling"):
         lines += render_scaling(entry)
     if entry.get("variants"):
@@ -736,9 +915,13 @@ METHOD = """## How it is measured
   divided by the median step time.
 - **Memory.** Headline: the process's peak RSS (`getrusage`), or CUDA max allocated when a GPU is used. Per phase:
   the peak of the memory in use while the phase is the innermost one, minus its value when the phase began (CPU:
-  glibc's bytes in live allocations from `mallinfo2`, sampled every 2 ms and at every phase boundary, which falls
-  when a tensor is freed, unlike RSS; GPU: `max_memory_allocated`, reset at every boundary). On CPU a phase lasting
-  only a few milliseconds (tiny size) may peak between two samples, so its figure is a lower bound.
+  glibc's bytes in live allocations from `mallinfo2`, which falls when a tensor is freed, unlike RSS, read at every
+  phase boundary and by a sampling thread; GPU: `max_memory_allocated`, reset at every boundary). On CPU a phase
+  lasting only a few milliseconds (tiny size) may peak between two samples, so its figure is a lower bound. A
+  `mallinfo2` read walks every free chunk of the allocator under its lock and takes milliseconds on a large heap,
+  more on some trainers' heaps than others', so the sampler reads every 2 ms but sleeps at least 49 times its last
+  read (at most 2% of the wall time); the probes' own time is recorded per run (`memory_probe_overhead`), and
+  `--probe-check` measures the step with the probes off and with the former uncapped sampler.
 - **Counts.** Teacher backbone calls and rows come from a forward pre-hook on the teacher's backbone; scoring passes
   from the wrapped methods; vocabulary-head rows from rebinding, inside the worker process only, the names under
   which TRL's trainers call their two vocabulary kernels (`trl.trainer.utils._ChunkedLogProbFunction`,

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ sys.path.insert(0, str(HERE))
 
 from models import GPU_PAIRS, QWEN_VOCAB, SIZES  # noqa: E402
 from report import TRAINERS, ok, print_summary, render  # noqa: E402
+from worker import step_summary  # noqa: E402
 
 VOCAB_SWEEP = (320, 32_768, QWEN_VOCAB)
 
@@ -161,6 +161,8 @@ def base_spec(args) -> dict:
         spec[key] = defaults[key] if value is None else value
     if args.sample_interval is not None:
         spec["sample_interval"] = args.sample_interval
+    if args.sample_duty is not None:
+        spec["sample_duty"] = args.sample_duty
     if args.cpu:
         spec["cpu"] = True
     if args.size == "gpu-qwen" and not args.shrink:
@@ -242,6 +244,19 @@ def measure(args, spec: dict, logdir: Path) -> dict:
     compared = [t for t in ("gndpo", "distillation") if t in trainers]
     short = max(1, spec["steps"] - 1)  # measured steps of the extra runs unless given
 
+    if args.probe_check:
+        # What the CPU memory probes cost: each trainer once more without them (timings only), and GNDPO and
+        # DistillationTrainer once with the sampler reading the heap every 2 ms whatever a read costs (no duty cap)
+        print(f"[{args.size}] timing check of the memory probes: off ({', '.join(trainers)}), uncapped sampler")
+        check = dict(spec, steps=spec["steps"] * args.rounds)  # as many measured steps as the pooled rounds
+        entry["probe_check"] = {
+            "off": {t: run(dict(check, trainer=t, memory_probes=False), f"probes-off-{t}") for t in trainers},
+            "uncapped": {
+                t: run(dict(check, trainer=t, sample_duty=1.0, sample_interval=0.002), f"probes-uncapped-{t}")
+                for t in compared
+            },
+        }
+
     if args.scaling:
         print(f"[{args.size}] scaling: completion length and batch size doubled")
         entry["scaling"] = []
@@ -300,25 +315,11 @@ def combine_rounds(records: list[dict]) -> dict:
         failed = next(r for r in records if "error" in r)
         return dict(failed, rounds=[round_summary(r) if "error" not in r else {"error": r["error"]} for r in records])
     steps = [s for r in good for s in r["per_step"]]
-    totals = [s["total"] for s in steps]
-    combined = dict(good[0])
-    median = statistics.median(totals)
-    phases = {p: sum(s["time"].get(p, 0.0) for s in steps) / len(steps) for p in good[0]["phases_mean"]}
     completion = sum(r["completion_tokens_per_step"] * r["steps_measured"] for r in good) / len(steps)
     prompt = sum(r["prompt_tokens_per_step"] * r["steps_measured"] for r in good) / len(steps)
+    combined = dict(good[0])
     combined.update(
-        per_step=steps,
-        step_times=totals,
-        steps_measured=len(steps),
-        step_time_median=median,
-        step_time_mean=sum(totals) / len(totals),
-        step_time_min=min(totals),
-        step_time_max=max(totals),
-        phases_mean=phases,
-        completion_tokens_per_step=completion,
-        prompt_tokens_per_step=prompt,
-        completion_tokens_per_s=completion / median,
-        tokens_per_s=(completion + prompt) / median,
+        step_summary(steps, completion, prompt),
         other_processes_cpu_share=max(r["other_processes_cpu_share"] for r in good),
         attempts=sum(r.get("attempts", 1) for r in good) - len(good) + 1,
         rounds=[round_summary(r) for r in good],
@@ -425,6 +426,17 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--sample-interval", type=float, help="CPU memory sampling interval in seconds")
+    parser.add_argument(
+        "--sample-duty",
+        type=float,
+        help="most of the wall time the CPU memory sampler may spend reading (default 0.02)",
+    )
+    parser.add_argument(
+        "--probe-check",
+        action="store_true",
+        help="also run each trainer once with the CPU memory probes off, and GNDPO and DistillationTrainer once with "
+        "an uncapped 2 ms heap sampler, to measure what the probes cost in step time",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per worker process")
     parser.add_argument(
         "--busy-retries",

@@ -23,6 +23,15 @@ minus its value at the phase's start: on CPU, glibc's heap in use (``mallinfo2``
 which, unlike RSS, falls when a tensor is freed), read by a sampling thread every ``sample_interval`` seconds and at
 every phase boundary (RSS where ``mallinfo2`` is missing); on CUDA, ``max_memory_allocated`` (the peak statistic is
 reset at each phase boundary and folded into the enclosing phases).
+
+``mallinfo2`` is not free: it walks every free chunk of every glibc arena while holding the arena's lock, about
+0.05 ms on the tiny size's heap and 0.5-1.3 ms on the SmolLM2 size's (about 20,000 free chunks), and its cost differs
+between processes with the heap's layout. Read every 2 ms regardless, it took a third or more of a core from a
+process whose torch threads fill the machine, and slowed even generation (the same work in every trainer) unequally
+between trainers. The sampler therefore keeps its own share of the wall time under ``sample_duty`` (it sleeps at least
+``(1 / sample_duty - 1)`` times its last read), and the worker records the time the probes spent reading memory
+(``memory_probe_overhead``). ``memory_probes=False`` in the spec turns all CPU memory reads off (timings only), which
+``run.py --probe-check`` uses to measure what the probes cost.
 """
 
 from __future__ import annotations
@@ -112,20 +121,28 @@ class Probe:
     phase's memory is not charged to its parent). Times are exclusive: a nested phase's time is subtracted.
     """
 
-    def __init__(self, device, sample_interval: float = 0.002):
+    def __init__(self, device, sample_interval: float = 0.002, sample_duty: float = 0.02, memory: bool = True):
         import torch
 
         self.torch = torch
         self.cuda = device.type == "cuda"
         self.device = device
+        # CPU memory reads can be turned off (timings only); CUDA statistics cost nothing and stay on
+        self.memory = memory or self.cuda
+        self.sample_duty = sample_duty
+        # time spent reading CPU memory: by the sampling thread, and on the main thread at phase boundaries
+        self.overhead = {"sampler_reads": 0, "sampler_s": 0.0, "boundary_reads": 0, "boundary_s": 0.0}
         self.frames: list[_Frame] = []
         self.lock = threading.Lock()
         self.step = None  # the current optimizer step's record
         self.steps: list[dict] = []
         self.outside = self._new_record()  # anything measured outside a step window (should stay empty)
         self.overall_peak = 0
+        # where the process's RSS peaked (sampled with the heap): phase, optimizer step, RSS and heap in use then
+        self.rss_peak = {"rss": 0}
         self._stop = threading.Event()
-        if not self.cuda:
+        self._started = time.perf_counter()
+        if not self.cuda and self.memory:
             self._thread = threading.Thread(target=self._sample, args=(sample_interval,), daemon=True)
             self._thread.start()
 
@@ -144,9 +161,24 @@ class Probe:
         self._stop.set()
         self.sync()
         self._fold_peak()
+        self.overhead["wall_s"] = time.perf_counter() - self._started
 
-    def _update(self, value: int) -> None:
+    def overhead_summary(self) -> dict:
+        """The probes' own cost: reads, seconds, and the sampler's share of the wall time since the probe started."""
+        out = dict(self.overhead)
+        wall = out.get("wall_s") or (time.perf_counter() - self._started)
+        out["sampler_share"] = out["sampler_s"] / wall if wall > 0 else 0.0
+        out["boundary_mean_s"] = out["boundary_s"] / out["boundary_reads"] if out["boundary_reads"] else 0.0
+        out["sampler_mean_s"] = out["sampler_s"] / out["sampler_reads"] if out["sampler_reads"] else 0.0
+        out["memory_probes"] = self.memory
+        return out
+
+    def _update(self, value: int, rss: int | None = None) -> None:
         with self.lock:
+            if rss is not None and rss > self.rss_peak["rss"]:
+                step = len(self.steps) + 1 if self.step is not None else None  # 1-based, warm-up included
+                phase = self.frames[-1].name if self.frames else "outside"
+                self.rss_peak = {"rss": rss, "heap": value, "phase": phase, "step": step}
             self.overall_peak = max(self.overall_peak, value)
             for frame in self.frames:
                 if value > frame.peak:
@@ -155,30 +187,43 @@ class Probe:
                 self.frames[-1].own_peak = value
 
     def _sample(self, interval):
+        # sleep at least (1 / duty - 1) times the last read, so the sampler's share of the wall time stays <= duty
+        stretch = 1.0 / self.sample_duty - 1.0
         while not self._stop.is_set():
-            self._update(cpu_memory_bytes())
-            time.sleep(interval)
+            t0 = time.perf_counter()
+            value, rss = cpu_memory_bytes(), rss_bytes()
+            cost = time.perf_counter() - t0
+            self.overhead["sampler_reads"] += 1
+            self.overhead["sampler_s"] += cost
+            self._update(value, rss)
+            time.sleep(max(interval, cost * stretch))
 
     def sync(self):
         if self.cuda:
             for index in range(self.torch.cuda.device_count()):
                 self.torch.cuda.synchronize(index)
 
-    def _memory_now(self) -> int:
-        return self.torch.cuda.memory_allocated(self.device) if self.cuda else cpu_memory_bytes()
+    def _cpu_read(self) -> int:
+        t0 = time.perf_counter()
+        value, rss = cpu_memory_bytes(), rss_bytes()
+        self.overhead["boundary_reads"] += 1
+        self.overhead["boundary_s"] += time.perf_counter() - t0
+        self._update(value, rss)
+        return value
 
-    def _fold_peak(self):
-        """At a phase boundary: charge the peak since the last boundary to the open phases (CUDA: then reset it)."""
+    def _fold_peak(self) -> int:
+        """At a phase boundary: charge the peak since the last boundary to the open phases (CUDA: then reset it).
+        Returns the memory in use now (0 with the CPU memory probes off)."""
         if self.cuda:
             self._update(self.torch.cuda.max_memory_allocated(self.device))
             self.torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._update(cpu_memory_bytes())
+            return self.torch.cuda.memory_allocated(self.device)
+        return self._cpu_read() if self.memory else 0
 
     def push(self, name: str) -> _Frame:
         self.sync()
-        self._fold_peak()
-        frame = _Frame(name, time.perf_counter(), self._memory_now())
+        now = self._fold_peak()
+        frame = _Frame(name, time.perf_counter(), now)
         with self.lock:
             self.frames.append(frame)
         return frame
@@ -543,14 +588,33 @@ def machine(device) -> dict:
     return info
 
 
-def summarize(spec: dict, probe: Probe, result: dict) -> dict:
+def step_summary(steps: list[dict], completion_tokens: float, prompt_tokens: float) -> dict:
+    """Step-time figures of measured optimizer steps (one process's, or several rounds' pooled): median, mean, min,
+    max, the mean time of each phase, and tokens per second (tokens per step divided by the median step time)."""
     import statistics
 
+    totals = [s["total"] for s in steps]
+    median = statistics.median(totals)
+    return dict(
+        per_step=steps,
+        steps_measured=len(steps),
+        step_times=totals,
+        step_time_median=median,
+        step_time_mean=sum(totals) / len(totals),
+        step_time_min=min(totals),
+        step_time_max=max(totals),
+        phases_mean={p: sum(s["time"].get(p, 0.0) for s in steps) / len(steps) for p in PHASES},
+        completion_tokens_per_step=completion_tokens,
+        prompt_tokens_per_step=prompt_tokens,
+        completion_tokens_per_s=completion_tokens / median,
+        tokens_per_s=(completion_tokens + prompt_tokens) / median,
+    )
+
+
+def summarize(spec: dict, probe: Probe, result: dict) -> dict:
     measured = probe.steps[spec["warmup"] :]
     if not measured:
         raise RuntimeError(f"no measured step: {len(probe.steps)} steps ran, warm-up {spec['warmup']}")
-    totals = [s["total"] for s in measured]
-    median = statistics.median(totals)
     counters = defaultdict(int)  # measured steps: tokens per step
     for step in measured:
         for k, v in step["counters"].items():
@@ -563,7 +627,6 @@ def summarize(spec: dict, probe: Probe, result: dict) -> dict:
             everything[k] += v
     n_steps, n_all = len(measured), len(probe.steps)
     batches = everything["generation_batches"]
-    phases = {p: sum(s["time"].get(p, 0.0) for s in measured) / n_steps for p in PHASES}
     peak_delta = {p: max(s["peak_delta"].get(p, 0) for s in measured) for p in (*PHASES, "step")}
     own_peak_delta = {p: max(s["own_peak_delta"].get(p, 0) for s in measured) for p in PHASES}
     peak = {p: max(s["peak"].get(p, 0) for s in measured) for p in (*PHASES, "step")}
@@ -571,17 +634,7 @@ def summarize(spec: dict, probe: Probe, result: dict) -> dict:
     prompt_tokens = counters["prompt_tokens"] / n_steps
     per_batch = (lambda key: everything[key] / batches) if batches else (lambda key: math.nan)
     result.update(
-        steps_measured=n_steps,
-        step_times=totals,
-        step_time_median=median,
-        step_time_mean=sum(totals) / n_steps,
-        step_time_min=min(totals),
-        step_time_max=max(totals),
-        phases_mean=phases,
-        completion_tokens_per_step=completion_tokens,
-        prompt_tokens_per_step=prompt_tokens,
-        completion_tokens_per_s=completion_tokens / median,
-        tokens_per_s=(completion_tokens + prompt_tokens) / median,
+        step_summary(measured, completion_tokens, prompt_tokens),
         generation_batches_per_step=batches / n_all,
         optimizer_steps_per_generation_batch=n_all / batches if batches else math.nan,
         micro_steps_per_step=everything["micro_steps"] / n_all,
@@ -594,7 +647,6 @@ def summarize(spec: dict, probe: Probe, result: dict) -> dict:
         phase_peak_delta_bytes=peak_delta,
         phase_own_peak_delta_bytes=own_peak_delta,
         phase_peak_bytes=peak,
-        per_step=measured,
         outside_steps={k: dict(v) for k, v in probe.outside.items()},
     )
     return result
@@ -628,7 +680,12 @@ def main(spec_path: str, out_path: str) -> None:
     teacher_fp = None if built["teacher"] is None else fingerprint(built["teacher"])
     trainer = make_trainer(spec, built, device, os.path.join(workdir, "out"))
     del built["student"], built["teacher"]
-    probe = Probe(device, spec.get("sample_interval", 0.002))
+    probe = Probe(
+        device,
+        spec.get("sample_interval", 0.002),
+        spec.get("sample_duty", 0.02),
+        memory=spec.get("memory_probes", True),
+    )
     instrument(trainer, probe, spec["trainer"])
     setup_s = time.perf_counter() - t0
     if device.type == "cuda":
@@ -650,6 +707,8 @@ def main(spec_path: str, out_path: str) -> None:
         "rss_split_after_setup_bytes": split_setup,
         "rss_split_at_end_bytes": rss_split(),
         "phase_memory_kind": "cuda_max_allocated" if device.type == "cuda" else CPU_MEMORY_KIND,
+        "memory_probe_overhead": probe.overhead_summary(),
+        "rss_peak_sampled": probe.rss_peak if probe.rss_peak["rss"] else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "versions": versions(),
         "machine": machine(device),
