@@ -12,7 +12,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from test_trainer import IMAGE_KEYS, changed, record_batches, snapshot
+from test_trainer import IMAGE_KEYS, changed, snapshot
 from tiny_models import VLM_FAMILIES, make_image, make_text_dataset, make_text_model, make_tokenizer, make_vlm
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
@@ -45,6 +45,18 @@ def build(family, cpu_config_kwargs, peft_config=None, **overrides):
     return trainer, teacher, processor
 
 
+def record_batches(trainer) -> list[dict]:
+    """Keep every generation batch the trainer hands to its loss."""
+    batches, generate = [], trainer._generate_and_score_completions
+
+    def spy(inputs):
+        batches.append(generate(inputs))
+        return batches[-1]
+
+    trainer._generate_and_score_completions = spy
+    return batches
+
+
 def unpadded(ids, mask):
     return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
 
@@ -66,24 +78,25 @@ def kl(log_a, log_b):
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_vgs_trains_each_qwen_vl_family_on_an_aligned_text_view(family, cpu_config_kwargs):
     trainer, teacher, processor = build(family, cpu_config_kwargs)
-    scored = []
-    teacher.register_forward_pre_hook(lambda module, args, kwargs: scored.append(kwargs), with_kwargs=True)
+    calls = []
+    teacher.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
     records = record_batches(trainer)
     before, teacher_before = snapshot(trainer.model), snapshot(teacher)
     trainer.train()
     assert changed(before, trainer.model) and not changed(teacher_before, teacher)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
-    # the teacher runs twice per generation batch: the image view (with pixels) and the text-only view (without)
-    teacher_passes = [kwargs for kwargs in scored if kwargs.get("fused_lm_head")]
-    assert len(teacher_passes) == 2 * len(records) == 4
-    assert all("pixel_values" in kw for kw in teacher_passes[::2])
-    assert not any(key in kw for kw in teacher_passes[1::2] for key in IMAGE_KEYS)
+    # the teacher's backbone runs twice per generation batch: the image view (with pixels, through the fused
+    # log-prob head) and the text-only view (hidden states only, no image input of any kind)
+    image_view = [kwargs for kwargs in calls if kwargs.get("pixel_values") is not None]
+    text_view = [kwargs for kwargs in calls if kwargs.get("pixel_values") is None]
+    assert len(image_view) == len(text_view) == len(records) == 2
+    assert not any(kwargs.get(key) is not None for kwargs in text_view for key in IMAGE_KEYS)
 
     tokenizer = processor.tokenizer
     start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
     backbone = teacher.model
-    for batch, _, _ in records:
+    for batch in records:
         image_prompts = unpadded(batch["prompt_ids"], batch["prompt_mask"])
         text_prompts = unpadded(batch["vgs_text_prompt_ids"], batch["vgs_text_prompt_mask"])
         assert len({len(p) for p in text_prompts}) > 1, "prompts of different lengths"
@@ -114,7 +127,7 @@ def test_vgs_loss_equals_its_definition_from_float64_logits(cpu_config_kwargs):
     )
     records = record_batches(trainer)
     trainer.train()
-    batch = records[-1][0]
+    batch = records[-1]
     student = trainer.model
     with torch.no_grad():
         loss = trainer._compute_loss(student, batch).double()

@@ -395,17 +395,13 @@ class GNDPOTrainer(GRPOTrainer):
         ids = [torch.as_tensor(row) for row in tokenized["input_ids"]]
         prompt_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
         prompt_mask = pad([torch.ones_like(row) for row in ids], padding_value=0, padding_side="left").to(device)
-        completion_length = batch["completion_ids"].size(1)
-        # no image inputs: the model derives the text-only rotary positions (Qwen's 3-D ones) from these ids itself
-        args = (
-            torch.cat([prompt_ids, batch["completion_ids"]], 1),
-            torch.cat([prompt_mask, batch["completion_mask"]], 1),
-            completion_length,
-        )
+        ids = torch.cat([prompt_ids, batch["completion_ids"]], 1)
+        mask = torch.cat([prompt_mask, batch["completion_mask"]], 1)
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        with _capture_completion_states(self.teacher_model, completion_length) as text_states:
-            self._teacher_log_probs(args, {"batch_size": batch_size})
-        text_states = torch.cat(text_states).to(device)
+        with torch.no_grad(), self._placed_teacher() as place, self.accelerator.autocast():
+            text_states = _completion_states(
+                self.teacher_model, ids.to(place), mask.to(place), batch["completion_ids"].size(1), batch_size
+            ).to(device)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         head, rows = teacher.get_output_embeddings(), self._vocab_rows()
         vds = V.visual_dependency_scores(
@@ -444,17 +440,23 @@ class GNDPOTrainer(GRPOTrainer):
             (student.get_base_model() if is_peft_model(student) else student).get_output_embeddings().weight.shape[0]
         )
 
-    def _teacher_log_probs(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The teacher's scoring pass, on its own device (`teacher_device`) or moved in for it (`teacher_offload`)."""
+    @contextmanager
+    def _placed_teacher(self):
+        """The teacher on its scoring device, yielded: its own (`teacher_device`), or moved in (`teacher_offload`)."""
         if self.args.teacher_offload:
             self.teacher_model.to(self.accelerator.device)
-        device = next(self.teacher_model.parameters()).device
-        if device != self.accelerator.device:
+        try:
+            yield next(self.teacher_model.parameters()).device
+        finally:
+            if self.args.teacher_offload:
+                self.teacher_model.to("cpu")
+
+    def _teacher_log_probs(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The teacher's scoring pass, on its scoring device; log-probs come back on the training device."""
+        with self._placed_teacher() as device:
             args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
             kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        logps, _, _ = self._get_per_token_logps_and_entropies(self.teacher_model, *args, **kwargs)
-        if self.args.teacher_offload:
-            self.teacher_model.to("cpu")
+            logps, _, _ = self._get_per_token_logps_and_entropies(self.teacher_model, *args, **kwargs)
         return logps.to(self.accelerator.device)
 
     def _log_token_statistics(self, metrics, mask, finite, valid, student_logps, teacher_logps, signal, advantages):
@@ -685,20 +687,17 @@ class GNDPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         valid = (completion_mask * inputs["tool_mask"]).bool()
         gate, gamma = inputs["vgs_lp_gate"], inputs["vgs_gamma"]
-        # l_LP's gradient runs through this pass; without it, p_text only enters q*, detached
-        trains_text = self.args.vgs_lambda > 0 and self.model.training
-        # The second forward of this micro-step goes around the DDP wrapper, whose bookkeeping allows one forward per
+        # l_LP's gradient runs through this pass; without it, p_text only enters q*, detached. The pass needs hidden
+        # states only (no vocabulary head) and goes around the DDP wrapper, whose bookkeeping allows one forward per
         # backward; its gradients still reach the parameters, whose hooks reduce the sum of both views' gradients.
-        module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        with (
-            _capture_completion_states(model, completion_ids.size(1), detach=not trains_text) as student_text,
-            nullcontext() if trains_text else torch.no_grad(),
-        ):
-            self._get_per_token_logps_and_entropies(
-                module,
+        trains_text = self.args.vgs_lambda > 0 and self.model.training
+        with nullcontext() if trains_text else torch.no_grad(), self.accelerator.autocast():
+            student_text = _completion_states(
+                model,
                 torch.cat([inputs["vgs_text_prompt_ids"], completion_ids], 1),
                 torch.cat([inputs["vgs_text_prompt_mask"], completion_mask], 1),
                 completion_ids.size(1),
+                len(completion_ids),
             )
         student = self.accelerator.unwrap_model(model)
         student_head = (student.get_base_model() if is_peft_model(student) else student).get_output_embeddings()
@@ -706,7 +705,7 @@ class GNDPOTrainer(GRPOTrainer):
         rows, device = student_head.weight.shape[0], student_image.device
         l_std, l_vis, l_lp = V.vgs_divergences(
             student_image[valid],
-            torch.cat(student_text)[valid],
+            student_text[valid],
             inputs["vgs_teacher_image"][valid],
             inputs["vgs_teacher_text"][valid],
             student_head.weight,
@@ -779,22 +778,36 @@ def _capture_completion_states(model, completion_length: int, enabled: bool = Tr
     if not enabled:
         yield states
         return
-    unwrapped = model
-    while hasattr(unwrapped, "module"):  # DDP / DeepSpeed / accelerate wrappers
-        unwrapped = unwrapped.module
-    if is_peft_model(unwrapped):
-        unwrapped = unwrapped.get_base_model()
 
     def keep(module, args, output):
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         hidden = hidden[:, -completion_length - 1 : -1]
         states.append(hidden.detach() if detach else hidden)
 
-    handle = unwrapped.base_model.register_forward_hook(keep)
+    handle = _backbone(model).register_forward_hook(keep)
     try:
         yield states
     finally:
         handle.remove()
+
+
+def _backbone(model) -> torch.nn.Module:
+    """The decoder without its vocabulary head, under any DDP / DeepSpeed / accelerate wrapper and PEFT adapter."""
+    while hasattr(model, "module"):
+        model = model.module
+    return (model.get_base_model() if is_peft_model(model) else model).base_model
+
+
+def _completion_states(model, input_ids, attention_mask, completion_length: int, batch_size: int) -> torch.Tensor:
+    """Last hidden states at the positions that predict the completion tokens, from the backbone alone (no vocabulary
+    head), `batch_size` rows at a time. Text-only inputs: the model derives its (Qwen: 3-D) rotary positions itself."""
+    backbone = _backbone(model)
+    states = []
+    for start in range(0, len(input_ids), batch_size):
+        rows = slice(start, start + batch_size)
+        hidden = backbone(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).last_hidden_state
+        states.append(hidden[:, -completion_length - 1 : -1])
+    return torch.cat(states)
 
 
 def _reverse_kl_per_token(student, student_states, teacher, teacher_states) -> torch.Tensor:
