@@ -1,8 +1,8 @@
 """Visual Gradient Steering: extra time and peak memory per optimizer step, against plain GNDPO on the same batch.
 
     python benchmarks/vgs.py --size tiny         # the CI smoke size (tests/test_vgs_benchmark.py)
-    python benchmarks/vgs.py --size tiny --size qwen-vocab --rounds 2 \\
-        --json benchmarks/vgs_results.json --markdown benchmarks/VGS_RESULTS.md
+    python benchmarks/vgs.py --size qwen-vocab --rounds 1 --steps 2 \\
+        --json benchmarks/vgs_results.json --markdown benchmarks/VGS_RESULTS.md   # see benchmarks/README.md
 
 For each Qwen-VL family, GNDPOTrainer runs with `visual_gradient_steering` off and on, each in its own fresh process
 (rounds interleaved), on the same tiny student/teacher pair, image prompts, batch and seed. The learning rate is 0, so
@@ -100,6 +100,7 @@ def run_worker(spec: dict) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+    from peft import LoraConfig
     from tiny_models import install_video_processor_workaround, make_image_dataset, make_vlm
     from transformers import TrainerCallback
 
@@ -145,6 +146,9 @@ def run_worker(spec: dict) -> dict:
         train_dataset=make_image_dataset(n=prompts_needed),
         processing_class=processor,
         teacher_processing_class=teacher_processor,
+        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|v)_proj")
+        if spec["lora"]
+        else None,
     )
     memory = PeakMemory(device)
     steps_out, current = [], {}
@@ -262,10 +266,11 @@ def render(results: dict) -> str:
         __doc__.split("\n\n", 2)[2].strip(),
         "",
     ]
-    for size, entry in results.items():
-        spec = entry["spec"]
+    for entry in results.values():
+        spec, size = entry["spec"], entry["spec"]["size"]
+        lora = spec.get("lora", False)
         lines += [
-            f"## Size `{size}`",
+            f"## Size `{size}`" + (", student with LoRA" if lora else ""),
             "",
             f"Command: `{entry['command']}` ({entry['date']}).",
             "",
@@ -275,7 +280,9 @@ def render(results: dict) -> str:
             "",
             f"Models: tiny Qwen-VL pairs of each family, student text hidden {SIZES[size]['student'][0]} x "
             f"{SIZES[size]['student'][1]} layers, teacher {SIZES[size]['teacher'][0]} x {SIZES[size]['teacher'][1]}, "
-            f"vocabulary {entry['vocab_size']:,} rows, one 32x32 image per prompt, float32 on CPU. Work per optimizer "
+            f"vocabulary {entry['vocab_size']:,} rows, one 32x32 image per prompt, float32 on CPU"
+            + (", LoRA r=8 on the language model's q/v projections (head frozen)" if lora else ", full fine-tuning")
+            + f". Work per optimizer "
             f"step: {spec['batch_size'] * spec['grad_accum']} completions ({spec['batch_size']} per micro-step x "
             f"{spec['grad_accum']} micro-steps, {spec['num_generations']} per prompt) of exactly "
             f"{spec['completion_length']} tokens; median of {spec['steps']} steps after {spec['warmup']} warm-up, "
@@ -302,8 +309,15 @@ def render(results: dict) -> str:
             "view) and the VDS from both views' hidden states; one more student forward per micro-step (text-only "
             "view, with gradients for `l_LP`) and its backward; the four full-vocabulary distributions recomputed "
             "tile by tile in the VGS loss's forward and backward. Extra memory: the teacher's hidden states of both "
-            "views kept with the generation batch, the text-only pass's activations, and the divergence tiles (about "
-            "12 float32 tiles of up to 1,024 positions x 4,096 columns, independent of the vocabulary size).",
+            "views kept with the generation batch, the text-only pass's activations, the divergence tiles (about 12 "
+            "float32 tiles of up to 1,024 positions x 4,096 columns, independent of the vocabulary size)"
+            + (
+                "; with LoRA the head is frozen and gets no gradient."
+                if lora
+                else ", and VGS's own float32 gradient of the student's head (it trains here), which autograd adds to "
+                "the policy loss's: about 2 x vocabulary x hidden x 4 bytes at the peak "
+                f"({2 * entry['vocab_size'] * SIZES[size]['student'][0] * 4 / mib:.1f} MiB here; none with LoRA)."
+            ),
             "",
         ]
     return "\n".join(lines)
@@ -324,6 +338,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="merge the results into this file (one entry per size)")
     parser.add_argument("--markdown", type=Path, help="render every entry of --json into this file")
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (q/v projections) instead")
+    parser.add_argument("--render-only", action="store_true", help="re-render --markdown from --json, no runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -332,7 +348,7 @@ def main(argv=None) -> None:
         return
 
     results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
-    for size in args.size or ["tiny"]:
+    for size in [] if args.render_only else args.size or ["tiny"]:
         rows, records, started = {}, [], time.strftime("%Y-%m-%d %H:%M")
         for family in args.families:
             family_records = []
@@ -340,7 +356,7 @@ def main(argv=None) -> None:
                 for vgs in (False, True):
                     with tempfile.TemporaryDirectory() as tmp:
                         spec = dict(
-                            size=size, family=family, vgs=vgs, batch_size=args.batch_size,
+                            size=size, family=family, vgs=vgs, lora=args.lora, batch_size=args.batch_size,
                             grad_accum=args.grad_accum, num_generations=args.num_generations,
                             completion_length=args.completion_length, warmup=args.warmup, steps=args.steps,
                             threads=args.threads, seed=args.seed, output_dir=f"{tmp}/out", result=f"{tmp}/result.json",
@@ -355,7 +371,7 @@ def main(argv=None) -> None:
             rows[family] = summarize(family_records)
             records += family_records
         first = records[0]
-        results[size] = {
+        results[size + ("-lora" if args.lora else "")] = {
             "command": "python benchmarks/vgs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": started,
             "machine": machine(),
@@ -374,7 +390,7 @@ def main(argv=None) -> None:
                 f"(x{row['time_ratio']:.2f}); peak growth {row['gndpo']['peak_growth'] / 2**20:.1f} -> "
                 f"{row['vgs']['peak_growth'] / 2**20:.1f} MiB; same batches: {row['same_batches']}"
             )
-    if args.json:
+    if args.json and not args.render_only:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.markdown:
         args.markdown.write_text(render(results) + "\n")
