@@ -852,7 +852,9 @@ def render_vocab(entry: dict) -> list[str]:
         "The tiny student and teacher with their embedding and head raised to each vocabulary size (the extra ids "
         "are never in a prompt but can be sampled); otherwise the same work as the main comparison. TRL's kernels "
         "project a vocabulary 32,768 columns at a time, so scoring memory that is independent of the vocabulary "
-        "beyond one chunk shows as equal peaks at 32,768 and at Qwen's 151,936.",
+        "beyond one chunk shows as equal peaks at 32,768 and at Qwen's 151,936. The sweep measures memory, so its "
+        "workers sample the heap every 2 ms without the main comparison's duty cap (a capped sampler misses the "
+        "short scoring phases' peaks); their step times therefore include the sampler's cost.",
         "",
         table(
             [

@@ -293,7 +293,9 @@ def measure(args, spec: dict, logdir: Path) -> dict:
         entry["vocab_sweep"] = []
         for vocab in VOCAB_SWEEP:
             for t in compared:
-                point = dict(spec, trainer=t, vocab_size=vocab, steps=short)
+                # memory is what the sweep measures: the heap is sampled every 2 ms, uncapped, so short phases'
+                # peaks are not missed (its step times carry the sampler's cost)
+                point = dict(spec, trainer=t, vocab_size=vocab, steps=short, sample_duty=1.0, sample_interval=0.002)
                 entry["vocab_sweep"].append(run(point, f"vocab-{t}-{vocab}"))
     entry["finished"] = time.strftime("%Y-%m-%d %H:%M")
     entry["wall_s"] = time.perf_counter() - started
