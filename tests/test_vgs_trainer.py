@@ -209,3 +209,23 @@ def test_vgs_refuses_a_text_only_student(cpu_config_kwargs):
 def test_vgs_config_is_validated(field, value, cpu_config_kwargs):
     with pytest.raises(ValueError, match=field):
         GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, **{field: value}))
+
+
+def test_vgs_evaluates_without_training_the_text_view(cpu_config_kwargs):
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    teacher, _ = make_vlm("qwen2_vl", seed=1, hidden_size=128)
+    config = GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, per_device_eval_batch_size=4))
+    trainer = GNDPOTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=mixed_dataset(),
+        eval_dataset=mixed_dataset(4),
+        processing_class=processor,
+    )
+    before = snapshot(trainer.model)
+    metrics = trainer.evaluate()
+    assert not changed(before, trainer.model)
+    for name in ("std_kl", "visual_kl", "language_prior_kl", "vds_mean", "lp_token_frac", "loss"):
+        assert math.isfinite(metrics[f"eval_vgs/{name}"]), name
+    assert metrics["eval_vgs/std_kl"] > 0
