@@ -31,8 +31,8 @@ import torch
 
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 4096
-# float32 tiles alive at once in the forward and backward of `vgs_divergences` (5 logit tiles, the steered logits,
-# exponentials and their products); the peak is `TILE_FLOATS * rows * columns * 4` bytes.
+# float32 tiles alive at once in the forward and backward of `vgs_divergences` (the four views' logits, the steered
+# ones, their exponentials and products); the peak is `TILE_FLOATS * rows * columns * 4` bytes.
 TILE_FLOATS = 12
 
 
