@@ -214,10 +214,11 @@ CAUSE_HEAD_GPU = (
 )
 
 
-def explain_gaps(main: dict, probe_check: dict | None = None) -> list[str]:
+def explain_gaps(main: dict, probe_check: dict | None = None, entry: dict | None = None) -> list[str]:
     """Every metric where GNDPO is slower or heavier than DistillationTrainer, with its measured cause.
 
-    `probe_check`: the runs of `--probe-check` (memory probes off; uncapped heap sampler), when there are some."""
+    `probe_check`: the runs of `--probe-check` (memory probes off; uncapped heap sampler), when there are some;
+    `entry`: the size's whole entry, for the runs of `--memory-cause`."""
     g, d = main.get("gndpo"), main.get("distillation")
     if not (ok(g) and ok(d)):
         return ["GNDPO or DistillationTrainer failed in this run; no comparison."]
@@ -299,10 +300,218 @@ def explain_gaps(main: dict, probe_check: dict | None = None) -> list[str]:
                     "completion position (see the vocabulary-projection count)."
                 )
         text += " " + explain_rss_peak(g, d)
+        cause = memory_cause_findings(entry or {})
+        text += " " + (
+            cause["text"]
+            if cause
+            else "Not run here: the allocator and prompt-length check (`--memory-cause`) that measures the cause."
+        )
         out.append(text)
     else:
         out.append(f"Memory: GNDPO's {label} is not higher ({mib(gm)} vs {mib(dm)} MiB, {pct(gm, dm)}).")
     return out
+
+
+# `--memory-cause`: glibc settings under which every allocation of 128 KiB or more is its own mmap, unmapped when freed
+# (fixed thresholds turn off glibc's dynamic mmap threshold), and the heap's free top is trimmed: freed tensors leave
+# the RSS at once, so the peak RSS follows the peak of live memory instead of what the allocator keeps after frees
+RETURNING = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+ALLOCATOR_LABELS = {
+    "default": "glibc defaults",
+    "returning": "freed memory returned at once",
+}
+
+
+def _memory_cause_table(entry: dict) -> dict:
+    """{(allocator, prompt words added): {trainer: record}} of the `--memory-cause` runs that succeeded."""
+    out = {}
+    for r in entry.get("memory_cause", []):
+        if ok(r):
+            out.setdefault((r["allocator"], r["prompt_extra_words"]), {})[r["trainer"]] = r
+    return {k: v for k, v in out.items() if "gndpo" in v and "distillation" in v}
+
+
+def _rows_per_call(r: dict) -> float:
+    return r["head_rows_per_step"] / max(r["head_calls_per_step"], 1)
+
+
+def _kernel_slope(entry: dict) -> tuple[float, float, list] | None:
+    """(bytes of peak RSS per row, bytes of one float32 row of a tile, records) of TRL's fused-head kernel alone,
+    from the smallest and largest row counts measured, or None."""
+    runs = sorted((r for r in entry.get("head_kernel", []) if "error" not in r), key=lambda r: r["head_kernel_rows"])
+    if len(runs) < 2:
+        return None
+    lo, hi = runs[0], runs[-1]
+    slope = (hi["backward_peak_growth_bytes"] - lo["backward_peak_growth_bytes"]) / (
+        hi["head_kernel_rows"] - lo["head_kernel_rows"]
+    )
+    return slope, 4 * hi["chunk_columns"], runs
+
+
+def memory_cause_findings(entry: dict) -> dict | None:
+    """What the `--memory-cause` runs show about GNDPO's higher peak RSS: a sentence and the figures behind it."""
+    runs = _memory_cause_table(entry)
+    base = {a: runs.get((a, 0)) for a in ALLOCATOR_LABELS}
+    if not (base["default"] and base["returning"]):
+        return None
+    extra = max((w for _, w in runs), default=0)
+
+    def gap(pair):
+        return pair["gndpo"]["peak_rss_bytes"] - pair["distillation"]["peak_rss_bytes"]
+
+    gap_default, gap_returning = gap(base["default"]), gap(base["returning"])
+    kept = {
+        t: base["default"][t]["peak_rss_bytes"] - base["returning"][t]["peak_rss_bytes"]
+        for t in ("gndpo", "distillation")
+    }
+    parts = [
+        f"Measured cause (allocator and prompt-length check below): with glibc set to return freed memory to the "
+        f"kernel at once, GNDPO's peak RSS is {mib(gap_returning)} MiB above DistillationTrainer's, against "
+        f"{mib(gap_default)} MiB with glibc's defaults in the same check"
+    ]
+    if gap_returning > 0 and gap_returning >= 0.5 * gap_default:
+        parts.append(
+            f"so the gap is live memory, not memory the allocator keeps after frees (that retained memory raises "
+            f"DistillationTrainer's peak by {mib(kept['distillation'])} MiB and GNDPO's by {mib(kept['gndpo'])} MiB: "
+            + ("it narrows the gap" if kept["distillation"] > kept["gndpo"] else "it widens the gap")
+            + ")"
+        )
+    elif gap_returning <= 0.5 * gap_default:
+        parts.append(
+            "so most of the gap is memory glibc keeps after frees (RSS that no live tensor holds), not live memory"
+        )
+    result = {"gap_default": gap_default, "gap_returning": gap_returning, "kept": kept}
+    longer = runs.get(("returning", extra)) if extra else None
+    if longer:
+        g0, g1 = base["returning"]["gndpo"], longer["gndpo"]
+        d0 = base["returning"]["distillation"]
+        completions = g0["completion_tokens_per_step"] / g0["config"]["completion_length"]
+        per_completion = (g1["prompt_tokens_per_step"] - g0["prompt_tokens_per_step"]) / completions
+        added_rows = _rows_per_call(g1) - _rows_per_call(g0)
+        growth = gap(longer) - gap_returning
+        slope = growth / added_rows if added_rows > 0 else math.nan
+        prompt_rows = _rows_per_call(g0) - d0["completion_tokens_per_step"] / d0["micro_steps_per_step"]
+        result.update(slope=slope, prompt_rows=prompt_rows, added_rows=added_rows)
+        text = (
+            f"Longer prompts ({fmt(per_completion)} more prompt tokens per completion, completions unchanged) widen "
+            f"it by {mib(growth)} MiB: GNDPO's fused-head calls grow by {fmt(added_rows)} rows each, "
+            f"DistillationTrainer's JSD rows not at all, and the gap grows by {fmt(slope / MIB)} MiB per added row"
+        )
+        kernel = _kernel_slope(entry)
+        if kernel:
+            k_slope, row_bytes, runs = kernel
+            result.update(kernel_slope=k_slope, row_bytes=row_bytes)
+            text += (
+                f"; TRL's fused log-prob kernel alone (`ChunkedLogProbFunction`, forward and backward on "
+                f"{'/'.join(fmt(r['head_kernel_rows']) for r in runs)} rows) peaks {fmt(k_slope / MIB)} MiB higher "
+                f"per row in its backward, {fmt(k_slope / row_bytes)} float32 rows of {fmt(row_bytes // 4)} columns "
+                "(on a device without Triton its backward folds each (rows x columns) tile in torch, several "
+                "full-tile temporaries at once)"
+            )
+        text += (
+            f". At the size's own prompts GNDPO puts {fmt(prompt_rows)} prompt positions per call through that head "
+            f"(rows per call minus the completion rows DistillationTrainer projects): at {fmt(slope / MIB)} MiB per "
+            f"row, {mib(prompt_rows * slope)} MiB, against the measured gap of {mib(gap_returning)} MiB (freed memory "
+            f"returned) and {mib(gap_default)} MiB (glibc defaults; the main comparison: "
+            f"{mib(entry['main']['gndpo']['peak_rss_bytes'] - entry['main']['distillation']['peak_rss_bytes'])} MiB)"
+        )
+        kernel_match = bool(kernel) and abs(kernel[0] - slope) <= 0.25 * max(kernel[0], slope)
+        accounted = abs(prompt_rows * slope - gap_returning) <= 0.35 * max(gap_returning, prompt_rows * slope)
+        if accounted and not kernel_match:
+            text += (
+                ". So the gap tracks the prompt positions GNDPO projects, and they account for it; but the gap's "
+                "growth per row differs from the fused kernel's own per-row peak by more than 25%, so which of "
+                "GNDPO's per-position memory (the head's tiles or other per-position tensors) makes it is not "
+                "separated at this size"
+            )
+        elif accounted:
+            text += (
+                ". So the peak RSS gap is the backward of TRL's fused log-prob head over the prompt positions, "
+                "which on this CPU it projects with every completion (`compact = _use_triton(device)` is false), "
+                "while DistillationTrainer's kernel sees completion rows only; the allocator's retained memory only "
+                "shifts it"
+            )
+        else:
+            text += (
+                ". The prompt rows account for a different amount than the gap; the remainder is not explained by "
+                "this check"
+            )
+        parts.append(text)
+    result["text"] = "; ".join(parts[:2]) + ". " + " ".join(p + "." for p in parts[2:])
+    return result
+
+
+def render_memory_cause(entry: dict) -> list[str]:
+    runs = _memory_cause_table(entry)
+    rows = []
+    for (allocator, words), pair in sorted(runs.items(), key=lambda kv: (kv[0][0] != "default", kv[0][1])):
+        g, d = pair["gndpo"], pair["distillation"]
+        completions = g["completion_tokens_per_step"] / g["config"]["completion_length"]
+        rows.append(
+            [
+                ALLOCATOR_LABELS[allocator],
+                fmt(words),
+                fmt(g["prompt_tokens_per_step"] / completions),
+                f"{fmt(_rows_per_call(g))} / {fmt(d['completion_tokens_per_step'] / d['micro_steps_per_step'])}",
+                mib(g["peak_rss_bytes"]),
+                mib(d["peak_rss_bytes"]),
+                mib(g["peak_rss_bytes"] - d["peak_rss_bytes"]),
+                mib(g["rss_after_setup_bytes"] - d["rss_after_setup_bytes"]),
+                mib(
+                    (g["peak_rss_bytes"] - g["rss_after_setup_bytes"])
+                    - (d["peak_rss_bytes"] - d["rss_after_setup_bytes"])
+                ),
+            ]
+        )
+    failed = [r for r in entry.get("memory_cause", []) if not ok(r)]
+    lines = [
+        "### Peak RSS: allocator settings and prompt length (`--memory-cause`)",
+        "",
+        "GNDPO and DistillationTrainer, each in its own process, with glibc's default allocator settings and with "
+        f"freed memory returned to the kernel at once ({', '.join(f'`{k}={v}`' for k, v in RETURNING.items())}: every "
+        "allocation of 128 KiB or more is its own mapping, unmapped when freed; fixed thresholds switch off glibc's "
+        "dynamic mmap threshold), each at the size's prompts and with the same filler words put before every prompt "
+        "(completions unchanged). With freed memory returned, the peak RSS follows the peak of live memory. "
+        f"{fmt(entry['memory_cause'][0]['config']['steps'])} measured step(s) after "
+        f"{fmt(entry['memory_cause'][0]['config']['warmup'])} warm-up step(s) per process.",
+        "",
+        table(
+            [
+                "allocator",
+                "prompt words added",
+                "prompt tokens / completion",
+                "fused-head rows per call: GNDPO / Distillation completion rows",
+                "GNDPO peak RSS (MiB)",
+                "Distillation peak RSS (MiB)",
+                "gap (MiB)",
+                "gap after set-up (MiB)",
+                "gap in training growth (MiB)",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    kernel = _kernel_slope(entry)
+    if kernel:
+        k_slope, row_bytes, runs = kernel
+        lines += [
+            "TRL's fused log-prob kernel alone, freed memory returned (random rows of the student's hidden width "
+            f"against a {fmt(runs[0]['vocab_size'])}-row head, forward and backward once after a warm-up call; peak "
+            "RSS growth over the warm-up's peak): "
+            + "; ".join(
+                f"{fmt(r['head_kernel_rows'])} rows: forward +{mib(r['forward_peak_growth_bytes'])} MiB, backward "
+                f"+{mib(r['backward_peak_growth_bytes'])} MiB"
+                for r in runs
+            )
+            + f"; {fmt(k_slope / MIB)} MiB per row in the backward, {fmt(k_slope / row_bytes)} float32 rows of "
+            f"{fmt(row_bytes // 4)} columns.",
+            "",
+        ]
+    if memory_cause_findings(entry):
+        lines += ["What these runs show is stated with the memory gap in the section above.", ""]
+    if failed:
+        lines += [f"Failed runs: {len(failed)} ({', '.join(r.get('error', '?') for r in failed)}).", ""]
+    return lines
 
 
 def _check_records(probe_check: dict | None, mode: str) -> dict:
@@ -435,7 +644,7 @@ def explain_rss_peak(g: dict, d: dict) -> str:
                 if missed
                 else ""
             )
-            + "; which phase makes the process-level difference is not established."
+            + "; the sampled peaks cannot place the process-level difference (the check below measures it)."
         )
     return text
 
@@ -640,7 +849,9 @@ def render_size(entry: dict) -> str:
         "",
     ]
     check = dict(entry["probe_check"], floor=main.get("grpo")) if entry.get("probe_check") else None
-    lines += [f"- {text}" for text in explain_gaps(main, check)] + [""]
+    lines += [f"- {text}" for text in explain_gaps(main, check, entry)] + [""]
+    if entry.get("memory_cause"):
+        lines += render_memory_cause(entry)
     if entry.get("probe_check"):
         lines += render_probe_check(entry)
     if entry.get("scaling"):

@@ -30,10 +30,12 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from models import GPU_PAIRS, QWEN_VOCAB, SIZES  # noqa: E402
-from report import TRAINERS, ok, print_summary, render  # noqa: E402
+from report import RETURNING, TRAINERS, ok, print_summary, render  # noqa: E402
 from worker import step_summary  # noqa: E402
 
 VOCAB_SWEEP = (320, 32_768, QWEN_VOCAB)
+HEAD_KERNEL_ROWS = (128, 256, 512)  # `--memory-cause`: rows put through TRL's fused log-prob kernel alone
+PROMPT_EXTRA_WORDS = 48  # `--memory-cause`: words added before every prompt (completion length unchanged)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def run_worker_once(spec: dict, logdir: Path, tag: str, timeout: float, idle_wai
                 [sys.executable, str(HERE / "worker.py"), str(spec_path), str(out_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=worker_env(),
+                env=dict(worker_env(), **spec.get("env", {})),
                 timeout=timeout,
             )
             code = proc.returncode
@@ -141,6 +143,24 @@ def run_worker_once(spec: dict, logdir: Path, tag: str, timeout: float, idle_wai
     record["machine_busy_before"] = busy_before
     record["other_processes_cpu_share"] = other_share
     print(f" {record['step_time_median']:.3f} s/step, {wall:.0f} s, other processes {100 * other_share:.0f}% CPU")
+    return record
+
+
+def run_kernel(spec: dict, logdir: Path, tag: str) -> dict:
+    """One `head_kernel_peak` measurement in a fresh process (its peak RSS is the process's own)."""
+    spec_path, out_path, log_path = logdir / f"{tag}.spec.json", logdir / f"{tag}.json", logdir / f"{tag}.log"
+    spec_path.write_text(json.dumps(spec))
+    with open(log_path, "w") as log:
+        code = subprocess.run(
+            [sys.executable, str(HERE / "worker.py"), str(spec_path), str(out_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(worker_env(), **spec.get("env", {})),
+        ).returncode
+    if code != 0 or not out_path.exists():
+        return {"error": f"worker exit {code}", "log_tail": log_path.read_text(errors="replace")[-3000:], "spec": spec}
+    record = json.loads(out_path.read_text())
+    print(f"  {tag}: backward peak +{record['backward_peak_growth_bytes'] / 2**20:.1f} MiB")
     return record
 
 
@@ -288,6 +308,26 @@ def measure(args, spec: dict, logdir: Path) -> dict:
             record["reuse_check"] = bool(variant.get("reuse_check"))
             entry["variants"].append(record)
 
+    if args.memory_cause:
+        # GNDPO's and DistillationTrainer's peak RSS with glibc's default settings and with freed memory returned to
+        # the kernel at once, each at the size's prompts and at longer prompts (same completions): whether the peak
+        # RSS gap is memory the allocator keeps after frees, and whether it grows with the prompt positions
+        print(f"[{args.size}] peak RSS cause: allocator settings x prompt length, {', '.join(compared)}")
+        entry["memory_cause"] = []
+        for allocator, env in (("default", {}), ("returning", RETURNING)):
+            for extra in (0, PROMPT_EXTRA_WORDS):
+                for t in compared:
+                    point = dict(spec, trainer=t, steps=short, env=env, prompt_extra_words=extra)
+                    record = run(point, f"memcause-{t}-{allocator}-prompt{extra}")
+                    record.update(allocator=allocator, prompt_extra_words=extra)
+                    entry["memory_cause"].append(record)
+        widths = next((r for r in entry["memory_cause"] if "hidden_size" in r), None)
+        entry["head_kernel"] = []
+        for rows in HEAD_KERNEL_ROWS if widths else ():  # the fused head's kernel alone, freed memory returned
+            point = {"head_kernel_rows": rows, "env": RETURNING, "threads": spec["threads"]}
+            point.update(hidden_size=widths["hidden_size"], vocab_size=widths["vocab_size"])
+            entry["head_kernel"].append(run_kernel(point, logdir, f"head-kernel-{rows}"))
+
     if args.vocab_sweep:
         print(f"[{args.size}] vocabulary sweep at tiny width")
         entry["vocab_sweep"] = []
@@ -414,6 +454,11 @@ def main(argv=None) -> int:
         type=int,
         default=1,
         help="run the main comparison this many times, interleaved; steps of all rounds are pooled",
+    )
+    parser.add_argument(
+        "--memory-cause",
+        action="store_true",
+        help="also GNDPO and DistillationTrainer with freed memory returned to the kernel, and with longer prompts",
     )
     parser.add_argument("--vocab-sweep", action="store_true", help="(tiny) raise the vocabulary to Qwen's 151,936")
     parser.add_argument("--json", type=Path, help="merge this run's results into this JSON file")

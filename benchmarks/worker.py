@@ -652,8 +652,50 @@ def summarize(spec: dict, probe: Probe, result: dict) -> dict:
     return result
 
 
+def head_kernel_peak(spec: dict) -> dict:
+    """`--memory-cause`: TRL's fused log-prob kernel alone (`ChunkedLogProbFunction`, the one GNDPO's student
+    re-score, teacher and loss run through on this device) on `rows` random rows of the size's hidden width against a
+    head of its vocabulary, forward and backward once after a warm-up call; the growth of the process's peak RSS."""
+    import torch
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    rows, hidden, vocab = spec["head_kernel_rows"], spec["hidden_size"], spec["vocab_size"]
+    weight = torch.randn(vocab, hidden, requires_grad=True)
+    states = torch.randn(rows, hidden, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+
+    def call(n):
+        args = (None, targets[:n], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",))
+        return ChunkedLogProbFunction.apply(states[:n], weight, *args)[0]
+
+    call(8).sum().backward()  # warm-up: the weight gradient is allocated here (and freed), so it is in the base
+    weight.grad = states.grad = None
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
+    base = peak()
+    logps = call(rows)
+    forward = peak()
+    logps.sum().backward()
+    return {
+        "head_kernel_rows": rows,
+        "hidden_size": hidden,
+        "vocab_size": vocab,
+        "chunk_columns": min(vocab, _CHUNKED_LOGPROB_CHUNK_SIZE),
+        "base_peak_rss_bytes": base,
+        "forward_peak_growth_bytes": forward - base,
+        "backward_peak_growth_bytes": peak() - base,
+        "config": spec,
+    }
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("head_kernel_rows"):
+        Path(out_path).write_text(json.dumps(head_kernel_peak(spec), indent=1, default=str))
+        return
     import torch
 
     if spec.get("threads"):
@@ -676,7 +718,11 @@ def main(spec_path: str, out_path: str) -> None:
 
     t0 = time.perf_counter()
     built = models_build(spec, device)
+    if spec.get("prompt_extra_words"):  # `--memory-cause`: the same prompts made longer, completions unchanged
+        built["prompts"] = lengthen_prompts(built["prompts"], spec["prompt_extra_words"])
     student_fp = fingerprint(built["student"])
+    text_config = built["student"].config.get_text_config()
+    widths = {"hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size}
     teacher_fp = None if built["teacher"] is None else fingerprint(built["teacher"])
     trainer = make_trainer(spec, built, device, os.path.join(workdir, "out"))
     del built["student"], built["teacher"]
@@ -704,6 +750,7 @@ def main(spec_path: str, out_path: str) -> None:
         "student_fingerprint": student_fp,
         "teacher_fingerprint": teacher_fp,
         "rss_after_setup_bytes": rss_setup,
+        **widths,
         "rss_split_after_setup_bytes": split_setup,
         "rss_split_at_end_bytes": rss_split(),
         "phase_memory_kind": "cuda_max_allocated" if device.type == "cuda" else CPU_MEMORY_KIND,
@@ -725,6 +772,29 @@ def main(spec_path: str, out_path: str) -> None:
         result["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
     summarize(spec, probe, result)
     Path(out_path).write_text(json.dumps(result, indent=1, default=str))
+
+
+PROMPT_FILLER = "Answer the question below briefly."
+
+
+def lengthen_prompts(prompts: list, words: int) -> list:
+    """Each prompt with `words` filler words put before its first user message (conversational or plain text)."""
+    filler = " ".join((PROMPT_FILLER.split() * (words // 5 + 1))[:words])
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            out.append(f"{filler}\n{prompt}")
+            continue
+        messages = [dict(m) for m in prompt]
+        for m in messages:
+            if m.get("role") == "user":
+                if isinstance(m["content"], str):
+                    m["content"] = f"{filler}\n{m['content']}"
+                else:  # multimodal content blocks
+                    m["content"] = [{"type": "text", "text": filler}, *m["content"]]
+                break
+        out.append(messages)
+    return out
 
 
 def models_build(spec, device):
