@@ -294,9 +294,10 @@ def explain_gaps(main: dict, probe_check: dict | None = None, entry: dict | None
         if bigger:
             text += f" Phases whose own peak growth is larger under GNDPO (GNDPO vs Distillation): {parts}."
             if not g.get("fused_head_compact") and ("teacher" in bigger or "student_scoring" in bigger):
+                columns = f"{min(g['vocab_size'], 32_768):,}" if "vocab_size" in g else "up to 32,768"
                 text += (
                     " In the teacher and student re-score phases that is TRL's fused log-prob head, which allocates a "
-                    "(positions x 32,768-column) float32 tile per call and, on this CPU, covers every prompt and "
+                    f"(positions x {columns}-column) float32 tile per call and, on this CPU, covers every prompt and "
                     "completion position (see the vocabulary-projection count)."
                 )
         text += " " + explain_rss_peak(g, d)
