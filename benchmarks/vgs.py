@@ -20,11 +20,9 @@ Figures are written by this script, never by hand.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,6 +31,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from worker import CPU_MEMORY_KIND, cpu_memory_bytes, machine, versions  # the benchmark's own probes
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -46,12 +46,6 @@ SIZES = {
 # ---------------------------------------------------------------------------------------------------------------------
 # Worker: one trainer, one process.
 # ---------------------------------------------------------------------------------------------------------------------
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]  # fmt: skip
-
-
 class PeakMemory:
     """Peak bytes in use since `reset()`: CUDA max allocated, or glibc's heap in use sampled by a thread."""
 
@@ -59,18 +53,13 @@ class PeakMemory:
         import torch
 
         self.torch, self.cuda = torch, device.type == "cuda"
-        self.kind = "cuda_max_allocated" if self.cuda else "glibc_heap_in_use"
+        self.kind = "cuda_max_allocated" if self.cuda else CPU_MEMORY_KIND
         if not self.cuda:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallinfo2.restype = _MallInfo2
-            self._libc, self._peak, self._stop = libc, 0, threading.Event()
+            self._peak, self._stop = 0, threading.Event()
             threading.Thread(target=self._sample, daemon=True).start()
 
     def now(self) -> int:
-        if self.cuda:
-            return self.torch.cuda.memory_allocated()
-        info = self._libc.mallinfo2()
-        return info.uordblks + info.hblkhd
+        return self.torch.cuda.memory_allocated() if self.cuda else cpu_memory_bytes()
 
     def _sample(self):
         # A mallinfo2 read walks glibc's free lists under the arena lock (milliseconds on a large heap): sleep at least
@@ -228,34 +217,6 @@ def summarize(records: list[dict]) -> dict:
     return row
 
 
-def versions() -> dict:
-    import accelerate
-    import torch
-    import transformers
-    import trl
-
-    import trl_gndpo
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "accelerate": accelerate.__version__,
-        "trl_gndpo": trl_gndpo.__version__,
-    }
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.platform()}"
-
-
 def render(results: dict) -> str:
     mib = 2**20
     lines = [
@@ -371,10 +332,13 @@ def main(argv=None) -> None:
             rows[family] = summarize(family_records)
             records += family_records
         first = records[0]
+        import torch
+
+        host = machine(torch.device("cpu" if first["device"] == "cpu" else "cuda"))
         results[size + ("-lora" if args.lora else "")] = {
             "command": "python benchmarks/vgs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": started,
-            "machine": machine(),
+            "machine": f"{host['cpu']}, {host['cpu_cores']} cores, {host['os']}",
             "device": first["device"],
             "versions": versions(),
             "spec": {k: v for k, v in first["spec"].items() if k not in ("output_dir", "result", "family", "vgs")},
