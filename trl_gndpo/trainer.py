@@ -403,7 +403,7 @@ class GNDPOTrainer(GRPOTrainer):
                 self.teacher_model, ids.to(place), mask.to(place), batch["completion_ids"].size(1), batch_size
             ).to(device)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        head, rows = teacher.get_output_embeddings(), self._vocab_rows()
+        head, rows = teacher.get_output_embeddings(), self._student_head().weight.shape[0]
         vds = V.visual_dependency_scores(
             teacher_states[valid],
             text_states[valid],
@@ -433,12 +433,10 @@ class GNDPOTrainer(GRPOTrainer):
         metrics["vgs/lp_token_frac"].append(totals[1].item() / count)
         metrics["vgs/gamma_mean"].append(totals[2].item() / count)
 
-    def _vocab_rows(self) -> int:
-        """The student's vocabulary rows; a teacher's head may carry more (padding), which are never sampled."""
+    def _student_head(self) -> torch.nn.Module:
+        """The student's vocabulary head (its rows are the vocabulary; a teacher's head may carry padding rows)."""
         student = self.accelerator.unwrap_model(self.model)
-        return (
-            (student.get_base_model() if is_peft_model(student) else student).get_output_embeddings().weight.shape[0]
-        )
+        return (student.get_base_model() if is_peft_model(student) else student).get_output_embeddings()
 
     @contextmanager
     def _placed_teacher(self):
@@ -699,8 +697,7 @@ class GNDPOTrainer(GRPOTrainer):
                 completion_ids.size(1),
                 len(completion_ids),
             )
-        student = self.accelerator.unwrap_model(model)
-        student_head = (student.get_base_model() if is_peft_model(student) else student).get_output_embeddings()
+        student_head = self._student_head()
         teacher_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings()
         rows, device = student_head.weight.shape[0], student_image.device
         l_std, l_vis, l_lp = V.vgs_divergences(
