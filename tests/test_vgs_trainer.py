@@ -156,6 +156,8 @@ def test_vgs_loss_equals_its_definition_from_float64_logits(cpu_config_kwargs):
     # adaptive gamma: the three levels of the paper's variant over the valid tokens
     assert set(batch["vgs_gamma"][mask].unique().tolist()) <= {0.0, 1.0, 2.0}
     assert len(set(batch["vgs_gamma"][mask].unique().tolist())) >= 2
+    # 30% of the tokens at gamma, 30% at gamma / 2, 40% at 0 (up to ties and the batch's size)
+    assert trainer.state.log_history[0]["vgs/gamma_mean"] == pytest.approx(0.45 * 2.0, abs=0.1)
 
 
 def test_vgs_with_lora_and_measured_eta_kept_in_checkpoints(cpu_config_kwargs, tmp_output_dir):
