@@ -40,7 +40,7 @@ def reference_logps(model, batch):
 
 
 def expected_advantages(student_logps, teacher_logps, mask, config):
-    """GNDPO's advantage from its definition (design.md), in float64, single process."""
+    """GNDPO's advantage from its definition (docs/method.md, arXiv 2606.09091), in float64, single process."""
     r = (teacher_logps - student_logps).clamp(-config.token_signal_clamp, config.token_signal_clamp)
     if config.normalization_scope == "none":
         return r * mask
