@@ -417,3 +417,16 @@ __all__ = [
     "make_vlm",
     "save_tiny",
 ]
+
+
+def frozen_fingerprint(model) -> dict[str, torch.Tensor]:
+    """What must not change in a frozen model: its weights, or for a 4-bit model its logits on a probe, since
+    bitsandbytes repacks 4-bit weights into another layout at their first forward on CPU (same values)."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        with torch.no_grad():
+            return {"logits": model(input_ids=torch.arange(1, 9).view(1, -1)).logits.float()}
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def same_fingerprint(before: dict, after: dict) -> bool:
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
