@@ -40,7 +40,12 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import torch  # noqa: E402
 from models import QWEN_VOCAB, _tiny_models_module, gpu_qwen_configs  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import BitsAndBytesConfig, PrinterCallback, Qwen2_5_VLForConditionalGeneration, TrainerCallback  # noqa: E402
+from transformers import (  # noqa: E402
+    BitsAndBytesConfig,
+    PrinterCallback,
+    Qwen2_5_VLForConditionalGeneration,
+    TrainerCallback,
+)
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer  # noqa: E402
 
@@ -98,7 +103,7 @@ def save_models(workdir: Path, dry_run: bool) -> tuple[str, str, dict]:
     if dry_run:
         models = {"student": tiny.make_vlm("qwen2_5_vl", seed=0)[0],
                   "teacher": tiny.make_vlm("qwen2_5_vl", seed=1, hidden_size=128, num_hidden_layers=3)[0]}  # fmt: skip
-    paths = [str(tiny.save_tiny(model.to(torch.bfloat16), processor, workdir / role)) for role, model in models.items()]
+    paths = [str(tiny.save_tiny(m.to(torch.bfloat16), processor, workdir / role)) for role, m in models.items()]
     del models, gpu_pair
     gc.collect()
     if not dry_run:
@@ -144,7 +149,8 @@ def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool
             import vllm  # noqa: F401
         except Exception as error:  # not installed, or installed without a matching CUDA / torch
             return {"case": case, "status": "skipped", "reason": f"vllm does not import: {error!r}"}
-        settings.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3, vllm_max_model_length=2048)
+        settings.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3)
+        settings.update(vllm_max_model_length=2048)
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()

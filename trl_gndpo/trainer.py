@@ -2,7 +2,8 @@
 the clamped token signal into globally whitened per-token advantages, and train with the clipped policy loss.
 
 The teacher's loading and placement live in `teacher.py`, the set-up checks in `checks.py`, Visual Gradient Steering
-in `steering.py`, the resumable data order in `resume.py`, and the math in `functional.py`, `uniopd.py` and `vgs.py`.
+in `steering.py`, the resumable data order in `resume.py`, FSDP2 on CPU in `engines.py`, and the math in
+`functional.py`, `uniopd.py` and `vgs.py`.
 """
 
 import copy
@@ -17,7 +18,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, use_adapter
 
-from . import checks, functional, uniopd
+from . import checks, engines, functional, uniopd
 from .config import GNDPOConfig
 from .resume import EpochRepeatSampler
 from .steering import SteeringMixin
@@ -143,6 +144,11 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         self.teacher_model = prepare_scoring_model(self, teacher_model, temperature=1.0, placed=True)
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
         self.base_model = None if base_model is None else prepare_scoring_model(self, base_model, self.temperature)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if engines.select_fsdp2_on_cpu(self.accelerator, self.args.fsdp_plugin_args):  # accelerate drops it on CPU
+            self.is_fsdp_enabled = True
 
     def _get_train_sampler(self, dataset=None):
         return EpochRepeatSampler.like(super()._get_train_sampler(dataset))
