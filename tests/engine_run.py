@@ -1,14 +1,15 @@
 """GNDPO under a sharding engine, two CPU processes (launched by tests/test_engines.py with `accelerate launch` and the
 project's own config: examples/accelerate/zero2.yaml, zero3.yaml or fsdp.yaml).
 
-`engine_run.py OUT ENGINE` (ENGINE: zero2, zero3 or fsdp2) trains several tiny runs in one launch and saves, per
+`engine_run.py OUT ENGINE` (ENGINE: zero2, zero3, fsdp2 or zero3_bf16) trains several tiny runs in one launch and saves, per
 rank, what the test compares (`OUT/<ENGINE>_rank<r>.pt`: a dict run name -> record):
 
 - `base` (every engine): text student and bigger text teacher, full fine-tune, two steps. Under ZeRO-3 this run is
   stopped right after its step-2 checkpoint (`resumed` continues it from there, `full` runs the same 4 steps without
   interruption);
 - `lora` (ZeRO-3, FSDP2): the same with a LoRA adapter;
-- `vgs` (ZeRO-2): tiny Qwen2-VL student and teacher with Visual Gradient Steering.
+- `vgs` (ZeRO-2): tiny Qwen2-VL student and teacher with Visual Gradient Steering;
+- `zero3_bf16`: `base` alone, launched with the config's bf16 and `bf16=True` (DeepSpeed holds both models in bf16).
 
 A record holds the engine's wrapping of student and teacher (types, ZeRO stage, how much of each parameter a rank
 holds), the fused log-prob kernel's calls and every vocabulary-head output shape (a (B, T, V) logits tensor would show
@@ -58,7 +59,7 @@ class RecordingKernel:
 
     @staticmethod
     def apply(hidden_states, weight, *args):
-        calls["kernel"].append({"head": tuple(weight.shape), "dtype": hidden_states.dtype})
+        calls["kernel"].append({"head": tuple(weight.shape), "dtype": hidden_states.dtype, "weight": weight.dtype})
         return fused_kernel.apply(hidden_states, weight, *args)
 
 
@@ -141,6 +142,14 @@ def train(name: str, student, teacher, processor, dataset, stop=None, resume=Non
         model = model.get_base_model() if hasattr(model, "get_base_model") else model
         model.get_output_embeddings().register_forward_hook(lambda m, a, out, r=role: heads[r].append(out.shape))
     teacher_before = full_weights(unwrapped_teacher)
+    compute_loss, loss_dtypes = trainer._compute_loss, []
+
+    def recording_loss(*args):
+        loss = compute_loss(*args)
+        loss_dtypes.append(loss.dtype)
+        return loss
+
+    trainer._compute_loss = recording_loss
     trainer.train(resume_from_checkpoint=resume)
     record.update(
         after=wrapping(trainer),
@@ -151,6 +160,7 @@ def train(name: str, student, teacher, processor, dataset, stop=None, resume=Non
         teacher_before=teacher_before,
         teacher_after=full_weights(unwrapped_teacher),
         student=full_weights(trainer.accelerator.unwrap_model(trainer.model)),
+        loss_dtypes=loss_dtypes,
         eta=trainer._vgs_eta,
     )
     facts = record["after"]
@@ -175,7 +185,7 @@ if engine == "zero3":
     records["resumed"] = train("base", *text_models(), resume=checkpoint, **resume)
     records["full"] = train("full", *text_models(), **resume)
 else:
-    records["base"] = train("base", *text_models())
+    records["base"] = train("base", *text_models(), bf16=engine == "zero3_bf16")
 if engine in ("zero3", "fsdp2"):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     records["lora"] = train("lora", *text_models(), peft_config=lora)

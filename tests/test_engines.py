@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 on two CPU processes (gloo), launched as a user does: `accelerate launch` with
-the project's own config (examples/accelerate/*.yaml) and two command-line overrides for a CPU machine
-(`--num_processes 2 --mixed_precision no`; the training arguments say `use_cpu=True`).
+the project's own config (examples/accelerate/*.yaml) and command-line overrides for a CPU machine
+(`--num_processes 2`, `--mixed_precision no` except in the bf16 launch; the training arguments say `use_cpu=True`).
 
 One launch per engine runs several tiny trainings (tests/engine_run.py says which) and saves what each rank saw.
 """
@@ -16,8 +16,9 @@ from tiny_models import make_text_model
 
 TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "examples" / "accelerate"
-ENGINES = {"zero2": "zero2.yaml", "zero3": "zero3.yaml", "fsdp2": "fsdp.yaml"}
+ENGINES = {"zero2": "zero2.yaml", "zero3": "zero3.yaml", "fsdp2": "fsdp.yaml", "zero3_bf16": "zero3.yaml"}
 RUNS = {"zero2": ("base", "vgs"), "zero3": ("base", "resumed", "full", "lora"), "fsdp2": ("base", "lora")}
+RUNS["zero3_bf16"] = ("base",)
 TEACHER_HEAD, STUDENT_HEAD = (320, 128), (320, 64)  # vocabulary rows x hidden size of the tiny teacher / student
 
 pytestmark = pytest.mark.slow
@@ -29,8 +30,9 @@ def launch(engine: str, out_dir: Path) -> list[dict]:
     if engine not in _launched:
         path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+        precision = [] if engine.endswith("bf16") else ["--mixed_precision", "no"]  # else the config's bf16
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / ENGINES[engine]),
-                   "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
+                   "--num_processes", "2", *precision, "--main_process_port", "0",
                    str(TESTS / "engine_run.py"), str(out_dir), engine]  # fmt: skip
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -137,9 +139,23 @@ def test_zero3_checkpoint_resumes_to_the_uninterrupted_run(tmp_path_factory):
 def test_the_engines_compute_the_same_update(tmp_path_factory):
     """Same data, seeds and two steps: ZeRO-2, ZeRO-3 (its interrupted run, stopped at step 2 under a constant
     learning rate) and FSDP2 end with the same weights up to float32 reduction order, far closer than the update."""
-    weights = {e: launch(e, tmp_path_factory.mktemp(e))[0]["base"]["student"] for e in ENGINES}
+    weights = {e: launch(e, tmp_path_factory.mktemp(e))[0]["base"]["student"] for e in ("zero2", "zero3", "fsdp2")}
     initial = initial_student()
     for engine in ("zero3", "fsdp2"):
         for n, value in weights[engine].items():
             torch.testing.assert_close(value, weights["zero2"][n], rtol=0, atol=1e-4, msg=f"{engine} {n}")
     assert max((weights["zero2"][n] - initial[n]).abs().max().item() for n in initial) > 1e-2
+
+
+def test_zero3_in_bf16_keeps_the_token_signal_statistics_and_loss_in_float32(tmp_path_factory):
+    """The config's bf16 (DeepSpeed holds student and teacher in bf16): the models run in bf16, GNDPO's token signal,
+    advantages and loss stay float32, the whitening statistics float64, and training leaves finite weights."""
+    for rank in launch("zero3_bf16", tmp_path_factory.mktemp("zero3_bf16")):
+        record = rank["base"]
+        assert {(call["dtype"], call["weight"]) for call in record["kernel"]} == {(torch.bfloat16, torch.bfloat16)}
+        for call in record["whitening"]:
+            assert call["signal"].dtype == call["advantages"].dtype == torch.float32
+            assert call["mean"].dtype == call["var"].dtype == torch.float64
+        assert record["loss_dtypes"] and set(record["loss_dtypes"]) == {torch.float32}
+        assert all(value.dtype == torch.bfloat16 for value in record["student"].values())
+        assert all(torch.isfinite(value).all() for value in record["student"].values())
