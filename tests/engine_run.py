@@ -1,8 +1,8 @@
 """GNDPO under a sharding engine, two CPU processes (launched by tests/test_engines.py with `accelerate launch` and the
 project's own config: examples/accelerate/zero2.yaml, zero3.yaml or fsdp.yaml).
 
-`engine_run.py OUT ENGINE` (ENGINE: zero2, zero3, fsdp2 or zero3_bf16) trains several tiny runs in one launch and saves, per
-rank, what the test compares (`OUT/<ENGINE>_rank<r>.pt`: a dict run name -> record):
+`engine_run.py OUT ENGINE` (ENGINE: zero2, zero3, fsdp2 or zero3_bf16) trains several tiny runs in one launch and
+saves, per rank, what the test compares (`OUT/<ENGINE>_rank<r>.pt`: a dict run name -> record):
 
 - `base` (every engine): text student and bigger text teacher, full fine-tune, two steps. Under ZeRO-3 this run is
   stopped right after its step-2 checkpoint (`resumed` continues it from there, `full` runs the same 4 steps without
@@ -119,11 +119,12 @@ def wrapping(trainer) -> dict:
     return facts
 
 
-def train(name: str, student, teacher, processor, dataset, stop=None, resume=None, **overrides) -> dict:
+def train(name: str, student, teacher, processor, dataset, stop=None, resume=None, output=None, **overrides) -> dict:
     for recorded in calls.values():
         recorded.clear()
     peft_config = overrides.pop("peft_config", None)
-    args = GNDPOConfig(**cpu_grpo_kwargs(output_dir=str(out_dir / name), per_device_train_batch_size=2, **overrides))
+    output_dir = str(out_dir / (output or name))
+    args = GNDPOConfig(**cpu_grpo_kwargs(output_dir=output_dir, per_device_train_batch_size=2, **overrides))
     trainer = GNDPOTrainer(
         model=student,
         teacher_model=teacher,
@@ -182,7 +183,7 @@ if engine == "zero3":
     resume = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
     records["base"] = train("base", *text_models(), stop=2, **resume)
     checkpoint = str(out_dir / "base" / "checkpoint-2")
-    records["resumed"] = train("base", *text_models(), resume=checkpoint, **resume)
+    records["resumed"] = train("resumed", *text_models(), resume=checkpoint, output="base", **resume)
     records["full"] = train("full", *text_models(), **resume)
 else:
     records["base"] = train("base", *text_models(), bf16=engine == "zero3_bf16")
