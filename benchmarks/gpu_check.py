@@ -150,7 +150,9 @@ def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool
         except Exception as error:  # not installed, or installed without a matching CUDA / torch
             return {"case": case, "status": "skipped", "reason": f"vllm does not import: {error!r}"}
         settings.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3)
-        settings.update(vllm_max_model_length=2048)
+        # The tiny tokenizer has 320 tokens, the model 151,936 rows: vLLM must not detokenize ids the tokenizer lacks
+        # (TRL decodes the completions itself).
+        settings.update(vllm_max_model_length=2048, generation_kwargs={"detokenize": False})
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()

@@ -232,7 +232,8 @@ def _vision_config(family: str, out_hidden: int) -> dict:
 def make_processor(family: str = "qwen2_vl"):
     """The family's stock processor: PIL image processor + tokenizer with the family's chat template.
 
-    Images are resized to between 2x2 and 4x4 merged patches, so a 32x32 image gives 4 image tokens.
+    Images are resized to between 2x2 and 4x4 merged patches, so a 32x32 image gives 4 image tokens. Where
+    torchvision is installed, the family's default video processor is added (untested here: no torchvision).
     """
     install_video_processor_workaround()
     _, _, processor_class, template, patch = _VLM[family]
@@ -247,7 +248,14 @@ def make_processor(family: str = "qwen2_vl"):
         **mean_std,
     )
     tokenizer = make_tokenizer(template)
-    return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    video = {}
+    if is_torchvision_available():  # the processors then require a video processor (e.g. a GPU machine with vLLM)
+        from transformers import Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
+
+        video["video_processor"] = Qwen3VLVideoProcessor() if family == "qwen3_vl" else Qwen2VLVideoProcessor()
+    return processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template, **video
+    )
 
 
 def make_vlm(
