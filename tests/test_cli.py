@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import Future
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -92,8 +93,13 @@ class FakeHub:
     def create_repo(self, repo_id, **kwargs):
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
-    def upload_folder(self, repo_id, folder_path, commit_message, **kwargs):
-        self.uploads.append((repo_id, commit_message, (Path(folder_path) / "README.md").read_text()))
+    def upload_folder(self, repo_id, folder_path, commit_message, run_as_future=False, **kwargs):
+        card = Path(folder_path) / "README.md"
+        self.uploads.append((repo_id, commit_message, card.read_text() if card.exists() else None))
+        if run_as_future:  # the checkpoint pushes during training
+            done = Future()
+            done.set_result(None)
+            return done
 
 
 def write_prompts(path, count, word="Count"):
