@@ -317,7 +317,8 @@ def test_long_prompts_are_skipped_and_counted(cpu_config_kwargs):
     dataset = make_text_dataset(8)
     tokenizer = make_tokenizer()
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in dataset["prompt"]]
-    lengths = [len(tokenizer(text)["input_ids"]) for text in texts]
+    tokenized = [tuple(tokenizer(text)["input_ids"]) for text in texts]
+    lengths = [len(ids) for ids in tokenized]
     limit = sorted(lengths)[len(lengths) // 2]  # about half the prompts are longer
     trainer = GNDPOTrainer(
         model=make_text_model(seed=0),
@@ -329,7 +330,9 @@ def test_long_prompts_are_skipped_and_counted(cpu_config_kwargs):
     records, _ = run(trainer, trainer.teacher_model)
     skipped = kept = 0
     for batch, _, _ in records:
-        too_long = batch["prompt_mask"].sum(1) > limit
+        # each row's length from the dataset prompt it came from, tokenized here (not from the batch's mask)
+        prompts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
+        too_long = torch.tensor([lengths[tokenized.index(ids)] > limit for ids in prompts])
         skipped, kept = skipped + too_long.sum().item(), kept + (~too_long).sum().item()
         assert (batch["loss_mask"][too_long] == 0).all() and (batch["advantages"][too_long] == 0).all()
         assert (batch["loss_mask"][~too_long].sum(1) > 0).all()
