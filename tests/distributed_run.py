@@ -69,7 +69,7 @@ generate = trainer._generate_and_score_completions
 
 def record_batch(inputs):
     batch = generate(inputs)
-    record = {"function": "batch", "advantages": batch["advantages"], "mask": batch["tool_mask"]}
+    record = {"function": "batch", "advantages": batch["advantages"], "mask": batch["loss_mask"]}
     record.update({k: batch[k] for k in ("vgs_lp_gate", "vgs_gamma") if k in batch})
     records.append(record)
     return batch

@@ -5,10 +5,13 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import Future
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
+from datasets import IterableDataset
 from tiny_models import make_text_model, make_tokenizer, save_tiny
 
 from trl_gndpo import cli, demo
@@ -17,11 +20,6 @@ from trl_gndpo import cli, demo
 def test_console_script_points_to_main():
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "trl-gndpo"]
     assert script.load() is cli.main
-
-
-def test_main_returns_none_so_the_exit_status_is_zero(monkeypatch):
-    monkeypatch.setattr(cli, "run", lambda argv: (4.0, 3.0))
-    assert cli.main([]) is None
 
 
 def test_help_lists_the_gndpo_options(capsys):
@@ -51,7 +49,7 @@ def test_yaml_config_and_flags(tmp_path):
         "normalization_scope: none\ntoken_signal_clamp: 3.0\nuse_peft: true\nlora_r: 8\nload_in_4bit: true\n"
         'teacher_model_init_kwargs: \'{"dtype": "bfloat16"}\'\n'
     )
-    script_args, training_args, model_args = cli.parse(
+    script_args, training_args, model_args, _ = cli.parse(
         ["--config", str(config), "--token_signal_clamp", "2.5", "--output_dir", str(tmp_path)]
     )
     assert (script_args.dataset_name, model_args.model_name_or_path) == ("data", "student")
@@ -64,7 +62,7 @@ def test_yaml_config_and_flags(tmp_path):
 
 
 def test_demo_defaults_apply_only_without_a_model(tmp_path):
-    _, training_args, model_args = cli.parse(["--max_completion_length", "8"])
+    _, training_args, model_args, _ = cli.parse(["--max_completion_length", "8"])
     assert model_args.model_name_or_path is None
     assert training_args.max_steps == cli.DEMO_DEFAULTS["max_steps"]
     assert training_args.max_completion_length == 8
@@ -86,31 +84,105 @@ def test_reward_functions_by_name_or_path():
         cli.load_reward_func("no_such_reward")
 
 
-def test_train_from_paths_and_a_local_dataset(tmp_path):
+class FakeHub:
+    """Stands in for the Hub API that `Trainer` creates repositories and uploads with (nothing leaves the machine)."""
+
+    def __init__(self):
+        self.uploads = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, commit_message, run_as_future=False, **kwargs):
+        card = Path(folder_path) / "README.md"
+        self.uploads.append((repo_id, commit_message, card.read_text() if card.exists() else None))
+        if run_as_future:  # the checkpoint pushes during training
+            done = Future()
+            done.set_result(None)
+            return done
+
+
+def write_prompts(path, count, word="Count"):
+    rows = [{"prompt": [{"role": "user", "content": f"{word} to {i}."}]} for i in range(count)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_train_streams_a_local_dataset_and_pushes_with_its_name(tmp_path, monkeypatch):
+    """One real run: paths, LoRA, rewards by path, Uni-OPD, `--dataset_streaming` and `--push_to_hub` (fake Hub)."""
+    import transformers.trainer
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
     tokenizer = make_tokenizer()
     save_tiny(make_text_model(seed=0), tokenizer, tmp_path / "student")
     save_tiny(make_text_model(seed=1, hidden_size=128), tokenizer, tmp_path / "teacher")
-    (tmp_path / "data").mkdir()
-    rows = [{"prompt": [{"role": "user", "content": f"Count to {i}."}]} for i in range(8)]
-    (tmp_path / "data" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    write_prompts(tmp_path / "data" / "train.jsonl", 8)
     trainer = cli.run(
         ["--model_name_or_path", str(tmp_path / "student"), "--teacher_model_name_or_path", str(tmp_path / "teacher"),
-         "--dataset_name", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
-         "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "4",
-         "--learning_rate", "1e-2", "--report_to", "none", "--activation_checkpointing", "false",
-         "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--dtype", "float32",
-         "--reward_funcs", "test_cli.even_length_reward", "--margin_calibration", "shift"]
+         "--dataset_name", str(tmp_path / "data"), "--dataset_streaming", "--output_dir", str(tmp_path / "out"),
+         "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "2",
+         "--max_completion_length", "4", "--learning_rate", "1e-2", "--report_to", "none",
+         "--activation_checkpointing", "false", "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj",
+         "v_proj", "--dtype", "float32", "--reward_funcs", "test_cli.even_length_reward", "--margin_calibration",
+         "shift", "--push_to_hub", "--hub_model_id", "someone/tiny-gndpo"]
     )  # fmt: skip
+    assert isinstance(trainer.train_dataset, IterableDataset)
     assert trainer.state.global_step == 1
     assert "gndpo/reverse_kl" in trainer.state.log_history[0]
     assert "rewards/even_length_reward/mean" in trainer.state.log_history[0]
     assert "uniopd/margin_before" in trainer.state.log_history[0]
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    repo, message, card = hub.uploads[-1]
+    assert (repo, message) == ("someone/tiny-gndpo", "End of training")
+    assert str(tmp_path / "data") in card, "the model card names the dataset"
+
+
+def test_datasets_mixture_from_a_yaml_config(tmp_path):
+    write_prompts(tmp_path / "a.jsonl", 3, word="Count")
+    write_prompts(tmp_path / "b.jsonl", 2, word="Spell")
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        f"model_name_or_path: student\nteacher_model_name_or_path: teacher\ndatasets:\n"
+        f"  - path: json\n    data_files: {tmp_path / 'a.jsonl'}\n  - path: json\n    data_files: {tmp_path / 'b.jsonl'}\n"
+    )
+    script_args, _, _, dataset_args = cli.parse(["--config", str(config), "--output_dir", str(tmp_path)])
+    texts = [row["prompt"][0]["content"] for row in cli.load_datasets(script_args, dataset_args)["train"]]
+    assert sorted(texts) == ["Count to 0.", "Count to 1.", "Count to 2.", "Spell to 0.", "Spell to 1."]
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="--dataset_name is required"):
+    with pytest.raises(ValueError, match="--dataset_name .* is required with --model_name_or_path"):
         cli.main(["--model_name_or_path", "student", "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--dataset_name", "data"], ["--teacher_model_name_or_path", "teacher"]],
+    ids=["dataset", "teacher"],
+)
+def test_dataset_or_teacher_without_a_student_is_refused_not_the_demo(flags, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "run_demo", lambda *args: pytest.fail("the demo ran"))
+    with pytest.raises(ValueError, match=f"{flags[0]} given without --model_name_or_path"):
+        cli.main([*flags, "--output_dir", str(tmp_path)])
+
+
+RECIPES = sorted((Path(__file__).parents[1] / "examples" / "recipes").glob("*.yaml"))
+
+
+def test_the_promised_recipes_exist():
+    assert {path.stem for path in RECIPES} >= {"text_lora", "vlm_lora", "qlora", "multi_gpu"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
+def test_recipe_parses_into_a_real_run(recipe, tmp_path):
+    """Every key of a recipe is a CLI option (TrlParser refuses unknown ones) and GNDPOConfig validates the values."""
+    script_args, training_args, model_args, dataset_args = cli.parse(
+        ["--config", str(recipe), "--output_dir", str(tmp_path)]
+    )
+    assert model_args.model_name_or_path and training_args.teacher_model_name_or_path
+    assert script_args.dataset_name or dataset_args.datasets
+    assert training_args.max_steps == -1, "a recipe is a real run: the demo's defaults must not apply"
 
 
 @pytest.fixture(scope="module")

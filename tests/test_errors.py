@@ -168,3 +168,22 @@ def test_images_that_fail_to_decode(column, cpu_config_kwargs):
         build(
             cpu_config_kwargs, model=student, teacher_model=teacher, processing_class=processor, train_dataset=dataset
         )
+
+
+def test_fsdp1_on_a_cpu_run_is_refused_instead_of_falling_back_to_ddp(monkeypatch):
+    """accelerate turns an FSDP launch on CPU into DDP; GNDPO selects FSDP2 there (tests/test_engines.py) and refuses
+    FSDP1. Called on accelerate's CPU state directly: a single process never reaches it."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from trl_gndpo.engines import select_fsdp2_on_cpu
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, state=SimpleNamespace())
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        select_fsdp2_on_cpu(accelerator, None)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert not select_fsdp2_on_cpu(accelerator, None)  # no FSDP asked for: DDP it is
+    assert not hasattr(accelerator.state, "fsdp_plugin")

@@ -125,7 +125,7 @@ def test_tip_keeps_the_informative_tokens(mode, cpu_config_kwargs):
         if mode == "quadrant":
             divergence = (r["p"] - r["q"]).abs()
             keep = keep | (divergence >= torch.quantile(divergence[mask], 0.5))
-        kept = r["batch"]["tool_mask"].bool()
+        kept = r["batch"]["loss_mask"].bool()
         # entropies near the threshold may flip between the fused head (float32) and this float64 reference
         assert (kept != (keep & mask)).sum() <= 2
         assert (r["batch"]["advantages"][~kept] == 0).all()

@@ -44,7 +44,7 @@ from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu
 from bitsandbytes.nn import Linear4bit
 from datasets import Dataset, Features, Image, List, Value
 from peft import PeftModel
-from tiny_models import cpu_grpo_kwargs, make_image, make_vlm, save_tiny
+from tiny_models import cpu_grpo_kwargs, frozen_fingerprint, make_image, make_vlm, same_fingerprint, save_tiny
 from torch.distributed.fsdp import CPUOffloadPolicy
 from transformers import BitsAndBytesConfig
 
@@ -132,12 +132,12 @@ def lora_weights(model) -> dict[str, torch.Tensor]:
 def train_one_step(trainer) -> dict:
     """Train, check that the adapter moved and the teacher did not; return the step's logs."""
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
-    teacher_before = {n: p.detach().float().clone() for n, p in teacher.named_parameters()}
+    teacher_before = frozen_fingerprint(teacher)
     before = lora_weights(trainer.model)
     trainer.train()
     after = lora_weights(trainer.model)
     assert any(not torch.equal(before[n], after[n]) for n in before), "the adapter did not train"
-    assert all(torch.equal(p.detach().float(), teacher_before[n]) for n, p in teacher.named_parameters())
+    assert same_fingerprint(teacher_before, frozen_fingerprint(teacher)), "the teacher must stay frozen"
     logs = trainer.state.log_history[0]
     for name in ("reverse_kl", "teacher_logp", "student_logp", "advantage_std"):
         assert math.isfinite(logs[f"gndpo/{name}"]), name

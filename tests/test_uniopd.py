@@ -151,7 +151,7 @@ def test_shift_reaches_the_margin_on_the_advantages_the_loss_sees(scope, cpu_con
     trainer, records = train_recording(cpu_config_kwargs, margin_calibration="shift", normalization_scope=scope)
     eligible = 0
     for batch, correct in records:
-        means, present = U.response_means(batch["advantages"].double(), batch["tool_mask"])
+        means, present = U.response_means(batch["advantages"].double(), batch["loss_mask"])
         gap = U.margin_gap(means.view(-1, 4), correct.view(-1, 4), present.view(-1, 4), "mean")
         ok = ~torch.isnan(gap)
         eligible += ok.sum().item()
@@ -165,7 +165,7 @@ def test_mask_zeroes_whole_responses(cpu_config_kwargs):
     trainer, records = train_recording(cpu_config_kwargs, margin_calibration="mask", margin_delta=2.0)
     dropped = 0
     for batch, _ in records:
-        mask = batch["tool_mask"].bool()
+        mask = batch["loss_mask"].bool()
         row_zero = ((batch["advantages"] == 0) | ~mask).all(1) & mask.any(1)
         dropped += row_zero.sum().item()
     assert dropped > 0, "an unreachable margin must drop responses"
@@ -176,7 +176,7 @@ def test_balancing_and_guard(cpu_config_kwargs):
     trainer, records = train_recording(cpu_config_kwargs, balance_ratio=1.0, max_abs_log_ratio=0.5)
     mixed = 0
     for batch, correct in records:
-        kept = batch["tool_mask"].bool().any(1).view(-1, 4)
+        kept = batch["loss_mask"].bool().any(1).view(-1, 4)
         kept_correct, kept_incorrect = (kept & correct.view(-1, 4)).sum(1), (kept & ~correct.view(-1, 4)).sum(1)
         both = (kept_correct > 0) & (kept_incorrect > 0)
         mixed += both.sum().item()

@@ -1,7 +1,7 @@
 """Visual Gradient Steering math (trl_gndpo/vgs.py) against float64 references from full logits.
 
 Inputs are fresh random tensors (a new seed per run, shown in the test id on failure). The reference builds every
-distribution over the whole vocabulary with `log_softmax`, as design.md writes it; the library computes the same
+distribution over the whole vocabulary with `log_softmax`, as docs/vgs.md writes it; the library computes the same
 from hidden states and heads, tile by tile.
 """
 
@@ -21,7 +21,7 @@ def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 
 def reference(h_p, h_pt, h_q, h_qt, w_s, w_t, b_s=None, b_t=None):
-    """(l_Std, l_Vis, l_LP, VDS, log q*) from full float64 logits, by the definitions of design.md."""
+    """(l_Std, l_Vis, l_LP, VDS, log q*) from full float64 logits, by the definitions of docs/vgs.md (the VGS paper)."""
 
     def log_probs(h, w, b):
         return torch.log_softmax(h @ w.T + (0 if b is None else b), -1)

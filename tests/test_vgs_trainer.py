@@ -150,7 +150,7 @@ def test_vgs_loss_equals_its_definition_from_float64_logits(cpu_config_kwargs):
     log_star = torch.log_softmax(log_pt + log_q - log_qt, -1)
     gate, gamma = batch["vgs_lp_gate"].double(), batch["vgs_gamma"].double()
     per_token = kl(log_p, log_q) + gamma * kl(log_p, log_star) + 0.5 * gate * kl(log_pt, log_qt)
-    mask = (batch["completion_mask"] * batch["tool_mask"]).bool()
+    mask = batch["loss_mask"].bool()
     expected = 0.4 * (torch.where(mask, per_token, 0).sum(1) / mask.sum(1).clamp(min=1)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     # adaptive gamma: the three levels of the paper's variant over the valid tokens

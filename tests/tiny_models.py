@@ -232,7 +232,8 @@ def _vision_config(family: str, out_hidden: int) -> dict:
 def make_processor(family: str = "qwen2_vl"):
     """The family's stock processor: PIL image processor + tokenizer with the family's chat template.
 
-    Images are resized to between 2x2 and 4x4 merged patches, so a 32x32 image gives 4 image tokens.
+    Images are resized to between 2x2 and 4x4 merged patches, so a 32x32 image gives 4 image tokens. Where
+    torchvision is installed, the family's default video processor is added (untested here: no torchvision).
     """
     install_video_processor_workaround()
     _, _, processor_class, template, patch = _VLM[family]
@@ -247,7 +248,14 @@ def make_processor(family: str = "qwen2_vl"):
         **mean_std,
     )
     tokenizer = make_tokenizer(template)
-    return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    video = {}
+    if is_torchvision_available():  # the processors then require a video processor (e.g. a GPU machine with vLLM)
+        from transformers import Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
+
+        video["video_processor"] = Qwen3VLVideoProcessor() if family == "qwen3_vl" else Qwen2VLVideoProcessor()
+    return processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template, **video
+    )
 
 
 def make_vlm(
@@ -417,3 +425,16 @@ __all__ = [
     "make_vlm",
     "save_tiny",
 ]
+
+
+def frozen_fingerprint(model) -> dict[str, torch.Tensor]:
+    """What must not change in a frozen model: its weights, or for a 4-bit model its logits on a probe, since
+    bitsandbytes repacks 4-bit weights into another layout at their first forward on CPU (same values)."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        with torch.no_grad():
+            return {"logits": model(input_ids=torch.arange(1, 9).view(1, -1)).logits.float()}
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def same_fingerprint(before: dict, after: dict) -> bool:
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -1,11 +1,13 @@
 """`trl-gndpo` (also `python -m trl_gndpo`): GNDPO training from the command line, in the style of `trl grpo`.
 
     trl-gndpo --model_name_or_path STUDENT --teacher_model_name_or_path TEACHER --dataset_name DATASET [...]
-    trl-gndpo --config recipe.yaml
-    trl-gndpo                      # no model: the embedded offline demo (SmolLM2-135M-Instruct, CPU, a few minutes)
+    trl-gndpo --config recipe.yaml            # e.g. examples/recipes/*.yaml; a `datasets:` list is a mixture
+    trl-gndpo                                 # nothing given: the embedded offline demo (SmolLM2-135M-Instruct, CPU)
 
-Every `GNDPOConfig`, `trl.ModelConfig` (`--use_peft`, `--lora_r`, `--load_in_4bit`, ...) and `trl.ScriptArguments`
-(`--dataset_name`, `--dataset_train_split`, ...) field is a flag; `--config` reads them from YAML.
+Every `GNDPOConfig`, `trl.ModelConfig` (`--use_peft`, `--lora_r`, `--load_in_4bit`, ...), `trl.ScriptArguments`
+(`--dataset_name`, `--dataset_streaming`, ...) and `trl.DatasetMixtureConfig` (`datasets`, `streaming`) field is a
+flag; `--config` reads them from YAML. The run follows `trl grpo` (trl/scripts/grpo.py): load, train, save, push to
+the Hub with `--push_to_hub`.
 """
 
 import importlib
@@ -15,15 +17,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from trl import ModelConfig, ScriptArguments, TrlParser
+from transformers.utils import logging
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from .config import GNDPOConfig
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
 class GNDPOScriptArguments(ScriptArguments):
     """
-    Script arguments of `trl-gndpo`. Without `--model_name_or_path` the embedded demo runs.
+    Script arguments of `trl-gndpo`. Without a student, dataset or teacher, the embedded demo runs.
 
     Args:
         demo_cache_dir (`str`, *optional*):
@@ -71,23 +76,38 @@ DEMO_DEFAULTS = dict(
 )
 
 
+Arguments = tuple[GNDPOScriptArguments, GNDPOConfig, ModelConfig, DatasetMixtureConfig]
+
+
 def make_parser() -> TrlParser:
-    parser = TrlParser((GNDPOScriptArguments, GNDPOConfig, ModelConfig), prog="trl-gndpo")
+    parser = TrlParser((GNDPOScriptArguments, GNDPOConfig, ModelConfig, DatasetMixtureConfig), prog="trl-gndpo")
     parser.description = __doc__.split("\n\n")[0]
     if not torch.cuda.is_available():  # TRL defaults to bf16, which fails on a CPU-only machine
         parser.set_defaults_with_config(use_cpu=True, bf16=False)
     return parser
 
 
-def parse(argv: Sequence[str] | None = None) -> tuple[GNDPOScriptArguments, GNDPOConfig, ModelConfig]:
-    """Parse flags and `--config`; when no student is named, parse again over the demo's defaults."""
+def parse(argv: Sequence[str] | None = None) -> Arguments:
+    """Parse flags and `--config`; when no student, dataset or teacher is named, parse again over the demo's defaults.
+    A dataset or teacher without a student is an error, not the demo."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
     if model_args.model_name_or_path is None:
+        given = {
+            "--dataset_name": script_args.dataset_name,
+            "--datasets": dataset_args.datasets,
+            "--teacher_model_name_or_path": training_args.teacher_model_name_or_path,
+        }
+        given = [flag for flag, value in given.items() if value]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} given without --model_name_or_path: name the student to train, or give none "
+                "of them to run the embedded demo."
+            )
         parser.set_defaults_with_config(**DEMO_DEFAULTS)
-        script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    return script_args, training_args, model_args
+        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
+    return script_args, training_args, model_args, dataset_args
 
 
 def load_reward_func(name: str):
@@ -105,15 +125,37 @@ def load_reward_func(name: str):
     return getattr(importlib.import_module(module), attribute)
 
 
-def train(script_args: GNDPOScriptArguments, training_args: GNDPOConfig, model_args: ModelConfig):
-    """Distill `--teacher_model_name_or_path` into `--model_name_or_path` on `--dataset_name`, then save."""
+def load_datasets(script_args: GNDPOScriptArguments, dataset_args: DatasetMixtureConfig):
+    """The dataset splits, as `trl grpo` loads them: the `datasets` mixture if given, else `--dataset_name`."""
     from datasets import load_dataset
+    from trl import get_dataset
+
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are given: the `datasets` mixture is used.")
+        return get_dataset(dataset_args)
+    if script_args.dataset_name is None:
+        raise ValueError(
+            "--dataset_name (or a `datasets` mixture in --config) is required with --model_name_or_path (omit "
+            "both to run the demo)."
+        )
+    return load_dataset(
+        script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+    )
+
+
+def train(
+    script_args: GNDPOScriptArguments,
+    training_args: GNDPOConfig,
+    model_args: ModelConfig,
+    dataset_args: DatasetMixtureConfig,
+):
+    """Distill `--teacher_model_name_or_path` into `--model_name_or_path`, save, and push with `--push_to_hub`."""
     from trl import get_peft_config, get_quantization_config
 
     from .trainer import GNDPOTrainer
 
-    if script_args.dataset_name is None:
-        raise ValueError("--dataset_name is required with --model_name_or_path (omit both to run the demo).")
+    dataset = load_datasets(script_args, dataset_args)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
@@ -121,7 +163,6 @@ def train(script_args: GNDPOScriptArguments, training_args: GNDPOConfig, model_a
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
-    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
     trainer = GNDPOTrainer(
         model=model_args.model_name_or_path,
         reward_funcs=[load_reward_func(name) for name in script_args.reward_funcs or []],
@@ -134,6 +175,10 @@ def train(script_args: GNDPOScriptArguments, training_args: GNDPOConfig, model_a
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+    trainer.end()  # finish the trackers and destroy the process group, as `trl grpo` does
     return trainer
 
 
@@ -180,10 +225,10 @@ def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> t
 
 def run(argv: Sequence[str] | None = None):
     """Parse and run: the trainer of a real run, or the demo's (before, after) reverse KL."""
-    script_args, training_args, model_args = parse(argv)
+    script_args, training_args, model_args, dataset_args = parse(argv)
     if model_args.model_name_or_path is None:
         return run_demo(script_args, training_args)
-    return train(script_args, training_args, model_args)
+    return train(script_args, training_args, model_args, dataset_args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

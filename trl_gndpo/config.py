@@ -86,7 +86,7 @@ class GNDPOConfig(GRPOConfig):
             Token guard from the Uni-OPD reference scripts (which use 10): tokens with `|log p - log q|` at or above
             this bound leave the statistics and the loss. `None` (default) keeps every token.
 
-        > Parameters of Uni-OPD (arXiv 2605.03677): margin calibration and balancing, which need `reward_funcs`
+        > Parameters of Uni-OPD (margin calibration and balancing)
 
         correctness_threshold (`float`, *optional*, defaults to `0.5`):
             A completion is correct when its weighted outcome reward is at least this value.
@@ -141,6 +141,22 @@ class GNDPOConfig(GRPOConfig):
             If > 0, measure `eta` from the gradient norms (over the trainable parameters, two extra backward passes
             per micro-step) during the first this-many optimizer steps, use the running mean meanwhile, then keep
             it fixed (saved in checkpoints). Not with DeepSpeed or FSDP, which shard the gradients.
+
+        > Parameters whose defaults differ from `GRPOConfig` (the GNDPO reference recipe)
+
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Disable dropout in the student and the teacher, so that the token signal is not noisy.
+        loss_type (`str`, *optional*, defaults to `"grpo"`):
+            Loss aggregation. `"grpo"`: sequence-mean-token-mean (GNDPO reference). `"dapo"`: sum over tokens divided
+            by the number of valid tokens of the generation batch. TRL's other aggregations are not implemented by
+            GNDPO's loss.
+        importance_sampling_level (`str`, *optional*, defaults to `"sequence"`):
+            `"sequence"`: GSPO ratio in token form, `sg[s_i] * p_t / sg[p_t]` (GNDPO reference). `"token"`: per-token
+            PPO ratio.
+        weight_decay (`float`, *optional*, defaults to `0.01`):
+            Weight decay of AdamW.
+        lr_scheduler_type (`str`, *optional*, defaults to `"constant"`):
+            Learning-rate schedule.
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]

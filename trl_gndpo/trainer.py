@@ -1,38 +1,35 @@
-"""GNDPO trainer: TRL's GRPOTrainer with a frozen teacher whose token signal, globally whitened, is the advantage."""
+"""GNDPO's pipeline on TRL's GRPOTrainer: score the sampled tokens with the teacher once per generation batch, turn
+the clamped token signal into globally whitened per-token advantages, and train with the clipped policy loss.
+
+The teacher's loading and placement live in `teacher.py`, the set-up checks in `checks.py`, Visual Gradient Steering
+in `steering.py`, the resumable data order in `resume.py`, FSDP2 on CPU in `engines.py`, and the math in
+`functional.py`, `uniopd.py` and `vgs.py`.
+"""
 
 import copy
-import io
-import json
-import math
-import os
-from contextlib import contextmanager, nullcontext
+import textwrap
 from typing import Any
 
-import PIL.Image
 import torch
-from accelerate.utils import is_peft_model
-from datasets import Dataset, Image
-from transformers import AutoProcessor, BitsAndBytesConfig, PreTrainedModel
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
+from accelerate.utils import is_peft_model
+from transformers import PreTrainedModel
 from trl import GRPOTrainer
-from trl.data_utils import prepare_multimodal_messages
-from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
-from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import (
-    RepeatSampler,
-    add_fused_lm_head,
-    create_model_from_path,
-    disable_dropout_in_model,
-    pad,
-    use_adapter,
-)
+from trl.trainer.utils import create_model_from_path, use_adapter
 
-from . import functional as F
-from . import uniopd as U
-from . import vgs as V
+from . import checks, engines, functional, uniopd
 from .config import GNDPOConfig
+from .resume import EpochRepeatSampler
+from .steering import SteeringMixin
+from .teacher import (
+    capture_completion_states,
+    load_teacher,
+    load_teacher_processing_class,
+    placed,
+    prepare_scoring_model,
+    reverse_kl_per_token,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -49,12 +46,6 @@ _MODEL_INPUT_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
-# Settings that decide how an image becomes tokens: the teacher must agree with the student on each of them.
-_VISION_CONFIG_KEYS = ("patch_size", "spatial_merge_size", "temporal_patch_size", "in_channels")
-_IMAGE_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-_IMAGE_PROCESSOR_KEYS = ("patch_size", "merge_size", "temporal_patch_size", "size")  # size holds min/max pixels
-# Content blocks that the text-only view of Visual Gradient Steering removes.
-_VISUAL_PARTS = ("image", "video")
 # GRPO's outcome-reward metrics, meaningless for the placeholder reward.
 _REWARD_METRICS = ("reward", "reward_std", "frac_reward_zero_std")
 
@@ -64,22 +55,7 @@ def no_outcome_reward(completions: list, **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
-class _EpochRepeatSampler(RepeatSampler):
-    """TRL's `RepeatSampler` with `set_epoch`, so that a run resumed from a checkpoint keeps the epoch's data order.
-
-    `RepeatSampler` seeds its generator once and draws a new permutation on every pass, so a trainer resumed in epoch
-    `e >= 1` (with a fresh sampler) would replay epoch 0's order. `Trainer` calls `set_epoch(epoch)` before each
-    epoch: re-seed and skip the earlier epochs' permutations, so the order is the uninterrupted run's.
-    """
-
-    def set_epoch(self, epoch: int) -> None:
-        if self.shuffle and self.seed is not None:
-            self.generator.manual_seed(self.seed)
-            for _ in range(epoch):
-                torch.randperm(self.num_samples, generator=self.generator)
-
-
-class GNDPOTrainer(GRPOTrainer):
+class GNDPOTrainer(SteeringMixin, GRPOTrainer):
     """
     Globally Normalized Distillation Policy Optimization.
 
@@ -88,7 +64,8 @@ class GNDPOTrainer(GRPOTrainer):
     and images. The token signal `r_t = clamp(log q(y_t) - log p_old(y_t), -b, b)` is whitened with its mean and
     unbiased variance over every valid completion token of the generation batch on all processes, and the result is
     the per-token advantage of a clipped policy-gradient loss (GSPO-token ratio, sequence-mean-token-mean).
-    Options of the same trainer add the Uni-OPD calibration and balancing and the ExOPD, vOPD and TIP estimators.
+    Options of the same trainer add the Uni-OPD calibration and balancing, the ExOPD, vOPD and TIP estimators and
+    Visual Gradient Steering.
 
     Args:
         model: the student, a name or path or a `PreTrainedModel` (as for `GRPOTrainer`).
@@ -106,6 +83,17 @@ class GNDPOTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "gndpo"]
     _name = "GNDPO"
+    _paper = {
+        "title": "Stabilizing On-Policy Distillation for MLLM Reasoning with Global Normalization",
+        "id": "2606.09091",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{gndpo2026,
+                title        = {{Stabilizing On-Policy Distillation for MLLM Reasoning with Global Normalization}},
+                year         = 2026,
+                eprint       = {arXiv:2606.09091},
+            }"""),
+    }
 
     def __init__(
         self,
@@ -121,25 +109,12 @@ class GNDPOTrainer(GRPOTrainer):
             args = GNDPOConfig(f"{str(name).split('/')[-1]}-GNDPO")
         elif not isinstance(args, GNDPOConfig):
             raise TypeError(f"args must be a GNDPOConfig, got {type(args).__name__}.")
-        if args.outcome_advantage_weight > 0 and not reward_funcs:
-            raise ValueError("outcome_advantage_weight > 0 needs `reward_funcs` to compute the outcome advantage.")
-        if (args.margin_calibration != "none" or args.balance_ratio is not None) and not reward_funcs:
-            raise ValueError(
-                "Uni-OPD margin calibration and balancing need `reward_funcs` to tell correct from incorrect "
-                "completions: pass them, or set margin_calibration='none' and balance_ratio=None."
-            )
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError("GNDPO needs a teacher: pass `teacher_model` or set `teacher_model_name_or_path`.")
+        checks.check_arguments(args, reward_funcs, teacher_model)
         if isinstance(teacher_model, str):
             if teacher_processing_class is None:
-                teacher_processing_class = _load_processing_class(teacher_model, args)
-            teacher_model = _load_teacher(teacher_model, args)
-        elif args.teacher_model_init_kwargs is not None:
-            raise ValueError(
-                "teacher_model_init_kwargs is set but the teacher is already instantiated: drop the kwargs or pass "
-                "the teacher by name."
-            )
+                teacher_processing_class = load_teacher_processing_class(teacher_model, args)
+            teacher_model = load_teacher(teacher_model, args)
         self._placeholder_reward = not reward_funcs
         # ExOPD's reference: a frozen copy of the initial student, taken before training touches it. With a PEFT
         # adapter, the base weights with the adapter disabled serve instead (no copy).
@@ -152,162 +127,31 @@ class GNDPOTrainer(GRPOTrainer):
 
         super().__init__(model=model, reward_funcs=reward_funcs or no_outcome_reward, args=args, **grpo_kwargs)
 
-        self._check_datasets(grpo_kwargs.get("train_dataset"), grpo_kwargs.get("eval_dataset"))
-        generate_every = args.steps_per_generation * args.num_iterations
-        if (
-            args.save_strategy == "steps"
-            and args.save_steps >= 1
-            and (args.save_steps * args.gradient_accumulation_steps) % generate_every
-        ):
-            logger.warning(
-                f"Checkpoints every {args.save_steps} steps fall inside a generation batch (one generation every "
-                f"{generate_every} micro-steps); GRPOTrainer does not save its generation buffer, so resuming from "
-                "them regenerates with the updated model. Use save_steps * gradient_accumulation_steps divisible by "
-                "steps_per_generation * num_iterations for exact resumption."
-            )
-        self._check_teacher(teacher_model, teacher_processing_class)
-        if args.teacher_offload and getattr(teacher_model, "is_quantized", False):
-            raise ValueError(
-                "teacher_offload moves the teacher between devices, which a quantized teacher does not support: load "
-                "it on the training device, or drop teacher_offload."
-            )
-        if args.visual_gradient_steering:
-            self._check_vgs(teacher_model)
-        self._vgs_eta, self._vgs_eta_samples = args.vgs_eta, []
-        self.teacher_model = self._prepare_teacher(teacher_model, temperature=1.0, placed=True)
-        # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
-        self.base_model = None if base_model is None else self._prepare_teacher(base_model, self.temperature)
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Set-up checks: every mismatch is reported before the first training step.
-
-    def _check_datasets(self, train_dataset, eval_dataset) -> None:
-        datasets = [train_dataset] + (
-            list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+        eval_dataset = grpo_kwargs.get("eval_dataset")
+        eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+        checks.check_datasets(
+            [grpo_kwargs.get("train_dataset"), *eval_datasets], self._is_vlm, self.environment_factories is not None
         )
-        for dataset in datasets:
-            columns = getattr(dataset, "column_names", None)
-            if not columns:  # None, or a streaming dataset whose columns are unknown until read
-                continue
-            if "prompt" not in columns and self.environment_factories is None:
-                raise ValueError(f"The dataset needs a `prompt` column (conversational or text); it has {columns}.")
-            image_columns = [c for c in ("image", "images") if c in columns]
-            if image_columns and not self._is_vlm:
-                raise ValueError(
-                    f"The dataset has an image column {image_columns} but the student's processing class is a "
-                    "text tokenizer. Use a vision-language student with its processor, or drop the image column."
-                )
-            for column in image_columns:
-                _check_images_decode(dataset, column)
-
-    def _check_teacher(self, teacher: PreTrainedModel, teacher_processing_class) -> None:
+        checks.warn_if_checkpoints_split_generations(args)
         student = self.accelerator.unwrap_model(self.model)
-        student_config, teacher_config = student.config, teacher.config
-        student_rows = student_config.get_text_config().vocab_size
-        teacher_rows = teacher_config.get_text_config().vocab_size
-        if teacher_rows < student_rows:
-            raise ValueError(
-                f"The teacher's vocabulary ({teacher_rows} rows) is smaller than the student's ({student_rows}): the "
-                "teacher cannot score every token the student can sample. Use a teacher with the student's tokenizer."
-            )
-        if teacher_processing_class is not None:
-            teacher_tokenizer = getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
-            student_vocab, teacher_vocab = self._tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-            if student_vocab != teacher_vocab:
-                differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()))
-                raise ValueError(
-                    f"The teacher's tokenizer differs from the student's ({len(teacher_vocab)} vs "
-                    f"{len(student_vocab)} tokens; differing (token, id) pairs include {differing[:4]}). GNDPO scores "
-                    "the student's token ids with the teacher, so both must share one vocabulary."
-                )
-        else:
-            logger.warning(
-                "No teacher tokenizer was given, so only the vocabulary sizes were compared. Pass "
-                "`teacher_processing_class` to check that the teacher tokenizes exactly like the student."
-            )
-        if not self._is_vlm:
-            return
-        teacher_vision = getattr(teacher_config, "vision_config", None)
-        if teacher_vision is None:
-            raise ValueError(
-                f"The student is a vision-language model but the teacher ({type(teacher).__name__}) has no vision "
-                "tower: it must see the same images. Use a vision-language teacher of the same family."
-            )
-        student_processor = self.processing_class.image_processor
-        teacher_processor = getattr(teacher_processing_class, "image_processor", None)
-        mismatches = (
-            _differences("vision_config.", student_config.vision_config, teacher_vision, _VISION_CONFIG_KEYS)
-            + _differences("", student_config, teacher_config, _IMAGE_TOKEN_KEYS)
-            + _differences("image_processor.", student_processor, teacher_processor, _IMAGE_PROCESSOR_KEYS)
+        checks.check_teacher(
+            args, student, teacher_model, self.processing_class, teacher_processing_class, self._is_vlm
         )
-        if mismatches:
-            raise ValueError(
-                "The teacher lays image tokens out differently from the student, so it cannot score the student's "
-                "inputs: " + "; ".join(mismatches) + ". Use a teacher of the same family and image settings."
-            )
+        if args.visual_gradient_steering:
+            checks.check_steering(self, student, teacher_model)
+        self._vgs_eta, self._vgs_eta_samples = args.vgs_eta, []
+        self._teacher_offload_to = self.accelerator.device if args.teacher_offload else None
+        self.teacher_model = prepare_scoring_model(self, teacher_model, temperature=1.0, placed=True)
+        # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
+        self.base_model = None if base_model is None else prepare_scoring_model(self, base_model, self.temperature)
 
-    def _check_vgs(self, teacher: PreTrainedModel) -> None:
-        """VGS needs images to remove and plain vocabulary heads it can read (its divergences use their weights)."""
-        if not self._is_vlm:
-            raise ValueError(
-                "visual_gradient_steering contrasts each sample with its text-only view, so it needs a "
-                "vision-language student with its processor; this student is text-only. Set "
-                "visual_gradient_steering=False."
-            )
-        if self.tools or self.environment_factories is not None:
-            raise ValueError(
-                "visual_gradient_steering does not support tools or environments (their turns can carry images "
-                "the text-only view cannot remove): drop them or set visual_gradient_steering=False."
-            )
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if self.is_fsdp_enabled or zero3:
-            raise ValueError(
-                "visual_gradient_steering reads the vocabulary heads' weights directly, which FSDP and DeepSpeed "
-                "ZeRO-3 shard: use DDP or ZeRO-2, or set visual_gradient_steering=False."
-            )
-        for name, model in (("student", self.accelerator.unwrap_model(self.model)), ("teacher", teacher)):
-            model = model.get_base_model() if is_peft_model(model) else model
-            head, config = model.get_output_embeddings(), model.config.get_text_config()
-            if not isinstance(head, torch.nn.Linear) or not head.weight.is_floating_point():
-                raise ValueError(
-                    f"visual_gradient_steering needs the {name}'s vocabulary head as a plain linear layer with "
-                    f"floating-point weights, got {type(head).__name__}: keep the head out of LoRA targets and "
-                    "quantization."
-                )
-            if getattr(config, "final_logit_softcapping", None) or (getattr(config, "logit_scale", None) or 1) != 1:
-                raise ValueError(
-                    f"visual_gradient_steering does not implement logit soft-capping or scaling (the {name} uses "
-                    "them): set visual_gradient_steering=False."
-                )
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if engines.select_fsdp2_on_cpu(self.accelerator, self.args.fsdp_plugin_args):  # accelerate drops it on CPU
+            self.is_fsdp_enabled = True
 
     def _get_train_sampler(self, dataset=None):
-        sampler = super()._get_train_sampler(dataset)
-        return _EpochRepeatSampler(
-            sampler.data_source,
-            mini_repeat_count=sampler.mini_repeat_count,
-            batch_size=sampler.batch_size,
-            repeat_count=sampler.repeat_count,
-            shuffle=sampler.shuffle,
-            seed=sampler.seed,
-        )
-
-    def _prepare_teacher(self, teacher: PreTrainedModel, temperature: float, placed: bool = False):
-        """Freeze a scoring-only model, give it TRL's fused log-prob head and prepare it like TRL's reference model.
-
-        `placed`: the teacher honours `teacher_device` / `teacher_offload` (then it is not handed to accelerate).
-        """
-        teacher.requires_grad_(False)
-        teacher.eval()
-        if self.args.disable_dropout:
-            disable_dropout_in_model(teacher)
-        add_fused_lm_head(teacher, temperature=temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-        if placed and (self.args.teacher_device is not None or self.args.teacher_offload):
-            return teacher.to(self.args.teacher_device or "cpu")
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(teacher, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(teacher, self.accelerator)
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return EpochRepeatSampler.like(super()._get_train_sampler(dataset))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Advantages: once per generation batch.
@@ -317,10 +161,8 @@ class GNDPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         if self._placeholder_reward:
-            for key in (
-                *_REWARD_METRICS,
-                *(f"rewards/{n}/{s}" for n in self.reward_func_names for s in ("mean", "std")),
-            ):
+            names = (f"rewards/{n}/{s}" for n in self.reward_func_names for s in ("mean", "std"))
+            for key in (*_REWARD_METRICS, *names):
                 metrics.pop(key, None)
 
         mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
@@ -330,7 +172,7 @@ class GNDPOTrainer(GRPOTrainer):
             mask = mask * ~too_long.unsqueeze(1)
         scores = self._score_tokens(batch, mode)
         student_logps, teacher_logps = scores["student"], scores["teacher"]
-        signal, finite = F.clamped_log_ratio(
+        signal, finite = functional.clamped_log_ratio(
             teacher_logps,
             student_logps,
             mask,
@@ -350,155 +192,121 @@ class GNDPOTrainer(GRPOTrainer):
             valid = valid & self._balanced_responses(valid, metrics).unsqueeze(1)
         signal = torch.where(valid, signal, 0)
         if self.args.normalization_scope == "global":
-            advantages, _, _ = F.whitened_advantages(
-                signal, valid, self.args.whitening_eps, lambda t: self.accelerator.reduce(t, reduction="sum")
+            advantages, mean, var = functional.whitened_advantages(
+                signal, valid, self.args.whitening_eps, self._reduce_sum
             )
-        else:
+        else:  # plain OPD: the statistics are only logged
             advantages = signal
+            mean, var = functional.mean_and_unbiased_var(self._reduce_sum(functional.masked_moments(signal, valid)))
         if self.args.margin_calibration != "none":
             advantages = self._calibrate_margins(advantages, valid, metrics)
         if self.args.outcome_advantage_weight > 0:
             advantages = advantages + self.args.outcome_advantage_weight * batch["advantages"].unsqueeze(1) * valid
         batch["advantages"] = advantages
-        batch["tool_mask"] = valid.to(batch["completion_mask"].dtype)  # dropped tokens leave the loss too
+        batch["loss_mask"] = valid.to(batch["completion_mask"].dtype)  # the loss's tokens: dropped ones leave it
         batch["num_items_in_batch"] = self.accelerator.gather(valid.sum()).sum()  # "dapo" divides by the loss tokens
 
         if self.args.visual_gradient_steering:
             self._add_text_view(batch, inputs, scores["teacher_states"], valid, mode, metrics)
 
-        self._log_token_statistics(metrics, mask, finite, valid, student_logps, teacher_logps, signal, advantages)
+        self._log_token_statistics(metrics, mask, finite, valid, scores, signal, (mean, var), advantages)
         return batch
 
-    def _add_text_view(self, batch, inputs, teacher_states, valid, mode, metrics) -> None:
-        """VGS inputs of the generation batch, with one teacher pass over the text-only view.
+    @torch.no_grad()
+    def _score_tokens(self, batch: dict, mode: str) -> dict[str, torch.Tensor]:
+        """Per-token scores of the sampled completions, all on the same inputs (ids and images), in float32.
 
-        Writes the text-only prompts (`vgs_text_prompt_ids` / `_mask`, left-padded, so completion positions line up
-        with the image view), the teacher's hidden states of both views at the completion positions, and the per-token
-        language-prior gate and `gamma_t` from the VDS quantiles over every valid token of the batch (all processes).
+        `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
+        temperature; teacher at temperature 1). With the estimators that need them: `entropy` (student, TIP), `base`
+        (initial student, ExOPD), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden
+        states at the completion positions, in its own dtype, VGS).
         """
-        prompts = [
-            [
-                {**message, "content": [part for part in message["content"] if part.get("type") not in _VISUAL_PARTS]}
-                for message in prepare_multimodal_messages(x["prompt"])
-            ]
-            for x in inputs
-        ]
-        tokenized = self.processing_class.apply_chat_template(
-            conversation=prompts,
-            chat_template=self.chat_template,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            **self.chat_template_kwargs,
-        )
-        device = self.accelerator.device
-        ids = [torch.as_tensor(row) for row in tokenized["input_ids"]]
-        prompt_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
-        prompt_mask = pad([torch.ones_like(row) for row in ids], padding_value=0, padding_side="left").to(device)
-        ids = torch.cat([prompt_ids, batch["completion_ids"]], 1)
-        mask = torch.cat([prompt_mask, batch["completion_mask"]], 1)
-        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        with torch.no_grad(), self._placed_teacher() as place, self.accelerator.autocast():
-            text_states = _completion_states(
-                self.teacher_model, ids.to(place), mask.to(place), batch["completion_ids"].size(1), batch_size
-            ).to(device)
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        head, rows = teacher.get_output_embeddings(), self._student_head().weight.shape[0]
-        vds = V.visual_dependency_scores(
-            teacher_states[valid],
-            text_states[valid],
-            head.weight[:rows].to(device),
-            None if head.bias is None else head.bias[:rows].to(device),
-        )
-        everywhere = self.accelerator.gather(self.accelerator.pad_across_processes(vds, pad_index=math.nan))
-        low, high, lp = V.quantile_thresholds(everywhere[~everywhere.isnan()], (0.4, 0.7, self.args.vgs_lp_quantile))
-        gate = V.language_prior_gate(vds, lp)
-        if self.args.vgs_adaptive_gamma:
-            gamma = V.adaptive_gamma(vds, low, high, self.args.vgs_gamma)
-        else:
-            gamma = torch.full_like(vds, self.args.vgs_gamma)
-        scatter = valid.new_zeros(valid.shape, dtype=torch.float32).masked_scatter
-        batch.update(
-            vgs_text_prompt_ids=prompt_ids,
-            vgs_text_prompt_mask=prompt_mask,
-            vgs_teacher_image=teacher_states,
-            vgs_teacher_text=text_states,
-            vgs_lp_gate=scatter(valid, gate.float()),
-            vgs_gamma=scatter(valid, gamma.float()),
-        )
-        totals = torch.stack([vds.sum(), gate.float().sum(), gamma.sum(), vds.new_tensor(len(vds))])
-        totals = self.accelerator.reduce(totals, "sum")
-        count = max(totals[3].item(), 1.0)
-        metrics["vgs/vds_mean"].append(totals[0].item() / count)
-        metrics["vgs/lp_token_frac"].append(totals[1].item() / count)
-        metrics["vgs/gamma_mean"].append(totals[2].item() / count)
+        completion_length = batch["completion_ids"].size(1)
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        model_inputs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch}
+        model_inputs["batch_size"] = self._chunk_size(mode)
 
-    def _student_head(self) -> torch.nn.Module:
-        """The student's vocabulary head (its rows are the vocabulary; a teacher's head may carry padding rows)."""
-        student = self.accelerator.unwrap_model(self.model)
-        return (student.get_base_model() if is_peft_model(student) else student).get_output_embeddings()
+        def log_probs(model, **kwargs):
+            return self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_length, **model_inputs, **kwargs
+            )
 
-    @contextmanager
-    def _placed_teacher(self):
-        """The teacher on its scoring device, yielded: its own (`teacher_device`), or moved in (`teacher_offload`)."""
-        if self.args.teacher_offload:
-            self.teacher_model.to(self.accelerator.device)
-        try:
-            yield next(self.teacher_model.parameters()).device
-        finally:
-            if self.args.teacher_offload:
-                self.teacher_model.to("cpu")
+        want_entropy, want_kl = self.args.token_selection != "none", self.args.value_baseline
+        scores = {"student": batch.get("old_per_token_logps")}
+        with capture_completion_states(self.model, completion_length, enabled=want_kl) as student_states:
+            if scores["student"] is None or want_entropy or want_kl:
+                with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                    scores["student"], scores["entropy"], _ = log_probs(self.model, compute_entropy=want_entropy)
+        want_states = want_kl or self.args.visual_gradient_steering
+        with (
+            capture_completion_states(self.teacher_model, completion_length, want_states) as teacher_states,
+            placed(self.teacher_model, self._teacher_offload_to) as device,
+        ):
+            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()}
+            teacher_logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.teacher_model, input_ids.to(device), attention_mask.to(device), completion_length, **moved
+            )
+            scores["teacher"] = teacher_logps.to(self.accelerator.device)
+        if self.args.reward_extrapolation != 1.0:
+            if self.base_model is None:  # PEFT: the initial student is the base weights with the adapter disabled
+                with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None):
+                    scores["base"], _, _ = log_probs(self.model)
+            else:
+                scores["base"], _, _ = log_probs(self.base_model)
+        if want_kl:
+            mask = batch["completion_mask"].bool()
+            kl = reverse_kl_per_token(
+                self.accelerator.unwrap_model(self.model),
+                torch.cat(student_states)[mask],
+                self.accelerator.unwrap_model(self.teacher_model),
+                torch.cat(teacher_states)[mask],
+            )
+            scores["kl"] = kl.new_zeros(mask.shape).masked_scatter(mask, kl)
+        scores = {k: v.float() for k, v in scores.items() if v is not None}
+        if self.args.visual_gradient_steering:
+            scores["teacher_states"] = torch.cat(teacher_states).to(self.accelerator.device)
+        return scores
 
-    def _teacher_log_probs(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The teacher's scoring pass, on its scoring device; log-probs come back on the training device."""
-        with self._placed_teacher() as device:
-            args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-            kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-            logps, _, _ = self._get_per_token_logps_and_entropies(self.teacher_model, *args, **kwargs)
-        return logps.to(self.accelerator.device)
+    def _log_token_statistics(self, metrics, mask, finite, valid, scores, signal, signal_moments, advantages):
+        """The `gndpo/` metrics over the whole generation batch on every process (one sum and one max reduction).
 
-    def _log_token_statistics(self, metrics, mask, finite, valid, student_logps, teacher_logps, signal, advantages):
-        """The `gndpo/` metrics, over the whole generation batch on every process (one sum and one max reduction)."""
+        `signal_moments`: the mean and unbiased variance of the token signal, as the whitening used them.
+        """
 
         def valid_sum(x: torch.Tensor) -> torch.Tensor:
             return torch.where(valid, x, 0).to(torch.float64).sum()
 
-        log_ratio = student_logps - teacher_logps
+        student_logps, teacher_logps = scores["student"], scores["teacher"]
         sums = torch.stack(
             [
-                valid_sum(torch.ones_like(signal)),
-                valid_sum(log_ratio),
+                valid_sum(student_logps - teacher_logps),
                 valid_sum(teacher_logps),
                 valid_sum(student_logps),
                 valid_sum((signal.abs() >= self.args.token_signal_clamp).float()),
                 mask.sum().to(torch.float64),
                 finite.sum().to(torch.float64),
-                valid_sum(signal),
-                valid_sum(signal**2),
-                valid_sum(advantages),
-                valid_sum(advantages**2),
+                *functional.masked_moments(advantages, valid),
             ]
         )
-        totals = self.accelerator.reduce(sums, "sum").tolist()
-        n, kl, teacher, student, clamped, n_mask, n_finite, r, r2, a, a2 = totals
+        kl, teacher, student, clamped, n_mask, n_finite, *advantage_moments = self._reduce_sum(sums)
+        advantage_mean, advantage_var = functional.mean_and_unbiased_var(torch.stack(advantage_moments))
         abs_max = self.accelerator.reduce(torch.where(valid, advantages.abs(), 0).amax().to(torch.float64), "max")
-        count = max(n, 1.0)
-        r_mean, a_mean = r / count, a / count
-        metrics["gndpo/reverse_kl"].append(kl / count)
-        metrics["gndpo/teacher_logp"].append(teacher / count)
-        metrics["gndpo/student_logp"].append(student / count)
-        metrics["gndpo/signal_mean"].append(r_mean)
-        metrics["gndpo/signal_std"].append(max(r2 / count - r_mean**2, 0.0) ** 0.5)
-        metrics["gndpo/clamped_frac"].append(clamped / count)
-        metrics["gndpo/nonfinite_frac"].append((n_mask - n_finite) / max(n_mask, 1.0))
-        metrics["gndpo/valid_token_frac"].append(n / max(n_mask, 1.0))
-        metrics["gndpo/advantage_mean"].append(a_mean)
-        metrics["gndpo/advantage_std"].append(max(a2 / count - a_mean**2, 0.0) ** 0.5)
+        n = advantage_moments[0].clamp(min=1.0)
+        signal_mean, signal_var = signal_moments
+        metrics["gndpo/reverse_kl"].append((kl / n).item())
+        metrics["gndpo/teacher_logp"].append((teacher / n).item())
+        metrics["gndpo/student_logp"].append((student / n).item())
+        metrics["gndpo/signal_mean"].append(signal_mean.item())
+        metrics["gndpo/signal_std"].append(signal_var.sqrt().item())
+        metrics["gndpo/clamped_frac"].append((clamped / n).item())
+        metrics["gndpo/nonfinite_frac"].append(((n_mask - n_finite) / n_mask.clamp(min=1.0)).item())
+        metrics["gndpo/valid_token_frac"].append((advantage_moments[0] / n_mask.clamp(min=1.0)).item())
+        metrics["gndpo/advantage_mean"].append(advantage_mean.item())
+        metrics["gndpo/advantage_std"].append(advantage_var.sqrt().item())
         metrics["gndpo/advantage_abs_max"].append(abs_max.item())
         if n_finite < n_mask:
-            logger.warning(
-                f"GNDPO: {int(n_mask - n_finite)} completion tokens with a non-finite log-prob were masked."
-            )
+            logger.warning(f"GNDPO: {int(n_mask - n_finite)} completion tokens with a non-finite log-prob were masked.")
 
     def _select_informative_tokens(self, entropy, divergence, valid, metrics) -> torch.Tensor:
         """TIP: keep the high-entropy share of tokens (and, for "quadrant", high-divergence low-entropy ones).
@@ -533,7 +341,7 @@ class GNDPOTrainer(GRPOTrainer):
         # seeded by the step, so a resumed run draws what the uninterrupted one would have
         generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
         group_size = self.num_generations if self.model.training else self.num_generations_eval
-        keep = U.balance_classes(correct, present, group_size, self.args.balance_ratio, generator)
+        keep = uniopd.balance_classes(correct, present, group_size, self.args.balance_ratio, generator)
         metrics["uniopd/correct_frac"].append((correct & present).sum().item() / max(present.sum().item(), 1))
         metrics["uniopd/balance_dropped_frac"].append((present & ~keep).sum().item() / max(present.sum().item(), 1))
         return keep[local].to(valid.device)
@@ -543,20 +351,20 @@ class GNDPOTrainer(GRPOTrainer):
         correct, present, local = self._gathered_responses(valid)
         if self.args.balance_ratio is None:  # else logged, before balancing, by `_balanced_responses`
             metrics["uniopd/correct_frac"].append((correct & present).sum().item() / max(present.sum().item(), 1))
-        means, _ = U.response_means(advantages, valid)
+        means, _ = uniopd.response_means(advantages, valid)
         means = self.accelerator.gather(means.float()).cpu()
         group_size = self.num_generations if self.model.training else self.num_generations_eval
         group = group_size if self.args.margin_scope == "group" else len(means)
-        args = (means, correct, present, group, self.args.margin_delta, self.args.margin_mode)
+        groups = (means, correct, present, group, self.args.margin_delta, self.args.margin_mode)
         if self.args.margin_calibration == "shift":
-            shift, gap = U.margin_shift(*args, direction=self.args.margin_direction)
+            shift, gap = uniopd.margin_shift(*groups, direction=self.args.margin_direction)
             after = means + shift
             advantages = advantages + shift[local].to(advantages)[:, None] * valid
         else:
-            keep, gap = U.margin_mask(*args, min_retain_ratio=self.args.margin_min_retain_ratio)
+            keep, gap = uniopd.margin_mask(*groups, min_retain_ratio=self.args.margin_min_retain_ratio)
             after, present = means, present & keep
             advantages = advantages * keep[local].to(advantages)[:, None]
-        gap_after = U.margin_gap(
+        gap_after = uniopd.margin_gap(
             after.view(-1, group), correct.view(-1, group), present.view(-1, group), self.args.margin_mode
         )
         eligible = ~torch.isnan(gap)
@@ -565,54 +373,6 @@ class GNDPOTrainer(GRPOTrainer):
         metrics["uniopd/calibrated_group_frac"].append((gap < self.args.margin_delta).float().mean().item())
         return advantages
 
-    @torch.no_grad()
-    def _score_tokens(self, batch: dict, mode: str) -> dict[str, torch.Tensor]:
-        """Per-token scores of the sampled completions, all on the same inputs (ids and images), in float32.
-
-        `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
-        temperature; teacher at temperature 1). With the estimators that need them: `entropy` (student, TIP), `base`
-        (initial student, ExOPD), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden
-        states at the completion positions, in its own dtype, VGS).
-        """
-        completion_length = batch["completion_ids"].size(1)
-        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        args = (input_ids, attention_mask, completion_length)
-        kwargs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch}
-        kwargs["batch_size"] = (
-            self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        )
-        want_entropy, want_kl = self.args.token_selection != "none", self.args.value_baseline
-        scores = {"student": batch.get("old_per_token_logps")}
-        with _capture_completion_states(self.model, completion_length, enabled=want_kl) as student_states:
-            if scores["student"] is None or want_entropy or want_kl:
-                with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-                    scores["student"], scores["entropy"], _ = self._get_per_token_logps_and_entropies(
-                        self.model, *args, compute_entropy=want_entropy, **kwargs
-                    )
-        want_states = want_kl or self.args.visual_gradient_steering
-        with _capture_completion_states(self.teacher_model, completion_length, want_states) as teacher_states:
-            scores["teacher"] = self._teacher_log_probs(args, kwargs)
-        if self.args.reward_extrapolation != 1.0:
-            if self.base_model is None:  # PEFT: the initial student is the base weights with the adapter disabled
-                with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None):
-                    scores["base"], _, _ = self._get_per_token_logps_and_entropies(self.model, *args, **kwargs)
-            else:
-                scores["base"], _, _ = self._get_per_token_logps_and_entropies(self.base_model, *args, **kwargs)
-        if want_kl:
-            mask = batch["completion_mask"].bool()
-            kl = _reverse_kl_per_token(
-                self.accelerator.unwrap_model(self.model),
-                torch.cat(student_states)[mask],
-                self.accelerator.unwrap_model(self.teacher_model),
-                torch.cat(teacher_states)[mask],
-            )
-            scores["kl"] = kl.new_zeros(mask.shape).masked_scatter(mask, kl)
-        scores = {k: v.float() for k, v in scores.items() if v is not None}
-        if self.args.visual_gradient_steering:
-            scores["teacher_states"] = torch.cat(teacher_states).to(self.accelerator.device)
-        return scores
-
     # ----------------------------------------------------------------------------------------------------------------
     # Loss: clipped policy gradient on the per-token advantages.
 
@@ -620,9 +380,9 @@ class GNDPOTrainer(GRPOTrainer):
         completion_ids = inputs["completion_ids"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        mask = inputs["completion_mask"] * inputs["tool_mask"]
+        mask = inputs["loss_mask"]
         vgs = self.args.visual_gradient_steering
-        with _capture_completion_states(model, completion_ids.size(1), vgs, detach=False) as states:
+        with capture_completion_states(model, completion_ids.size(1), vgs, detach=False) as states:
             logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
                 model,
                 input_ids,
@@ -633,7 +393,7 @@ class GNDPOTrainer(GRPOTrainer):
                 **{k: inputs[k] for k in _MODEL_INPUT_KEYS if k in inputs},
             )
         old_logps = inputs.get("old_per_token_logps")
-        per_token_loss, ratio = F.clipped_policy_loss(
+        per_token_loss, ratio = functional.clipped_policy_loss(
             logps,
             logps.detach() if old_logps is None else old_logps,
             inputs["advantages"],
@@ -651,7 +411,7 @@ class GNDPOTrainer(GRPOTrainer):
 
         def aggregate(per_token: torch.Tensor) -> torch.Tensor:
             if self.loss_type == "grpo":
-                return F.seq_mean_token_mean(per_token, mask) / accumulation
+                return functional.seq_mean_token_mean(per_token, mask) / accumulation
             # "dapo": `num_items_in_batch` counts the valid tokens of the whole generation batch
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
@@ -665,244 +425,33 @@ class GNDPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
 
-        def global_mean(x: torch.Tensor) -> float:
-            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]).float(), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        advantages = inputs["advantages"]
+        advantages, valid = inputs["advantages"], mask.bool()
         low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
         high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
         metrics = self._metrics[mode]
-        metrics["entropy"].append(global_mean(entropies))
-        metrics["clip_ratio/low_mean"].append(global_mean(low.float()))
-        metrics["clip_ratio/high_mean"].append(global_mean(high.float()))
-        metrics["clip_ratio/region_mean"].append(global_mean((low | high).float()))
-        metrics["policy_loss"].append(self.accelerator.gather(policy_loss.detach() * accumulation).mean().item())
+        metrics["entropy"].append(self._global_mean(entropies[valid]))
+        metrics["clip_ratio/low_mean"].append(self._global_mean(low[valid].float()))
+        metrics["clip_ratio/high_mean"].append(self._global_mean(high[valid].float()))
+        metrics["clip_ratio/region_mean"].append(self._global_mean((low | high)[valid].float()))
+        metrics["policy_loss"].append(self._logged_loss(policy_loss, mode))
         return loss
 
-    def _vgs_loss(self, model, inputs, student_image, aggregate, mode) -> torch.Tensor:
-        """eta * aggregate(l_Std + gamma_t l_Vis + lambda 1[VDS > quantile] l_LP), with one text-view student pass."""
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        valid = (completion_mask * inputs["tool_mask"]).bool()
-        gate, gamma = inputs["vgs_lp_gate"], inputs["vgs_gamma"]
-        # l_LP's gradient runs through this pass; without it, p_text only enters q*, detached. The pass needs hidden
-        # states only (no vocabulary head) and goes around the DDP wrapper, whose bookkeeping allows one forward per
-        # backward; its gradients still reach the parameters, whose hooks reduce the sum of both views' gradients.
-        trains_text = self.args.vgs_lambda > 0 and self.model.training
-        with nullcontext() if trains_text else torch.no_grad(), self.accelerator.autocast():
-            student_text = _completion_states(
-                model,
-                torch.cat([inputs["vgs_text_prompt_ids"], completion_ids], 1),
-                torch.cat([inputs["vgs_text_prompt_mask"], completion_mask], 1),
-                completion_ids.size(1),
-                len(completion_ids),
-            )
-        student_head = self._student_head()
-        teacher_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings()
-        rows, device = student_head.weight.shape[0], student_image.device
-        l_std, l_vis, l_lp = V.vgs_divergences(
-            student_image[valid],
-            student_text[valid],
-            inputs["vgs_teacher_image"][valid],
-            inputs["vgs_teacher_text"][valid],
-            student_head.weight,
-            teacher_head.weight[:rows].to(device),
-            student_head.bias,
-            None if teacher_head.bias is None else teacher_head.bias[:rows].to(device),
-        )
+    # ----------------------------------------------------------------------------------------------------------------
+    # Reductions over every process.
 
-        def per_token(values: torch.Tensor) -> torch.Tensor:
-            return values.new_zeros(valid.shape).masked_scatter(valid, values)
+    def _reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(x, reduction="sum")
 
-        standard, visual = per_token(l_std), per_token(gamma[valid] * l_vis)
-        prior = per_token(self.args.vgs_lambda * gate[valid] * l_lp)
-        if mode == "train" and self.state.global_step < self.args.vgs_eta_measure_steps:
-            self._measure_eta(model, aggregate(standard), aggregate(visual))
+    def _global_mean(self, values: torch.Tensor) -> float:
+        """Mean of `values` (any shape) over all processes' elements; 0.0 when there are none."""
+        totals = self._reduce_sum(torch.stack([values.detach().float().sum(), values.new_tensor(values.numel()).float()]))
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-        def global_mean(x: torch.Tensor) -> float:
-            totals = self.accelerator.reduce(torch.stack([x.detach().sum(), x.new_tensor(x.numel())]), "sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        metrics = self._metrics[mode]
-        metrics["vgs/std_kl"].append(global_mean(l_std))
-        metrics["vgs/visual_kl"].append(global_mean(l_vis))
-        metrics["vgs/language_prior_kl"].append(global_mean(gate[valid] * l_lp))
-        metrics["vgs/eta"].append(self._vgs_eta)
-        loss = self._vgs_eta * aggregate(standard + visual + prior)
+    def _logged_loss(self, loss: torch.Tensor, mode: str) -> float:
+        """A micro-step loss as logged: undo the gradient-accumulation scaling, average over processes."""
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        metrics["vgs/loss"].append(self.accelerator.gather(loss.detach() * accumulation).mean().item())
-        return loss
+        return self.accelerator.gather(loss.detach() * accumulation).mean().item()
 
-    def _measure_eta(self, model, standard: torch.Tensor, visual: torch.Tensor) -> None:
-        """eta = ||grad L_Std|| / ||grad L_Std + grad (gamma L_Vis)|| over the trainable parameters, this micro-step,
-        averaged over processes; `self._vgs_eta` is the running mean of the measurements (fixed once they stop)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        grad_std = torch.autograd.grad(standard, params, retain_graph=True, materialize_grads=True)
-        grad_vis = torch.autograd.grad(visual, params, retain_graph=True, materialize_grads=True)
-        norm_std = torch.stack([g.float().pow(2).sum() for g in grad_std]).sum()
-        norm_sum = torch.stack([(a + b).float().pow(2).sum() for a, b in zip(grad_std, grad_vis, strict=True)]).sum()
-        eta = (norm_std.sqrt() / norm_sum.sqrt().clamp(min=1e-12)).detach()
-        self._vgs_eta_samples.append(self.accelerator.reduce(eta, "mean").item())
-        self._vgs_eta = sum(self._vgs_eta_samples) / len(self._vgs_eta_samples)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.visual_gradient_steering and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            with open(os.path.join(folder, "vgs_eta.json"), "w") as f:
-                json.dump({"eta": self._vgs_eta, "samples": self._vgs_eta_samples}, f)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        path = None if checkpoint is None else os.path.join(checkpoint, "vgs_eta.json")
-        if self.args.visual_gradient_steering and path is not None and os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
-            self._vgs_eta, self._vgs_eta_samples = state["eta"], state["samples"]
-
-
-@contextmanager
-def _capture_completion_states(model, completion_length: int, enabled: bool = True, detach: bool = True):
-    """Collect the backbone's last hidden states at the positions that predict the completion tokens.
-
-    A forward hook on the backbone that TRL's fused head calls, so the batch chunking and image slicing of
-    `_get_per_token_logps_and_entropies` apply unchanged; keeps `(chunk, completion_length, hidden)` per call,
-    detached unless `detach=False` (a loss then backpropagates through them into the model).
-    """
-    states = []
-    if not enabled:
-        yield states
-        return
-
-    def keep(module, args, output):
-        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        hidden = hidden[:, -completion_length - 1 : -1]
-        states.append(hidden.detach() if detach else hidden)
-
-    handle = _backbone(model).register_forward_hook(keep)
-    try:
-        yield states
-    finally:
-        handle.remove()
-
-
-def _backbone(model) -> torch.nn.Module:
-    """The decoder without its vocabulary head, under any DDP / DeepSpeed / accelerate wrapper and PEFT adapter."""
-    while hasattr(model, "module"):
-        model = model.module
-    return (model.get_base_model() if is_peft_model(model) else model).base_model
-
-
-def _completion_states(model, input_ids, attention_mask, completion_length: int, batch_size: int) -> torch.Tensor:
-    """Last hidden states at the positions that predict the completion tokens, from the backbone alone (no vocabulary
-    head), `batch_size` rows at a time. Text-only inputs: the model derives its (Qwen: 3-D) rotary positions itself."""
-    backbone = _backbone(model)
-    states = []
-    for start in range(0, len(input_ids), batch_size):
-        rows = slice(start, start + batch_size)
-        hidden = backbone(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).last_hidden_state
-        states.append(hidden[:, -completion_length - 1 : -1])
-    return torch.cat(states)
-
-
-def _reverse_kl_per_token(student, student_states, teacher, teacher_states) -> torch.Tensor:
-    """KL(p || q) per position from both models' hidden states, vocabulary chunk by vocabulary chunk (TRL's kernel).
-
-    The teacher's head is cut to the student's vocabulary rows (a teacher may pad its embedding further).
-    """
-    student = student.get_base_model() if is_peft_model(student) else student
-    heads = [m.get_output_embeddings() for m in (student, teacher)]
-    rows, device = heads[0].weight.shape[0], student_states.device
-    teacher_states = teacher_states.to(device)  # a teacher on its own device, or offloaded
-    scale_and_cap = []
-    for m in (student, teacher):
-        config = m.config.get_text_config()
-        scale_and_cap += [
-            getattr(config, "logit_scale", None) or 1.0,
-            getattr(config, "final_logit_softcapping", None),
-        ]
-    kl, _ = ChunkedDivergenceFunction.apply(
-        student_states,
-        heads[0].weight,
-        heads[0].bias,
-        teacher_states,
-        heads[1].weight[:rows].to(device),
-        None if heads[1].bias is None else heads[1].bias[:rows].to(device),
-        1.0,  # beta = 1: reverse KL(student || teacher)
-        1.0,
-        *scale_and_cap,
-    )
-    return kl
-
-
-def _check_images_decode(dataset, column: str) -> None:
-    """Open every stored image of a `datasets.Image` column (header and data check, no full decode) before training."""
-    if not isinstance(dataset, Dataset):
-        return  # a stream: nothing stored to check up front
-    feature = dataset.features[column]
-    listed = not isinstance(feature, Image)  # `images`: a list of images
-    if not isinstance(getattr(feature, "feature", None) if listed else feature, Image):
-        return
-    raw = dataset.cast_column(column, type(feature)(Image(decode=False)) if listed else Image(decode=False))
-    bad = []
-    for row, value in enumerate(raw[column]):
-        for image in value if isinstance(value, list) else [value]:
-            if image is None:
-                continue
-            try:
-                source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
-                with PIL.Image.open(source) as opened:
-                    opened.verify()
-            except Exception as error:  # PIL raises many types for broken files
-                bad.append(f"{row} ({type(error).__name__})")
-    if bad:
-        raise ValueError(
-            f"{len(bad)} images of column {column!r} cannot be decoded, at rows {', '.join(bad[:10])}. Fix or drop "
-            "those rows (e.g. `dataset.filter`) before training."
-        )
-
-
-def _differences(prefix: str, student, teacher, keys: tuple[str, ...]) -> list[str]:
-    """'<prefix><key>: student <value>, teacher <value>' for each setting on which the two disagree."""
-    if teacher is None:  # nothing to compare against (e.g. no teacher processor)
-        return []
-    return [
-        f"{prefix}{key}: student {getattr(student, key, None)}, teacher {getattr(teacher, key, None)}"
-        for key in keys
-        if getattr(student, key, None) != getattr(teacher, key, None)
-    ]
-
-
-def _load_teacher(name: str, args: GNDPOConfig) -> PreTrainedModel:
-    kwargs = dict(args.teacher_model_init_kwargs or {})
-    kwargs.setdefault("dtype", _default_teacher_dtype(args))
-    if isinstance(kwargs.get("quantization_config"), dict):
-        kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(kwargs["quantization_config"])
-    if args.teacher_model_revision is not None:
-        kwargs.setdefault("revision", args.teacher_model_revision)
-    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-        kwargs["device_map"] = None  # "auto" fails under distributed training
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return create_model_from_path(name, **kwargs)
-
-
-def _default_teacher_dtype(args: GNDPOConfig) -> str:
-    """Half precision where the training device supports it: the teacher only runs forward passes."""
-    if args.device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if args.device.type in ("xpu", "npu", "hpu"):
-        return "bfloat16"
-    return "float32"
-
-
-def _load_processing_class(name: str, args: GNDPOConfig):
-    """The teacher's processor or tokenizer, or None (with a warning in `_check_teacher`) if it ships none."""
-    try:
-        return AutoProcessor.from_pretrained(
-            name, revision=args.teacher_model_revision, trust_remote_code=args.trust_remote_code
-        )
-    except (OSError, ValueError) as error:
-        logger.warning(f"Could not load the teacher's tokenizer from {name!r}: {error}")
-        return None
+    def _chunk_size(self, mode: str) -> int:
+        """Rows per forward pass when scoring a generation batch: the per-device batch size of the mode."""
+        return self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size

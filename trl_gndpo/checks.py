@@ -1,0 +1,208 @@
+"""Set-up checks of GNDPOTrainer: every mismatch between the arguments, the datasets, the student and the teacher is
+reported before the first training step, with a message that says what to change."""
+
+import io
+
+import PIL.Image
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, Image
+from transformers import PreTrainedModel
+from transformers.utils import logging
+
+from .config import GNDPOConfig
+
+logger = logging.get_logger(__name__)
+
+# Settings that decide how an image becomes tokens: the teacher must agree with the student on each of them.
+_VISION_CONFIG_KEYS = ("patch_size", "spatial_merge_size", "temporal_patch_size", "in_channels")
+_IMAGE_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+_IMAGE_PROCESSOR_KEYS = ("patch_size", "merge_size", "temporal_patch_size", "size")  # size holds min/max pixels
+
+
+def check_arguments(args: GNDPOConfig, reward_funcs, teacher_model) -> None:
+    """Options that need something the trainer was not given."""
+    if args.outcome_advantage_weight > 0 and not reward_funcs:
+        raise ValueError("outcome_advantage_weight > 0 needs `reward_funcs` to compute the outcome advantage.")
+    if (args.margin_calibration != "none" or args.balance_ratio is not None) and not reward_funcs:
+        raise ValueError(
+            "Uni-OPD margin calibration and balancing need `reward_funcs` to tell correct from incorrect "
+            "completions: pass them, or set margin_calibration='none' and balance_ratio=None."
+        )
+    if teacher_model is None:
+        raise ValueError("GNDPO needs a teacher: pass `teacher_model` or set `teacher_model_name_or_path`.")
+    if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
+        raise ValueError(
+            "teacher_model_init_kwargs is set but the teacher is already instantiated: drop the kwargs or pass "
+            "the teacher by name."
+        )
+
+
+def warn_if_checkpoints_split_generations(args: GNDPOConfig) -> None:
+    """GRPOTrainer does not save its generation buffer: a checkpoint inside a generation batch cannot resume exactly."""
+    generate_every = args.steps_per_generation * args.num_iterations
+    if (
+        args.save_strategy == "steps"
+        and args.save_steps >= 1
+        and (args.save_steps * args.gradient_accumulation_steps) % generate_every
+    ):
+        logger.warning(
+            f"Checkpoints every {args.save_steps} steps fall inside a generation batch (one generation every "
+            f"{generate_every} micro-steps); GRPOTrainer does not save its generation buffer, so resuming from "
+            "them regenerates with the updated model. Use save_steps * gradient_accumulation_steps divisible by "
+            "steps_per_generation * num_iterations for exact resumption."
+        )
+
+
+def check_datasets(datasets: list, is_vlm: bool, has_environments: bool) -> None:
+    """Every dataset has a `prompt` column, and image columns only go with a vision-language student."""
+    for dataset in datasets:
+        columns = getattr(dataset, "column_names", None)
+        if not columns:  # None, or a streaming dataset whose columns are unknown until read
+            continue
+        if "prompt" not in columns and not has_environments:
+            raise ValueError(f"The dataset needs a `prompt` column (conversational or text); it has {columns}.")
+        image_columns = [c for c in ("image", "images") if c in columns]
+        if image_columns and not is_vlm:
+            raise ValueError(
+                f"The dataset has an image column {image_columns} but the student's processing class is a "
+                "text tokenizer. Use a vision-language student with its processor, or drop the image column."
+            )
+        for column in image_columns:
+            check_images_decode(dataset, column)
+
+
+def check_images_decode(dataset, column: str) -> None:
+    """Open every stored image of a `datasets.Image` column (header and data check, no full decode) before training."""
+    if not isinstance(dataset, Dataset):
+        return  # a stream: nothing stored to check up front
+    feature = dataset.features[column]
+    listed = not isinstance(feature, Image)  # `images`: a list of images
+    if not isinstance(getattr(feature, "feature", None) if listed else feature, Image):
+        return
+    raw = dataset.cast_column(column, type(feature)(Image(decode=False)) if listed else Image(decode=False))
+    bad = []
+    for row, value in enumerate(raw[column]):
+        for image in value if isinstance(value, list) else [value]:
+            if image is None:
+                continue
+            try:
+                source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
+                with PIL.Image.open(source) as opened:
+                    opened.verify()
+            except Exception as error:  # PIL raises many types for broken files
+                bad.append(f"{row} ({type(error).__name__})")
+    if bad:
+        raise ValueError(
+            f"{len(bad)} images of column {column!r} cannot be decoded, at rows {', '.join(bad[:10])}. Fix or drop "
+            "those rows (e.g. `dataset.filter`) before training."
+        )
+
+
+def check_teacher(
+    args: GNDPOConfig,
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    processing_class,
+    teacher_processing_class,
+    is_vlm: bool,
+) -> None:
+    """The teacher can score every token the student samples, tokenizes like it, lays images out like it, and can be
+    placed where the arguments ask."""
+    if args.teacher_offload and getattr(teacher, "is_quantized", False):
+        raise ValueError(
+            "teacher_offload moves the teacher between devices, which a quantized teacher does not support: load "
+            "it on the training device, or drop teacher_offload."
+        )
+    student_config, teacher_config = student.config, teacher.config
+    student_rows = student_config.get_text_config().vocab_size
+    teacher_rows = teacher_config.get_text_config().vocab_size
+    if teacher_rows < student_rows:
+        raise ValueError(
+            f"The teacher's vocabulary ({teacher_rows} rows) is smaller than the student's ({student_rows}): the "
+            "teacher cannot score every token the student can sample. Use a teacher with the student's tokenizer."
+        )
+    if teacher_processing_class is not None:
+        student_vocab = getattr(processing_class, "tokenizer", processing_class).get_vocab()
+        teacher_vocab = getattr(teacher_processing_class, "tokenizer", teacher_processing_class).get_vocab()
+        if student_vocab != teacher_vocab:
+            differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()))
+            raise ValueError(
+                f"The teacher's tokenizer differs from the student's ({len(teacher_vocab)} vs "
+                f"{len(student_vocab)} tokens; differing (token, id) pairs include {differing[:4]}). GNDPO scores "
+                "the student's token ids with the teacher, so both must share one vocabulary."
+            )
+    else:
+        logger.warning(
+            "No teacher tokenizer was given, so only the vocabulary sizes were compared. Pass "
+            "`teacher_processing_class` to check that the teacher tokenizes exactly like the student."
+        )
+    if not is_vlm:
+        return
+    teacher_vision = getattr(teacher_config, "vision_config", None)
+    if teacher_vision is None:
+        raise ValueError(
+            f"The student is a vision-language model but the teacher ({type(teacher).__name__}) has no vision "
+            "tower: it must see the same images. Use a vision-language teacher of the same family."
+        )
+    mismatches = (
+        _differences("vision_config.", student_config.vision_config, teacher_vision, _VISION_CONFIG_KEYS)
+        + _differences("", student_config, teacher_config, _IMAGE_TOKEN_KEYS)
+        + _differences(
+            "image_processor.",
+            processing_class.image_processor,
+            getattr(teacher_processing_class, "image_processor", None),
+            _IMAGE_PROCESSOR_KEYS,
+        )
+    )
+    if mismatches:
+        raise ValueError(
+            "The teacher lays image tokens out differently from the student, so it cannot score the student's "
+            "inputs: " + "; ".join(mismatches) + ". Use a teacher of the same family and image settings."
+        )
+
+
+def check_steering(trainer, student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+    """Visual Gradient Steering needs images to remove and plain vocabulary heads it can read."""
+    if not trainer._is_vlm:
+        raise ValueError(
+            "visual_gradient_steering contrasts each sample with its text-only view, so it needs a "
+            "vision-language student with its processor; this student is text-only. Set "
+            "visual_gradient_steering=False."
+        )
+    if trainer.tools or trainer.environment_factories is not None:
+        raise ValueError(
+            "visual_gradient_steering does not support tools or environments (their turns can carry images "
+            "the text-only view cannot remove): drop them or set visual_gradient_steering=False."
+        )
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if trainer.is_fsdp_enabled or zero3:
+        raise ValueError(
+            "visual_gradient_steering reads the vocabulary heads' weights directly, which FSDP and DeepSpeed "
+            "ZeRO-3 shard: use DDP or ZeRO-2, or set visual_gradient_steering=False."
+        )
+    for name, model in (("student", student), ("teacher", teacher)):
+        model = model.get_base_model() if is_peft_model(model) else model
+        head, config = model.get_output_embeddings(), model.config.get_text_config()
+        if not isinstance(head, torch.nn.Linear) or not head.weight.is_floating_point():
+            raise ValueError(
+                f"visual_gradient_steering needs the {name}'s vocabulary head as a plain linear layer with "
+                f"floating-point weights, got {type(head).__name__}: keep the head out of LoRA targets and "
+                "quantization."
+            )
+        if getattr(config, "final_logit_softcapping", None) or (getattr(config, "logit_scale", None) or 1) != 1:
+            raise ValueError(
+                f"visual_gradient_steering does not implement logit soft-capping or scaling (the {name} uses "
+                "them): set visual_gradient_steering=False."
+            )
+
+
+def _differences(prefix: str, student, teacher, keys: tuple[str, ...]) -> list[str]:
+    """'<prefix><key>: student <value>, teacher <value>' for each setting on which the two disagree."""
+    if teacher is None:  # nothing to compare against (e.g. no teacher processor)
+        return []
+    return [
+        f"{prefix}{key}: student {getattr(student, key, None)}, teacher {getattr(teacher, key, None)}"
+        for key in keys
+        if getattr(student, key, None) != getattr(teacher, key, None)
+    ]
