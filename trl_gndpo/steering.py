@@ -12,7 +12,8 @@ from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
 from . import vgs
-from .teacher import completion_states, placed, vocabulary_head
+from .modules import vocabulary_head
+from .teacher import completion_states, placed
 
 # Content blocks that the text-only view removes.
 _VISUAL_PARTS = ("image", "video")

@@ -8,14 +8,15 @@ TRL's reference model, or kept on its own device (`teacher_device`) or in CPU me
 from contextlib import contextmanager
 
 import torch
-from accelerate.utils import is_peft_model
 from transformers import AutoProcessor, BitsAndBytesConfig, PreTrainedModel
 from transformers.utils import logging
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
+from .completion_head import project_completions_only
 from .config import GNDPOConfig
+from .modules import backbone, vocabulary_head
 
 logger = logging.get_logger(__name__)
 
@@ -65,6 +66,7 @@ def prepare_scoring_model(trainer, model: PreTrainedModel, temperature: float, p
     if args.disable_dropout:
         disable_dropout_in_model(model)
     add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+    project_completions_only(model)
     if placed and (args.teacher_device is not None or args.teacher_offload):
         return model.to(args.teacher_device or "cpu")
     if trainer.is_deepspeed_enabled:
@@ -109,20 +111,6 @@ def capture_completion_states(model, completion_length: int, enabled: bool = Tru
         yield states
     finally:
         handle.remove()
-
-
-def backbone(model) -> torch.nn.Module:
-    """The decoder without its vocabulary head, under any DDP / DeepSpeed / accelerate wrapper and PEFT adapter."""
-    while hasattr(model, "module"):
-        model = model.module
-    return (model.get_base_model() if is_peft_model(model) else model).base_model
-
-
-def vocabulary_head(model) -> torch.nn.Module:
-    """The model's vocabulary head, under any wrapper and PEFT adapter."""
-    while hasattr(model, "module"):
-        model = model.module
-    return (model.get_base_model() if is_peft_model(model) else model).get_output_embeddings()
 
 
 def completion_states(model, input_ids, attention_mask, completion_length: int, batch_size: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 the clamped token signal into globally whitened per-token advantages, and train with the clipped policy loss.
 
 The teacher's loading and placement live in `teacher.py`, the set-up checks in `checks.py`, Visual Gradient Steering
-in `steering.py`, the resumable data order in `resume.py`, FSDP2 on CPU in `engines.py`, and the math in
+in `steering.py`, the resumable data order in `resume.py`, the head's completion-only projection in
+`completion_head.py`, FSDP2 on CPU in `engines.py`, and the math in
 `functional.py`, `uniopd.py` and `vgs.py`.
 """
 
@@ -19,6 +20,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, use_adapter
 
 from . import checks, engines, functional, uniopd
+from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .resume import EpochRepeatSampler
 from .steering import SteeringMixin
@@ -139,6 +141,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         )
         if args.visual_gradient_steering:
             checks.check_steering(self, student, teacher_model)
+        project_completions_only(student.get_base_model() if is_peft_model(student) else student)
         self._vgs_eta, self._vgs_eta_samples = args.vgs_eta, []
         self._teacher_offload_to = self.accelerator.device if args.teacher_offload else None
         self.teacher_model = prepare_scoring_model(self, teacher_model, temperature=1.0, placed=True)
