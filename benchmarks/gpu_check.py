@@ -38,7 +38,6 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 import torch  # noqa: E402
-from models import QWEN_VOCAB, _tiny_models_module, gpu_qwen_configs  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import (  # noqa: E402
     BitsAndBytesConfig,
@@ -48,6 +47,9 @@ from transformers import (  # noqa: E402
 )
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import tiny_models as tiny  # noqa: E402
 
 CASES = ("lora", "qlora", "teacher_device", "teacher_offload", "vllm")
 LAYERS = {"student": 2, "teacher": 4}
@@ -72,21 +74,39 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.start)
 
 
+QWEN_VOCAB = 151_936
+# The text widths of the published Qwen2.5-VL-3B (student) and 7B (teacher) checkpoints, with few layers.
+TEXT = {
+    "student": dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2),
+    "teacher": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4),
+}
+VISION = dict(depth=2, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+              spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])  # fmt: skip
+
+
 def qwen2_5_vl_shaped(device: str) -> dict:
     """Student and teacher of the GPU run, bf16, built on `device` ("meta": shapes only, no memory)."""
-    configs = dict(zip(("student", "teacher"), gpu_qwen_configs("qwen2.5-vl", QWEN_VOCAB)[:2], strict=True))
+    from transformers import Qwen2_5_VLConfig
+
+    tokenizer = tiny.make_processor("qwen2_5_vl").tokenizer
+    token = tokenizer.convert_tokens_to_ids
+    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=token("<|endoftext|>"))  # fmt: skip
+    special = dict(image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+                   vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"))  # fmt: skip
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}
     models = {}
-    for seed, (role, config) in enumerate(configs.items()):
-        text = config.text_config
-        text.num_hidden_layers = LAYERS[role]
-        if getattr(text, "layer_types", None):
-            text.layer_types = text.layer_types[: LAYERS[role]]
-        config.vision_config.depth, config.vision_config.fullatt_block_indexes = 2, [1]
+    for seed, role in enumerate(("student", "teacher")):
+        text = dict(TEXT[role], num_hidden_layers=LAYERS[role], vocab_size=QWEN_VOCAB, max_position_embeddings=32768,
+                    rope_parameters=rope, **ids)  # fmt: skip
+        vision = dict(VISION, out_hidden_size=text["hidden_size"])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=role == "student",
+                                  **special)  # fmt: skip
         torch.manual_seed(seed)
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-        model.generation_config.eos_token_id = text.eos_token_id
-        model.generation_config.pad_token_id = text.pad_token_id
+        model.generation_config.eos_token_id = ids["eos_token_id"]
+        model.generation_config.pad_token_id = ids["pad_token_id"]
         models[role] = model
     return models
 
@@ -95,7 +115,6 @@ def save_models(workdir: Path, dry_run: bool) -> tuple[str, str, dict]:
     """Save the student and teacher (random weights, bf16) with the processor; their paths and parameter counts.
 
     The dry run saves the tiny pair, and builds the GPU pair on the meta device to check its configuration."""
-    tiny = _tiny_models_module()
     processor = tiny.make_processor("qwen2_5_vl")
     gpu_pair = qwen2_5_vl_shaped("meta" if dry_run else "cuda")
     counts = {role: sum(p.numel() for p in model.parameters()) for role, model in gpu_pair.items()}
@@ -112,7 +131,6 @@ def save_models(workdir: Path, dry_run: bool) -> tuple[str, str, dict]:
 
 
 def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool) -> dict:
-    tiny = _tiny_models_module()
     cuda = not dry_run
     settings = dict(
         output_dir=str(workdir / case),

@@ -48,7 +48,7 @@ from tiny_models import cpu_grpo_kwargs, frozen_fingerprint, make_image, make_vl
 from torch.distributed.fsdp import CPUOffloadPolicy
 from transformers import BitsAndBytesConfig
 
-from trl_gndpo import GNDPOConfig, GNDPOTrainer
+from trl_gndpo import GNDPOConfig, GNDPOTrainer, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -428,6 +428,12 @@ def test_readme_launch_line(command, checkpoints, geometry3k, tmp_path, monkeypa
     words = shlex.split(command)
     if words[0] in ("python", "jupyter"):
         assert (ROOT / words[-1]).is_file() and words[-1].startswith("examples/")
+        return
+    if "--config" in words:  # a YAML recipe of the CLI: its values parse and validate (test_cli.py covers the rest)
+        if words[0] == "accelerate":
+            assert launch(words[2:], monkeypatch)[1].training_script == "trl_gndpo"
+        _, config, model_args, _ = cli.parse(["--config", words[-1], "--output_dir", str(tmp_path)])
+        assert model_args.model_name_or_path and config.teacher_model_name_or_path
         return
     assert words[:2] == ["accelerate", "launch"], command
     launcher, args, _ = launch(words[2:], monkeypatch)
