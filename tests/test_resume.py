@@ -29,7 +29,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import cpu_grpo_kwargs, make_text_dataset, make_text_model, make_tokenizer
+from tiny_models import (
+    VLM_FAMILIES,
+    cpu_grpo_kwargs,
+    make_image_dataset,
+    make_text_dataset,
+    make_text_model,
+    make_tokenizer,
+    make_vlm,
+)
 from transformers import TrainerCallback
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
@@ -49,21 +57,29 @@ class StopAfterCheckpoint(TrainerCallback):
             control.should_training_stop = True
 
 
-def make_trainer(output_dir, num_prompts: int, **overrides) -> tuple[GNDPOTrainer, list[dict]]:
-    """A GNDPO trainer on fresh tiny models (same seeds every call) and the list its generation batches go to."""
+def make_trainer(output_dir, num_prompts: int, family: str = "text", **overrides) -> tuple[GNDPOTrainer, list[dict]]:
+    """A GNDPO trainer on fresh tiny models (same seeds every call) and the list its generation batches go to.
+
+    `family`: "text" (Qwen2) or a Qwen-VL family (one image per prompt)."""
     kwargs = {"save_strategy": "steps", "save_steps": 2, **overrides}
     config = GNDPOConfig(
         **cpu_grpo_kwargs(output_dir=str(output_dir), max_steps=MAX_STEPS, max_completion_length=6, **kwargs)
     )
-    dataset = make_text_dataset(num_prompts)
+    if family == "text":
+        student, processor = make_text_model(seed=0), make_tokenizer()
+        teacher, teacher_processor = make_text_model(seed=1, hidden_size=128), make_tokenizer()
+        dataset = make_text_dataset(num_prompts)
+    else:
+        (student, processor), (teacher, teacher_processor) = make_vlm(family, 0), make_vlm(family, 1, 128)
+        dataset = make_image_dataset(num_prompts)
     dataset = dataset.add_column("idx", list(range(num_prompts)))  # passed through to the generation batch
     trainer = GNDPOTrainer(
-        model=make_text_model(seed=0),
-        teacher_model=make_text_model(seed=1, hidden_size=128),
+        model=student,
+        teacher_model=teacher,
         args=config,
         train_dataset=dataset,
-        processing_class=make_tokenizer(),
-        teacher_processing_class=make_tokenizer(),
+        processing_class=processor,
+        teacher_processing_class=teacher_processor,
     )
     records = []
     generate = trainer._generate_and_score_completions
@@ -173,3 +189,27 @@ def test_resume_matches_uninterrupted_run(tmp_path, num_prompts, stop, overrides
     steps_per_epoch = len(full.get_train_dataloader()) // full.args.gradient_accumulation_steps
     if stop >= steps_per_epoch:
         assert epoch_rows(full_records, steps_per_epoch, 1) != epoch_rows(full_records, steps_per_epoch, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vision_language_full_finetune_resume_restores_every_trained_tensor(tmp_path, family):
+    """Qwen2-VL / Qwen2.5-VL checkpoints store their weights under the checkpoint layout (`model.embed_tokens`,
+    `visual.*`) that transformers 5.x loads back into `model.language_model.*` / `model.visual.*` only through the
+    model's key conversion; a resume that misses it silently restores just `lm_head` (upstream transformers#43701)."""
+    initial = dict(make_vlm(family, 0)[0].named_parameters())
+    full, _ = make_trainer(tmp_path / "full", 8, family)
+    full.train()
+    interrupted, _ = make_trainer(tmp_path / "resumed", 8, family)
+    interrupted.add_callback(StopAfterCheckpoint(2))
+    interrupted.train()
+    del interrupted
+    resumed, _ = make_trainer(tmp_path / "resumed", 8, family)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+
+    full_params, resumed_params = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
+    trained = [name for name, p in full_params.items() if not torch.equal(p, initial[name])]
+    assert len(trained) > len(full_params) // 2, "the test needs most tensors to train"
+    differing = [name for name in full_params if not torch.equal(full_params[name], resumed_params[name])]
+    assert not differing, f"{len(differing)} of {len(trained)} trained tensors were not restored: {differing[:5]}"
+    assert_same_state(full.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")

@@ -1,7 +1,39 @@
-"""What makes a resumed GNDPO run continue exactly where the uninterrupted one would be: the data order."""
+"""What makes a resumed GNDPO run continue exactly where the uninterrupted one would be: the student's weights
+(whatever key layout their checkpoint uses) and the data order."""
+
+import os
 
 import torch
+from transformers import PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from trl.trainer.utils import RepeatSampler
+
+_FULL_WEIGHTS = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+
+
+def has_full_weights(folder: str, model) -> bool:
+    """A checkpoint of a whole `PreTrainedModel` (not an adapter, not an engine's own shards)."""
+    return isinstance(model, PreTrainedModel) and any(os.path.isfile(os.path.join(folder, n)) for n in _FULL_WEIGHTS)
+
+
+def load_full_weights(model: PreTrainedModel, folder: str) -> None:
+    """Load a full-model checkpoint into `model` through `from_pretrained`, and fail unless every tensor matches.
+
+    `Trainer` loads the raw state dict with `strict=False`, which skips the key conversion that transformers 5 applies
+    when it loads a model: a Qwen2-VL / Qwen2.5-VL checkpoint stores `model.embed_tokens.*` / `visual.*` while the live
+    model has `model.language_model.*` / `model.visual.*`, so a resume restored only `lm_head` and kept every other
+    trained tensor at its initial value, with a warning as the only sign (upstream transformers#43701). Loading
+    through `from_pretrained` applies the model's own conversion; it holds a second copy of the weights in CPU memory
+    while it copies them in.
+    """
+    dtype = next(model.parameters()).dtype
+    saved = type(model).from_pretrained(folder, dtype=dtype, device_map="cpu").state_dict()
+    missing, unexpected = model.load_state_dict(saved, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"The checkpoint {folder} does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+            "Resume with the model (and model class) that wrote it."
+        )
 
 
 class EpochRepeatSampler(RepeatSampler):

@@ -22,7 +22,7 @@ from trl.trainer.utils import create_model_from_path, use_adapter
 from . import checks, engines, functional, uniopd
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
-from .resume import EpochRepeatSampler
+from .resume import EpochRepeatSampler, has_full_weights, load_full_weights
 from .steering import SteeringMixin
 from .teacher import (
     capture_completion_states,
@@ -152,6 +152,11 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         super().create_accelerator_and_postprocess()
         if engines.select_fsdp2_on_cpu(self.accelerator, self.args.fsdp_plugin_args):  # accelerate drops it on CPU
             self.is_fsdp_enabled = True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if model is None and not self.is_fsdp_enabled and has_full_weights(resume_from_checkpoint, self.model):
+            return load_full_weights(self.model, resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _get_train_sampler(self, dataset=None):
         return EpochRepeatSampler.like(super()._get_train_sampler(dataset))
