@@ -32,6 +32,15 @@ from trl_gndpo import GNDPOConfig, GNDPOTrainer
         ({"importance_sampling_level": "sentence"}, "importance_sampling_level"),
         ({"entropy_coef": 0.01}, "entropy_coef"),
         ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+        ({"outcome_advantage_weight": float("inf")}, "outcome_advantage_weight must be a finite number"),
+        ({"whitening_eps": float("inf")}, "whitening_eps must be a finite number"),
+        ({"token_signal_clamp": float("inf")}, "token_signal_clamp must be a finite number"),
+        ({"vgs_eta": float("inf")}, "vgs_eta must be a finite number"),
+        ({"correctness_threshold": float("nan")}, "correctness_threshold must be a finite number"),
+        ({"epsilon": -0.1}, "epsilon .* must be >= 0"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": -1.0}, "temperature must be > 0"),
+        ({"num_generations": 1}, "GNDPO's whitening needs no prompt groups"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message, cpu_config_kwargs):

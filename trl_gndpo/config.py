@@ -16,6 +16,26 @@ _UNSUPPORTED_GRPO_OPTIONS = {
 }
 
 
+# Numeric options that must be finite: an inf or NaN passes a range check like `> 0` yet breaks training.
+_FINITE_FIELDS = (
+    "token_signal_clamp",
+    "whitening_eps",
+    "outcome_advantage_weight",
+    "max_log_ratio",
+    "reward_extrapolation",
+    "max_abs_log_ratio",
+    "correctness_threshold",
+    "margin_delta",
+    "balance_ratio",
+    "vgs_gamma",
+    "vgs_lambda",
+    "vgs_eta",
+    "temperature",
+    "epsilon",
+    "epsilon_high",
+)
+
+
 @dataclass
 class GNDPOConfig(GRPOConfig):
     r"""
@@ -346,7 +366,25 @@ class GNDPOConfig(GRPOConfig):
     lr_scheduler_type: str = field(default="constant", metadata={"help": "The scheduler type to use."})
 
     def __post_init__(self):
+        if self.num_generations is not None and self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2, got {self.num_generations}. GNDPO's whitening needs no prompt groups, "
+                "but GRPOTrainer (TRL 1.16), whose sampler and validation GNDPO reuses, only runs with groups of at "
+                "least 2 samples per prompt; both samples train, so set num_generations=2 and halve the number of "
+                "prompts per batch for the same cost."
+            )
         super().__post_init__()
+        for name in _FINITE_FIELDS:  # inf or NaN here would silently zero the advantages or NaN the weights
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}.")
+        if not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 (the student's log-probs are divided by it), got {self.temperature}."
+            )
+        for name in ("epsilon", "epsilon_high"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise ValueError(f"{name} (the policy loss's clip range) must be >= 0, got {getattr(self, name)}.")
         if (self.teacher_device is not None or self.teacher_offload) and (self.deepspeed or self.fsdp):
             raise ValueError(
                 "teacher_device and teacher_offload place the teacher outside DeepSpeed/FSDP, which shard it "
@@ -366,8 +404,6 @@ class GNDPOConfig(GRPOConfig):
             raise ValueError(f"outcome_advantage_weight must be >= 0, got {self.outcome_advantage_weight}.")
         if not self.max_log_ratio > 0:
             raise ValueError(f"max_log_ratio must be > 0, got {self.max_log_ratio}.")
-        if not math.isfinite(self.reward_extrapolation):
-            raise ValueError(f"reward_extrapolation must be finite, got {self.reward_extrapolation}.")
         if self.value_baseline and self.temperature != 1.0:
             raise ValueError(
                 f"value_baseline (vOPD) compares the distributions at temperature 1; set temperature=1.0 (got "
