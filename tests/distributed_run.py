@@ -4,7 +4,8 @@
 mean/variance used). `uniopd` mode (Uni-OPD margin shift per prompt group, groups split across the ranks): each rank
 records the inputs and output of the margin shift and its final advantages. `vgs` mode (Visual Gradient Steering on a
 tiny Qwen2-VL): each rank records its local VDS, the values its quantiles were taken over, the thresholds, its gates
-and the measured eta. The test compares the ranks.
+and the measured eta. The test compares the ranks. `python distributed_run.py OUT_DIR MODE [MODE ...]` runs the modes one after the
+other in the same two processes.
 """
 
 import sys
@@ -25,7 +26,6 @@ import trl_gndpo.uniopd as U
 import trl_gndpo.vgs as V
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
 
-out_dir, mode = sys.argv[1], sys.argv[2]
 records = []
 
 
@@ -42,42 +42,47 @@ def parity_reward(completions, **kwargs):
     return [float(len(str(c)) % 2 == 0) for c in completions]
 
 
+def run(out_dir: str, mode: str) -> None:
+    """Train in `mode` and save this rank's records to `{out_dir}/{mode}-rank{r}.pt`."""
+    records.clear()
+    options = {"margin_calibration": "shift", "num_generations": 4, "max_steps": 3} if mode == "uniopd" else {}
+    if mode == "vgs":
+        options = {"visual_gradient_steering": True, "vgs_adaptive_gamma": True, "vgs_eta_measure_steps": 1}
+        (student, processor), (teacher, _) = make_vlm(seed=0), make_vlm(seed=1, hidden_size=128)
+        dataset = make_image_dataset()
+    else:
+        student, teacher = make_text_model(seed=0), make_text_model(seed=1, hidden_size=128)
+        processor, dataset = make_tokenizer(), make_text_dataset()
+    trainer = GNDPOTrainer(
+        model=student,
+        teacher_model=teacher,
+        reward_funcs=parity_reward if mode == "uniopd" else None,
+        args=GNDPOConfig(**cpu_grpo_kwargs(output_dir=f"{out_dir}/{mode}", per_device_train_batch_size=2, **options)),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    assert dist.is_initialized() and trainer.accelerator.num_processes == 2, "expected two processes"
+    generate = trainer._generate_and_score_completions
+
+    def record_batch(inputs):
+        batch = generate(inputs)
+        record = {"function": "batch", "advantages": batch["advantages"], "mask": batch["loss_mask"]}
+        record.update({k: batch[k] for k in ("vgs_lp_gate", "vgs_gamma") if k in batch})
+        records.append(record)
+        return batch
+
+    trainer._generate_and_score_completions = record_batch
+    trainer.train()
+    records.append({"function": "eta", "result": trainer._vgs_eta, "samples": trainer._vgs_eta_samples})
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    records.append({"function": "weights", "result": {n: p.detach().clone() for n, p in student.named_parameters()}})
+    torch.save(records, f"{out_dir}/{mode}-rank{trainer.accelerator.process_index}.pt")
+
+
 F.whitened_advantages = recording(F.whitened_advantages, "whitened_advantages")
 U.margin_shift = recording(U.margin_shift, "margin_shift")
 V.visual_dependency_scores = recording(V.visual_dependency_scores, "visual_dependency_scores")
 V.quantile_thresholds = recording(V.quantile_thresholds, "quantile_thresholds")
 torch.set_num_threads(1)
-options = {"margin_calibration": "shift", "num_generations": 4, "max_steps": 3} if mode == "uniopd" else {}
-if mode == "vgs":
-    options = {"visual_gradient_steering": True, "vgs_adaptive_gamma": True, "vgs_eta_measure_steps": 1}
-    (student, processor), (teacher, _) = make_vlm(seed=0), make_vlm(seed=1, hidden_size=128)
-    dataset = make_image_dataset()
-else:
-    student, teacher = make_text_model(seed=0), make_text_model(seed=1, hidden_size=128)
-    processor, dataset = make_tokenizer(), make_text_dataset()
-trainer = GNDPOTrainer(
-    model=student,
-    teacher_model=teacher,
-    reward_funcs=parity_reward if mode == "uniopd" else None,
-    args=GNDPOConfig(**cpu_grpo_kwargs(output_dir=f"{out_dir}/output", per_device_train_batch_size=2, **options)),
-    train_dataset=dataset,
-    processing_class=processor,
-)
-assert dist.is_initialized() and trainer.accelerator.num_processes == 2, "expected two processes"
-generate = trainer._generate_and_score_completions
-
-
-def record_batch(inputs):
-    batch = generate(inputs)
-    record = {"function": "batch", "advantages": batch["advantages"], "mask": batch["loss_mask"]}
-    record.update({k: batch[k] for k in ("vgs_lp_gate", "vgs_gamma") if k in batch})
-    records.append(record)
-    return batch
-
-
-trainer._generate_and_score_completions = record_batch
-trainer.train()
-records.append({"function": "eta", "result": trainer._vgs_eta, "samples": trainer._vgs_eta_samples})
-student = trainer.accelerator.unwrap_model(trainer.model)
-records.append({"function": "weights", "result": {n: p.detach().clone() for n, p in student.named_parameters()}})
-torch.save(records, f"{out_dir}/rank{trainer.accelerator.process_index}.pt")
+for mode in sys.argv[2:]:  # one launch runs every mode the tests ask for: a launch costs more than a run
+    run(sys.argv[1], mode)
