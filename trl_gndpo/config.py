@@ -106,6 +106,18 @@ class GNDPOConfig(GRPOConfig):
             Token guard from the Uni-OPD reference scripts (which use 10): tokens with `|log p - log q|` at or above
             this bound leave the statistics and the loss. `None` (default) keeps every token.
 
+        > Parameters that control the checks of bad input (see the bad-input table in the docs)
+
+        max_checked_rows (`int`, *optional*):
+            Before training, the prompts and images of the first this-many rows of each dataset are checked (prompt
+            present and non-empty; each image present, decodable in full and of aspect ratio at most 200). `None`
+            (default) checks every row. Rows are read a slice at a time, never a whole column; decoding every image
+            of a very large dataset takes a while, in every process, so set a limit there.
+        max_invalid_generation_batches (`int`, *optional*, defaults to `3`):
+            Stop with an error after this many consecutive training generation batches without a single valid
+            completion token (every token non-finite, masked or filtered out), which would train on a zero loss.
+            Each such batch logs a warning and leaves the `gndpo/` averages unlogged. `None` never stops.
+
         > Parameters of Uni-OPD (margin calibration and balancing)
 
         correctness_threshold (`float`, *optional*, defaults to `0.5`):
@@ -271,6 +283,22 @@ class GNDPOConfig(GRPOConfig):
         metadata={"help": "Drop tokens with |log p - log q| >= this bound from statistics and loss (Uni-OPD: 10)."},
     )
 
+    # Checks of bad input
+    max_checked_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "Check the prompts and images of only the first this-many rows of each dataset before training "
+            "(None: every row)."
+        },
+    )
+    max_invalid_generation_batches: int | None = field(
+        default=3,
+        metadata={
+            "help": "Stop after this many consecutive training generation batches without any valid completion "
+            "token (None: never stop)."
+        },
+    )
+
     # Uni-OPD
     correctness_threshold: float = field(
         default=0.5, metadata={"help": "A completion is correct when its weighted outcome reward is at least this."}
@@ -417,6 +445,9 @@ class GNDPOConfig(GRPOConfig):
             raise ValueError(f"max_prompt_length must be > 0 or None, got {self.max_prompt_length}.")
         if self.max_abs_log_ratio is not None and not self.max_abs_log_ratio > 0:
             raise ValueError(f"max_abs_log_ratio must be > 0 or None, got {self.max_abs_log_ratio}.")
+        for name in ("max_checked_rows", "max_invalid_generation_batches"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}.")
         choices = {
             "margin_calibration": ("none", "shift", "mask"),
             "margin_scope": ("group", "global"),
