@@ -69,7 +69,8 @@ def record(trainer):
         passes.clear()
         batch = generate(inputs)
         count = len(passes)
-        records.append((batch, rescore(student, batch, TEMPERATURE), rescore(trainer.teacher_model, batch, 1.0), count))
+        teacher_logps = rescore(trainer.teacher_model, batch, 1.0)
+        records.append((batch, rescore(student, batch, TEMPERATURE), teacher_logps, count))
         return batch
 
     trainer._generate_and_score_completions = spy
@@ -84,8 +85,9 @@ def test_completions_of_different_lengths_get_their_own_tokens_log_probs():
     prompt = torch.tensor([[5, 17, 42, 7]] * 8)
     with recording(model, TEMPERATURE) as recorder, torch.no_grad():
         sequences = model.generate(
-            prompt, do_sample=True, temperature=TEMPERATURE, top_k=0, max_new_tokens=12, eos_token_id=eos, pad_token_id=1
-        )
+            prompt, do_sample=True, temperature=TEMPERATURE, top_k=0, max_new_tokens=12, eos_token_id=eos,
+            pad_token_id=1,
+        )  # fmt: skip
     assert "_get_logits_processor" not in vars(model), "the model's method was not restored"
     completions = []
     for row in sequences[:, prompt.size(1) :].tolist():  # cut after the first end token, as GRPOTrainer does
@@ -159,6 +161,7 @@ def test_with_several_iterations_trl_rescores_and_that_is_used(cpu_config_kwargs
         ({"token_selection": "entropy"}, "token_selection"),
         ({"value_baseline": True}, "value_baseline"),
         ({"use_transformers_continuous_batching": True}, "continuous_batching"),
+        ({"use_vllm": True}, "vllm_importance_sampling_correction"),  # on by default: TRL re-scores anyway
     ],
 )
 def test_settings_that_change_the_distribution_are_refused(overrides, message, cpu_config_kwargs):
@@ -168,9 +171,7 @@ def test_settings_that_change_the_distribution_are_refused(overrides, message, c
 
 
 def test_neutral_settings_are_accepted(cpu_config_kwargs):
-    config = GNDPOConfig(
-        **cpu_config_kwargs(
-            old_logps_from_sampler=True, top_k=0, top_p=1.0, generation_kwargs={"min_new_tokens": 4, "temperature": 1.0}
-        )
-    )
+    # min_new_tokens masks the end token in the sampler only: the recorded log-prob, like the re-score, is unmasked
+    kwargs = {"min_new_tokens": 4, "temperature": 1.0}
+    config = GNDPOConfig(**cpu_config_kwargs(old_logps_from_sampler=True, top_k=0, top_p=1, generation_kwargs=kwargs))
     assert config.old_logps_from_sampler

@@ -24,7 +24,7 @@ class SampledTokenLogProbs(LogitsProcessor):
 
     def __init__(self, temperature: float):
         self.temperature = temperature
-        self._pending: torch.Tensor | None = None  # (batch, vocab): the last step's log-softmax, its token not seen yet
+        self._pending: torch.Tensor | None = None  # (batch, vocab) log-softmax of the last step, its token unseen
         self._steps: list[torch.Tensor] = []  # (batch,) per step whose token was seen
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
