@@ -1,11 +1,11 @@
 """GNDPO's pipeline on TRL's GRPOTrainer: score the sampled tokens with the teacher once per generation batch, turn
 the clamped token signal into globally whitened per-token advantages, and train with the clipped policy loss.
 
-The teacher's loading and placement live in `teacher.py`, the set-up checks in `checks.py`, Visual Gradient Steering
-in `steering.py`, the resumable data order and the checkpoint checks in
-`resume.py`, the guard against batches without a valid token in `guards.py`, the head's completion-only projection in
-`completion_head.py`, FSDP2 on CPU in `engines.py`, and the math in
-`functional.py`, `uniopd.py` and `vgs.py`.
+Elsewhere, one concern per file: the teacher's loading and placement (`teacher.py`), the set-up checks (`checks.py`),
+Visual Gradient Steering (`steering.py`), the resumable data order and checkpoint checks (`resume.py`), the guard
+against batches without a valid token (`guards.py`), the head's completion-only projection (`completion_head.py`), the
+sampler's log-probs (`sampler_logps.py`), FSDP2 on CPU (`engines.py`), and the math (`functional.py`, `uniopd.py`,
+`vgs.py`).
 """
 
 import copy
@@ -20,7 +20,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, use_adapter
 
-from . import checks, engines, functional, uniopd
+from . import checks, engines, functional, sampler_logps, uniopd
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .guards import InvalidBatchGuard
@@ -174,6 +174,18 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
     def _get_train_sampler(self, dataset=None):
         return EpochRepeatSampler.like(super()._get_train_sampler(dataset))
 
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        # Record only where TRL neither returns them (vLLM) nor re-scores the batch itself (then its re-score is used).
+        rescored = self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations)
+        if not self.args.old_logps_from_sampler or self.use_vllm or rescored:
+            return super()._generate_single_turn(*args)
+        student = self.accelerator.unwrap_model(self.model_wrapped)
+        student = student.get_base_model() if is_peft_model(student) else student
+        with sampler_logps.recording(student, self.temperature) as recorder:
+            completion_ids, _ = super()._generate_single_turn(*args)
+        return completion_ids, recorder.per_completion(completion_ids)
+
     # ----------------------------------------------------------------------------------------------------------------
     # Advantages: once per generation batch.
 
@@ -255,6 +267,8 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
 
         want_entropy, want_kl = self.args.token_selection != "none", self.args.value_baseline
         scores = {"student": batch.get("old_per_token_logps")}
+        if scores["student"] is None and self.args.old_logps_from_sampler:
+            scores["student"] = batch["sampling_per_token_logps"]  # the sampler's own log p_old: no re-score pass
         with capture_completion_states(self.model, completion_length, enabled=want_kl) as student_states:
             if scores["student"] is None or want_entropy or want_kl:
                 with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
