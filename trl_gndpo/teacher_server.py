@@ -26,7 +26,7 @@ from urllib3.util.retry import Retry
 logger = logging.get_logger(__name__)
 
 # Text whose token ids the student and the server must agree on; every special token of the student is added.
-_PROBE = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19; naïve café ✓ 你好\n\tdef f(x):\n    return x**2"
+_PROBE = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19; naïve café ✓ 你好\n\tdef f(x):\n  return x**2"
 
 
 class TeacherServerError(RuntimeError):
