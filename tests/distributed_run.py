@@ -4,10 +4,12 @@
 mean/variance used). `uniopd` mode (Uni-OPD margin shift per prompt group, groups split across the ranks): each rank
 records the inputs and output of the margin shift and its final advantages. `vgs` mode (Visual Gradient Steering on a
 tiny Qwen2-VL): each rank records its local VDS, the values its quantiles were taken over, the thresholds, its gates
-and the measured eta. The test compares the ranks. `python distributed_run.py OUT_DIR MODE [MODE ...]` runs the modes one after the
-other in the same two processes.
+and the measured eta. `server` mode (the teacher served at `$GNDPO_TEACHER_SERVER_URL`, tests/test_teacher_server.py):
+each rank also records the token scores of its share. The test compares the ranks. `python distributed_run.py
+OUT_DIR MODE [MODE ...]` runs the modes one after the other in the same two processes.
 """
 
+import os
 import sys
 
 import torch
@@ -53,6 +55,8 @@ def run(out_dir: str, mode: str) -> None:
     else:
         student, teacher = make_text_model(seed=0), make_text_model(seed=1, hidden_size=128)
         processor, dataset = make_tokenizer(), make_text_dataset()
+    if mode == "server":
+        teacher, options = None, {"teacher_model_server_url": os.environ["GNDPO_TEACHER_SERVER_URL"]}
     trainer = GNDPOTrainer(
         model=student,
         teacher_model=teacher,
@@ -72,6 +76,15 @@ def run(out_dir: str, mode: str) -> None:
         return batch
 
     trainer._generate_and_score_completions = record_batch
+    score_tokens = trainer._score_tokens
+
+    def record_scores(batch, mode):
+        scores = score_tokens(batch, mode)
+        ids = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+        records.append({"function": "scores", "student": scores["student"], "teacher": scores["teacher"], **ids})
+        return scores
+
+    trainer._score_tokens = record_scores
     trainer.train()
     records.append({"function": "eta", "result": trainer._vgs_eta, "samples": trainer._vgs_eta_samples})
     student = trainer.accelerator.unwrap_model(trainer.model)

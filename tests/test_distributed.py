@@ -27,17 +27,21 @@ def free_port() -> int:
 MODES = ("whitening", "uniopd", "vgs")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, list]:
-    """Every mode of distributed_run.py, in one two-process launch: {mode: [rank 0's records, rank 1's]}."""
-    out = tmp_path_factory.mktemp("two-processes")
+def run_two_processes(out: Path, *modes: str) -> dict[str, list]:
+    """The modes of distributed_run.py, in one two-process launch: {mode: [rank 0's records, rank 1's]}."""
     path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(TESTS / "distributed_run.py"), str(out), *MODES]  # fmt: skip
+               str(free_port()), str(TESTS / "distributed_run.py"), str(out), *modes]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {mode: [torch.load(out / f"{mode}-rank{r}.pt") for r in range(2)] for mode in MODES}
+    return {mode: [torch.load(out / f"{mode}-rank{r}.pt") for r in range(2)] for mode in modes}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list]:
+    """One launch serves every test of this file."""
+    return run_two_processes(tmp_path_factory.mktemp("two-processes"), *MODES)
 
 
 def calls(records, name):

@@ -29,8 +29,16 @@ def check_arguments(args: GNDPOConfig, reward_funcs, teacher_model) -> None:
             "Uni-OPD margin calibration and balancing need `reward_funcs` to tell correct from incorrect "
             "completions: pass them, or set margin_calibration='none' and balance_ratio=None."
         )
-    if teacher_model is None:
-        raise ValueError("GNDPO needs a teacher: pass `teacher_model` or set `teacher_model_name_or_path`.")
+    if args.teacher_model_server_url is not None and teacher_model is not None:
+        raise ValueError(
+            "Both a teacher model and teacher_model_server_url are given: pass `teacher_model` for a local teacher, "
+            "or only teacher_model_server_url for a served one."
+        )
+    if teacher_model is None and args.teacher_model_server_url is None:
+        raise ValueError(
+            "GNDPO needs a teacher: pass `teacher_model`, or set `teacher_model_name_or_path` or "
+            "`teacher_model_server_url`."
+        )
     if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
         raise ValueError(
             "teacher_model_init_kwargs is set but the teacher is already instantiated: drop the kwargs or pass "
