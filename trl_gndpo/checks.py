@@ -54,6 +54,22 @@ def warn_if_checkpoints_split_generations(args: GNDPOConfig) -> None:
         )
 
 
+def warn_if_rollout_feeds_several_steps(args: GNDPOConfig) -> None:
+    """GNDPO whitens over one rollout and takes one optimizer step on it; more steps per rollout train off-policy."""
+    if args.normalization_scope != "global":
+        return
+    steps = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+    if args.steps_per_generation > args.gradient_accumulation_steps or args.num_iterations > 1:
+        logger.warning(
+            f"Each generation batch feeds {steps:g} optimizer steps (steps_per_generation="
+            f"{args.steps_per_generation}, gradient_accumulation_steps={args.gradient_accumulation_steps}, "
+            f"num_iterations={args.num_iterations}): the whitening statistics come from the whole rollout while the "
+            "later steps train a policy that has already moved, unlike the GNDPO reference, which takes one "
+            "optimizer step per rollout. For that, leave generation_batch_size and steps_per_generation unset "
+            "(steps_per_generation then equals gradient_accumulation_steps) and set num_iterations=1."
+        )
+
+
 def check_datasets(datasets: list, is_vlm: bool, has_environments: bool) -> None:
     """Every dataset has a `prompt` column, and image columns only go with a vision-language student."""
     for dataset in datasets:

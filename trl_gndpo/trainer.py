@@ -135,6 +135,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             [grpo_kwargs.get("train_dataset"), *eval_datasets], self._is_vlm, self.environment_factories is not None
         )
         checks.warn_if_checkpoints_split_generations(args)
+        checks.warn_if_rollout_feeds_several_steps(args)
         student = self.accelerator.unwrap_model(self.model)
         checks.check_teacher(
             args, student, teacher_model, self.processing_class, teacher_processing_class, self._is_vlm
