@@ -29,6 +29,11 @@ def check_arguments(args: GNDPOConfig, reward_funcs, teacher_model) -> None:
             "Uni-OPD margin calibration and balancing need `reward_funcs` to tell correct from incorrect "
             "completions: pass them, or set margin_calibration='none' and balance_ratio=None."
         )
+    if args.visual_gradient_steering and args.vgs_mode == "grpo" and not reward_funcs:
+        raise ValueError(
+            "vgs_mode='grpo' (GRPO + VGS) trains on GRPO's outcome advantage, which needs `reward_funcs`: pass them, "
+            "or use vgs_mode='alone'."
+        )
     if teacher_model is None:
         raise ValueError("GNDPO needs a teacher: pass `teacher_model` or set `teacher_model_name_or_path`.")
     if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:

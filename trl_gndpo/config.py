@@ -133,17 +133,24 @@ class GNDPOConfig(GRPOConfig):
         > Parameters that control Visual Gradient Steering (VGS, vision-language students)
 
         visual_gradient_steering (`bool`, *optional*, defaults to `False`):
-            Add the VGS loss `eta * (l_Std + gamma * l_Vis + lambda * l_LP)`, token-averaged like the policy loss,
-            with `l_Std = KL(p || q)`, `l_Vis = KL(p || q*)` and `l_LP = 1[VDS_t > quantile] * KL(p_text || q_text)`
-            over the full vocabulary. `p_text` and `q_text` score the same completion on a text-only view of the
-            sample (the conversation with its images removed); `q*` is the student's text-only distribution
-            (detached) moved by the teacher's image-minus-text log-prob gain, renormalized; `VDS_t = KL(q || q_text)`.
-            Needs a vision-language student and teacher; not with FSDP, DeepSpeed ZeRO-3, tools or environments.
-            Costs one more teacher pass per generation batch and one more student pass per micro-step (both on the
-            text-only view).
+            Train on the VGS loss `eta * (l_Std + gamma * l_Vis + lambda * l_LP)` (alone or mixed, see `vgs_mode`),
+            token-averaged like the policy loss, with `l_Std = KL(p || q)`, `l_Vis = KL(p || q*)` and
+            `l_LP = 1[VDS_t > quantile] * KL(p_text || q_text)` over the full vocabulary. `p_text` and `q_text` score
+            the same completion on a text-only view of the sample (the conversation with its images removed); `q*` is the
+            student's text-only distribution (detached) moved by the teacher's image-minus-text log-prob gain,
+            renormalized; `VDS_t = KL(q || q_text)`. Needs a vision-language student and teacher; not with FSDP,
+            DeepSpeed ZeRO-3, tools or environments. Costs one more teacher pass per generation batch and one more
+            student pass per micro-step (both on the text-only view).
+        vgs_mode (`str`, *optional*, defaults to `"alone"`):
+            What VGS is trained with. `"alone"`: the loss is the VGS loss only (the paper's main results; the GNDPO
+            policy loss is still logged, not trained). `"grpo"`: `(1 - vgs_alpha) * GRPO + vgs_alpha * VGS`, where
+            the policy-gradient term's advantage is GRPO's outcome advantage from `reward_funcs` on every valid token,
+            with no teacher signal in it (the paper's "GRPO + VGS" ablation); needs `reward_funcs`. `"gndpo"`:
+            `(1 - vgs_alpha) * GNDPO + vgs_alpha * VGS`, GNDPO's teacher advantage in the policy-gradient term (not
+            a setting of the paper).
         vgs_alpha (`float`, *optional*, defaults to `0.3`):
-            Mixing weight: the loss is `(1 - vgs_alpha) * GNDPO + vgs_alpha * VGS`. The paper mixes VGS with a GRPO
-            loss at 0.3; `1.0` trains on VGS alone.
+            Weight of VGS in the hybrid modes `"grpo"` and `"gndpo"`: `(1 - vgs_alpha) * policy loss + vgs_alpha *
+            VGS` (the paper's "GRPO + VGS" uses 0.3). Not used by `"alone"`.
         vgs_gamma (`float`, *optional*, defaults to `2.0`):
             Weight `gamma` of the visual term `l_Vis`.
         vgs_lambda (`float`, *optional*, defaults to `0.01`):
@@ -154,9 +161,12 @@ class GNDPOConfig(GRPOConfig):
         vgs_adaptive_gamma (`bool`, *optional*, defaults to `False`):
             Per-token `gamma_t`: 0 below the 40th VDS percentile, `gamma / 2` up to the 70th, `gamma` above (the
             paper's adaptive variant), percentiles over the generation batch.
-        vgs_eta (`float`, *optional*, defaults to `1.0`):
+        vgs_eta (`float`, *optional*, defaults to `0.41`):
             Fixed loss scale `eta`. The paper measures `eta = ||grad L_Std|| / ||grad L_Std + gamma grad L_Vis||`
-            and reports 0.41 for a 2B and 0.36 for a 4B Qwen3-VL student.
+            once, keeps it fixed, and reports 0.41 for its 2B and 0.36 for its 4B Qwen3-VL student (Qwen3-VL-8B
+            teacher, `gamma = 2`); the default is the 2B value. For another pair, measure it with
+            `vgs_eta_measure_steps`. `1.0` is the paper's "no normalization" ablation, in which `gamma` also scales
+            the step size.
         vgs_eta_measure_steps (`int`, *optional*, defaults to `0`):
             If > 0, measure `eta` from the gradient norms (over the trainable parameters, two extra backward passes
             per micro-step) during the first this-many optimizer steps, use the running mean meanwhile, then keep
@@ -311,12 +321,25 @@ class GNDPOConfig(GRPOConfig):
     visual_gradient_steering: bool = field(
         default=False,
         metadata={
-            "help": "Add the VGS loss eta * (KL(p||q) + gamma KL(p||q*) + lambda 1[VDS > quantile] "
-            "KL(p_text||q_text)) on a text-only view of each sample (vision-language students)."
+            "help": "Train on the VGS loss eta * (KL(p||q) + gamma KL(p||q*) + lambda 1[VDS > quantile] "
+            "KL(p_text||q_text)) on a text-only view of each sample (vision-language students); see vgs_mode."
+        },
+    )
+    vgs_mode: str = field(
+        default="alone",
+        metadata={
+            "help": "'alone': train on the VGS loss only (the paper's main setting). 'grpo': (1 - vgs_alpha) * GRPO "
+            "with the outcome advantage of `reward_funcs`, no teacher signal + vgs_alpha * VGS (the paper's GRPO + "
+            "VGS). 'gndpo': (1 - vgs_alpha) * GNDPO + vgs_alpha * VGS.",
+            "choices": ["alone", "grpo", "gndpo"],
         },
     )
     vgs_alpha: float = field(
-        default=0.3, metadata={"help": "Mixing weight: (1 - vgs_alpha) * GNDPO + vgs_alpha * VGS (1.0: VGS alone)."}
+        default=0.3,
+        metadata={
+            "help": "Weight of VGS in the 'grpo' and 'gndpo' modes: (1 - vgs_alpha) * policy loss + vgs_alpha * VGS "
+            "(paper's GRPO + VGS: 0.3). Not used by 'alone'."
+        },
     )
     vgs_gamma: float = field(default=2.0, metadata={"help": "Weight gamma of the visual term KL(p || q*)."})
     vgs_lambda: float = field(
@@ -331,7 +354,11 @@ class GNDPOConfig(GRPOConfig):
         metadata={"help": "Per-token gamma: 0 / gamma/2 / gamma split at the 40th / 70th VDS percentiles."},
     )
     vgs_eta: float = field(
-        default=1.0, metadata={"help": "Fixed VGS loss scale eta (paper: 0.41 for a 2B, 0.36 for a 4B student)."}
+        default=0.41,
+        metadata={
+            "help": "Fixed VGS loss scale eta = ||grad L_Std|| / ||grad L_Std + gamma grad L_Vis||; default: the "
+            "paper's value for its 2B student (0.36 for its 4B). 1.0 is the paper's no-normalization ablation."
+        },
     )
     vgs_eta_measure_steps: int = field(
         default=0,
@@ -433,6 +460,16 @@ class GNDPOConfig(GRPOConfig):
             raise ValueError(f"margin_min_retain_ratio must be in (0, 1], got {self.margin_min_retain_ratio}.")
         if self.balance_ratio is not None and not self.balance_ratio > 0:
             raise ValueError(f"balance_ratio must be > 0 or None, got {self.balance_ratio}.")
+        if self.vgs_mode not in ("alone", "grpo", "gndpo"):
+            raise ValueError(f"vgs_mode must be 'alone', 'grpo' or 'gndpo', got {self.vgs_mode!r}.")
+        if self.visual_gradient_steering and self.vgs_mode == "grpo":
+            if self.margin_calibration != "none" or self.outcome_advantage_weight > 0:
+                raise ValueError(
+                    "vgs_mode='grpo' trains the policy-gradient term on the outcome advantage alone, so "
+                    "margin_calibration and outcome_advantage_weight (which act on the teacher advantage) have no "
+                    "effect there: set margin_calibration='none' and outcome_advantage_weight=0, or use "
+                    "vgs_mode='gndpo'."
+                )
         if not 0 <= self.vgs_alpha <= 1:
             raise ValueError(f"vgs_alpha must be in [0, 1], got {self.vgs_alpha}.")
         for name in ("vgs_gamma", "vgs_lambda"):

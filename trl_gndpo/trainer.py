@@ -24,6 +24,7 @@ from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .resume import EpochRepeatSampler, has_full_weights, load_full_weights
 from .steering import SteeringMixin
+from .vgs import mixed_loss, policy_advantages
 from .teacher import (
     capture_completion_states,
     load_teacher,
@@ -211,6 +212,8 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             advantages = self._calibrate_margins(advantages, valid, metrics)
         if self.args.outcome_advantage_weight > 0:
             advantages = advantages + self.args.outcome_advantage_weight * batch["advantages"].unsqueeze(1) * valid
+        if self.args.visual_gradient_steering:  # "GRPO + VGS" trains on the outcome advantage alone
+            advantages = policy_advantages(self.args.vgs_mode, advantages, batch["advantages"], valid)
         batch["advantages"] = advantages
         batch["loss_mask"] = valid.to(batch["completion_mask"].dtype)  # the loss's tokens: dropped ones leave it
         batch["num_items_in_batch"] = self.accelerator.gather(valid.sum()).sum()  # "dapo" divides by the loss tokens
@@ -429,8 +432,8 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
 
         policy_loss = loss = aggregate(per_token_loss)
         if vgs:
-            alpha = self.args.vgs_alpha
-            loss = (1 - alpha) * loss + alpha * self._vgs_loss(model, inputs, torch.cat(states), aggregate, mode)
+            vgs_loss = self._vgs_loss(model, inputs, torch.cat(states), aggregate, mode)
+            loss = mixed_loss(self.args.vgs_mode, self.args.vgs_alpha, loss, vgs_loss)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
 
