@@ -2,15 +2,19 @@
 Q3-only selection and entropy sampling, Uni-OPD prompt-group masking, and the table in docs/papers.md."""
 
 import logging
+import math
 
 import pytest
 import torch
+from peft import LoraConfig
 from test_trainer import changed, snapshot
 from test_vgs_trainer import mixed_dataset, record_batches
 from tiny_models import make_text_dataset, make_text_model, make_tokenizer, make_vlm
 from trl import GRPOTrainer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer, checks, vgs
+from trl_gndpo import functional as F
+from trl_gndpo import uniopd as U
 
 
 def text_trainer(cpu_config_kwargs, reward_funcs=None, **overrides):
@@ -152,3 +156,230 @@ def test_grpo_plus_vgs_trains_on_the_outcome_advantage_mixed_with_vgs(cpu_config
     policy = -(sequence * has_tokens).sum() / len(sequence)
     assert mixed.item() == pytest.approx(0.7 * policy.item() + 0.3 * alone.item(), rel=1e-4, abs=1e-6)
     assert trainer.state.log_history[0]["vgs/eta"] == pytest.approx(0.41)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# vOPD top-k baseline, TIP Q3-only and entropy sampling, Uni-OPD prompt-group masking: the pure functions.
+
+
+def test_top_k_reverse_kl_by_hand():
+    # identity heads: the hidden state is the logit vector
+    log_p = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    log_q = torch.tensor([[0.2, 0.2, 0.6]]).log()
+    eye = torch.eye(3)
+    got = F.top_k_reverse_kl(log_p, eye, log_q, eye, k=2)
+    # S = {0, 1}: p_k = (0.625, 0.375), q_k = (0.5, 0.5)
+    expected = 0.625 * math.log(0.625 / 0.5) + 0.375 * math.log(0.375 / 0.5)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    exact = (log_p.exp() * (log_p - log_q)).sum()
+    assert F.top_k_reverse_kl(log_p, eye, log_q, eye, k=3).item() == pytest.approx(exact.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("k", [1, 4, 37])
+def test_top_k_reverse_kl_matches_a_float64_reference(seed, k):
+    g = torch.Generator().manual_seed(seed)
+    n, vocab, h_s, h_t = 11, 37, 6, 9
+    h_p, h_q = torch.randn(n, h_s, generator=g), torch.randn(n, h_t, generator=g)
+    w_s, w_t = torch.randn(vocab, h_s, generator=g), torch.randn(vocab, h_t, generator=g)
+    b_s, b_t = torch.randn(vocab, generator=g), torch.randn(vocab, generator=g)
+    caps = {"student_scale": 0.7, "teacher_scale": 1.3, "teacher_softcap": 3.0}
+    got = F.top_k_reverse_kl(h_p, w_s, h_q, w_t, k, b_s, b_t, token_chunk=4, vocab_chunk=5, **caps)
+    z_p = (h_p.double() @ w_s.double().T + b_s.double()) * 0.7
+    z_q = 3.0 * torch.tanh((h_q.double() @ w_t.double().T + b_t.double()) * 1.3 / 3.0)
+    top = z_p.topk(k, dim=1).indices
+    log_p, log_q = z_p.gather(1, top).log_softmax(-1), z_q.gather(1, top).log_softmax(-1)
+    expected = (log_p.exp() * (log_p - log_q)).sum(-1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (got >= -1e-6).all()
+
+
+def test_tip_rules_by_hand():
+    high_entropy = torch.tensor([True, True, False, False])
+    high_divergence = torch.tensor([True, False, True, False])
+    assert F.tip_keep("entropy", high_entropy).tolist() == [True, True, False, False]
+    assert F.tip_keep("quadrant", high_entropy, high_divergence).tolist() == [True, True, True, False]
+    assert F.tip_keep("q3", high_entropy, high_divergence).tolist() == [False, False, True, False]
+    with pytest.raises(ValueError, match="TIP rule"):
+        F.tip_keep("q5", high_entropy, high_divergence)
+
+
+def test_entropy_sampling_keys_by_hand_and_in_distribution():
+    keys = F.entropy_sampling_keys(torch.tensor([2.0, 0.5, 0.0]), torch.tensor([0.25, 0.25, 0.9]))
+    assert keys[:2].tolist() == pytest.approx([math.log(0.25) / 2, math.log(0.25) / 0.5])
+    assert keys[2] == torch.finfo(torch.float32).min  # no entropy: drawn last, and finite
+    # keeping the largest key draws one token with probability proportional to entropy: 3:1:0
+    g = torch.Generator().manual_seed(0)
+    entropy = torch.tensor([3.0, 1.0, 0.0])
+    first = torch.stack([F.entropy_sampling_keys(entropy, torch.rand(3, generator=g)).argmax() for _ in range(4000)])
+    assert (first == 0).float().mean().item() == pytest.approx(0.75, abs=0.03)
+    assert (first == 2).sum() == 0
+    # keeping two: the second draw is from what is left (P(token 1 kept) = 1/4 + 3/4 * 1 = 1 with a zero third)
+    pairs = [F.entropy_sampling_keys(entropy, torch.rand(3, generator=g)).topk(2).indices for _ in range(200)]
+    assert all(set(p.tolist()) == {0, 1} for p in pairs)
+
+
+def test_prompt_group_mask_by_hand():
+    # group 0: correct means 0.9, 0.5; incorrect 0.2, 0.4 -> minmax margin 0.1 < 0.3: discarded
+    # group 1: correct 1.0; incorrect -0.5, 0.0 (one absent) -> margin 1.0: kept
+    # group 2: all correct -> no margin: kept
+    means = torch.tensor([0.9, 0.5, 0.2, 0.4, 1.0, -0.5, 0.0, 7.0, 0.1, 0.2, 0.3, 0.4])
+    correct = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1]).bool()
+    present = torch.ones(12, dtype=torch.bool)
+    present[7] = False
+    keep, gap = U.margin_group_mask(means, correct, present, 4, 0.3)
+    assert keep.tolist() == [False] * 4 + [True] * 8
+    assert gap[:2].tolist() == pytest.approx([0.1, 1.0]) and math.isnan(gap[2])
+    # the class means: group 0's gap is 0.7 - 0.3 = 0.4 >= 0.3, kept
+    keep, _ = U.margin_group_mask(means, correct, present, 4, 0.3, mode="mean")
+    assert keep.all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The same options end to end on tiny text models, against float64 references from plain logits.
+
+
+def completion_log_softmax(model, batch):
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    length = batch["completion_ids"].size(1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention_mask).logits.double()
+    return logits[:, -length - 1 : -1].log_softmax(-1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_vopd_top_k_baseline_end_to_end(lora, cpu_config_kwargs):
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False) if lora else None
+    student, teacher = make_text_model(seed=0), make_text_model(seed=1, hidden_size=128)
+    trainer = GNDPOTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=GNDPOConfig(**cpu_config_kwargs(value_baseline=True, value_baseline_top_k=8)),
+        train_dataset=make_text_dataset(),
+        processing_class=make_tokenizer(),
+        peft_config=peft_config,
+    )
+    records = text_records(trainer)
+    trainer.train()
+    for batch, p, q in records:
+        mask = batch["completion_mask"].bool()
+        top = p.topk(8, dim=-1).indices
+        log_p, log_q = p.gather(-1, top).log_softmax(-1), q.gather(-1, top).log_softmax(-1)
+        top_kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        full_kl = (p.exp() * (p - q)).sum(-1)
+        assert not torch.allclose(top_kl[mask], full_kl[mask]), "an approximation, not the exact KL"
+        sampled = batch["completion_ids"].unsqueeze(-1)
+        signal = (q.gather(-1, sampled) - p.gather(-1, sampled)).squeeze(-1) + top_kl
+        torch.testing.assert_close(
+            batch["advantages"].double(), whiten(signal.clamp(-5, 5), mask), rtol=1e-4, atol=1e-4
+        )
+
+
+def text_records(trainer):
+    """Each generation batch with the student's and teacher's full float64 log-softmax at generation time."""
+    records, generate = [], trainer._generate_and_score_completions
+
+    def spy(inputs):
+        batch = generate(inputs)
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        records.append((batch, completion_log_softmax(student, batch), completion_log_softmax(teacher_of(trainer), batch)))
+        return batch
+
+    trainer._generate_and_score_completions = spy
+    return records
+
+
+def teacher_of(trainer):
+    return trainer.accelerator.unwrap_model(trainer.teacher_model)
+
+
+def whiten(signal, mask):
+    values = signal[mask]
+    return (signal - values.mean()) / torch.sqrt(values.var() + 1e-8) * mask
+
+
+def test_tip_q3_only_keeps_low_entropy_high_divergence_tokens(cpu_config_kwargs):
+    trainer = text_trainer(cpu_config_kwargs, token_selection="q3", token_selection_ratio=0.5)
+    records = text_records(trainer)
+    trainer.train()
+    for batch, p, q in records:
+        mask = batch["completion_mask"].bool()
+        sampled = batch["completion_ids"].unsqueeze(-1)
+        log_p, log_q = p.gather(-1, sampled).squeeze(-1), q.gather(-1, sampled).squeeze(-1)
+        entropy, divergence = -(p.exp() * p).sum(-1), (log_p - log_q).abs()
+        q3 = (entropy < torch.quantile(entropy[mask], 0.5)) & (divergence >= torch.quantile(divergence[mask], 0.5))
+        kept = batch["loss_mask"].bool()
+        assert kept.any() and (kept != (q3 & mask)).sum() <= 2  # float32 head vs float64 near the thresholds
+        torch.testing.assert_close(
+            batch["advantages"].double(), whiten((log_q - log_p).clamp(-5, 5), kept), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_tip_entropy_sampling_draws_the_share_by_entropy(cpu_config_kwargs):
+    trainer = text_trainer(
+        cpu_config_kwargs, token_selection="entropy_sampling", token_selection_ratio=0.5, max_steps=4
+    )
+    records = text_records(trainer)
+    trainer.train()
+    kept_entropy, dropped_entropy = [], []
+    for batch, p, q in records:
+        mask, kept = batch["completion_mask"].bool(), batch["loss_mask"].bool()
+        assert abs(kept.sum().item() - 0.5 * mask.sum().item()) <= 1
+        entropy = -(p.exp() * p).sum(-1)
+        kept_entropy.append(entropy[kept])
+        dropped_entropy.append(entropy[mask & ~kept])
+        sampled = batch["completion_ids"].unsqueeze(-1)
+        signal = (q.gather(-1, sampled) - p.gather(-1, sampled)).squeeze(-1).clamp(-5, 5)
+        torch.testing.assert_close(batch["advantages"].double(), whiten(signal, kept), rtol=1e-4, atol=1e-4)
+    # a random draw, not the deterministic top share: some dropped tokens out-rank kept ones (the tiny random
+    # student's entropies are nearly uniform, so the bias towards entropy is checked on the keys, above)
+    kept_entropy, dropped_entropy = torch.cat(kept_entropy), torch.cat(dropped_entropy)
+    assert dropped_entropy.max() > kept_entropy.min()
+
+
+def parity_reward(completions, **kwargs):
+    return [float(len(str(c)) % 2 == 0) for c in completions]
+
+
+def test_uniopd_prompt_group_mask_end_to_end(cpu_config_kwargs):
+    trainer = text_trainer(
+        cpu_config_kwargs,
+        reward_funcs=parity_reward,
+        margin_calibration="group_mask",
+        margin_mode="minmax",
+        margin_delta=0.3,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_steps=3,
+    )
+    records, generate = [], trainer._generate_and_score_completions
+
+    def spy(inputs):
+        batch = generate(inputs)
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        p, q = completion_log_softmax(student, batch), completion_log_softmax(teacher_of(trainer), batch)
+        records.append((batch, p, q, trainer._rewards_per_func[:, 0] >= 0.5))
+        return batch
+
+    trainer._generate_and_score_completions = spy
+    trainer.train()
+    discarded = 0
+    for batch, p, q, correct in records:
+        mask = batch["completion_mask"].bool()
+        sampled = batch["completion_ids"].unsqueeze(-1)
+        signal = (q.gather(-1, sampled) - p.gather(-1, sampled)).squeeze(-1).clamp(-5, 5)
+        before = whiten(signal, mask)
+        means = (before * mask).sum(1) / mask.sum(1).clamp(min=1)
+        expected_keep = torch.ones(len(means), dtype=torch.bool)
+        for g in range(len(means) // 4):
+            rows = slice(4 * g, 4 * g + 4)
+            good, bad = correct[rows] & mask[rows].any(1), ~correct[rows] & mask[rows].any(1)
+            if good.any() and bad.any():  # the paper's margin: min over correct - max over incorrect
+                margin = means[rows][good].min() - means[rows][bad].max()
+                expected_keep[rows] = bool(margin >= 0.3)
+                discarded += int(margin < 0.3)
+        torch.testing.assert_close(
+            batch["advantages"].double(), before * expected_keep[:, None], rtol=1e-4, atol=1e-4
+        )
+    assert discarded > 0, "some groups should fail the margin"

@@ -91,13 +91,20 @@ class GNDPOConfig(GRPOConfig):
             vOPD (arXiv 2605.07865): add the detached per-token reverse KL of the full next-token distributions,
             `KL(p || q)`, to the signal (its closed-form value baseline), computed chunk by chunk over the vocabulary
             from both models' hidden states with TRL's chunked divergence kernel. Needs `temperature=1`.
+        value_baseline_top_k (`int`, *optional*):
+            vOPD's top-k approximation of the baseline: the reverse KL on the student's `k` most likely tokens, both
+            distributions renormalized there, instead of the full vocabulary (no teacher pass over the whole
+            vocabulary). `None` (default) computes the exact KL. Needs `value_baseline=True`.
         token_selection (`str`, *optional*, defaults to `"none"`):
             TIP (arXiv 2604.14084) token selection before the statistics: `"entropy"` keeps the tokens whose student
             entropy is in the top `token_selection_ratio` of the generation batch; `"quadrant"` also keeps
-            low-entropy tokens whose teacher-student divergence `|log p - log q|` is in the top share. Dropped tokens
-            leave the statistics and the loss.
+            low-entropy tokens whose teacher-student divergence `|log p - log q|` is in the top share; `"q3"` keeps
+            only those low-entropy, high-divergence tokens (TIP's Q3, overconfident and wrong); `"entropy_sampling"`
+            draws `token_selection_ratio` of the tokens at random without replacement, with probability proportional
+            to the student's entropy (TIP's entropy-based sampling). Dropped tokens leave the statistics and the loss.
         token_selection_ratio (`float`, *optional*, defaults to `0.5`):
-            The share used by `token_selection` (TIP: keeping 50% by entropy matched all-token training).
+            The share used by `token_selection`: of high-entropy tokens, of high-divergence tokens, and the share
+            drawn by `"entropy_sampling"` (TIP: keeping 50% by entropy-based sampling matched all-token training).
         max_prompt_length (`int`, *optional*):
             Completions of prompts longer than this many tokens (image tokens included) are excluded from the
             statistics and the loss, and counted in `gndpo/long_prompt_frac`. `None` (default) keeps all; the GNDPO
@@ -113,7 +120,9 @@ class GNDPOConfig(GRPOConfig):
         margin_calibration (`str`, *optional*, defaults to `"none"`):
             `"shift"`: where the gap between correct and incorrect responses' mean token advantages is below
             `margin_delta`, shift the classes apart until it equals `margin_delta`. `"mask"`: instead drop the
-            responses that close the gap, greedily. The two are alternatives; `"none"` disables calibration. It acts
+            responses that close the gap, greedily (the reference code). `"group_mask"`: drop every response of a
+            prompt group whose gap is below `margin_delta` (the paper's "discards prompt groups", with its margin
+            `margin_mode="minmax"`; groups only). The three are alternatives; `"none"` disables calibration. It acts
             on the advantages after normalization, i.e. on what the loss sees.
         margin_scope (`str`, *optional*, defaults to `"group"`):
             `"group"`: one margin per prompt group; `"global"`: one over the whole generation batch, all processes.
@@ -136,8 +145,8 @@ class GNDPOConfig(GRPOConfig):
             Train on the VGS loss `eta * (l_Std + gamma * l_Vis + lambda * l_LP)` (alone or mixed, see `vgs_mode`),
             token-averaged like the policy loss, with `l_Std = KL(p || q)`, `l_Vis = KL(p || q*)` and
             `l_LP = 1[VDS_t > quantile] * KL(p_text || q_text)` over the full vocabulary. `p_text` and `q_text` score
-            the same completion on a text-only view of the sample (the conversation with its images removed); `q*` is the
-            student's text-only distribution (detached) moved by the teacher's image-minus-text log-prob gain,
+            the same completion on a text-only view of the sample (the conversation with its images removed); `q*` is
+            the student's text-only distribution (detached) moved by the teacher's image-minus-text log-prob gain,
             renormalized; `VDS_t = KL(q || q_text)`. Needs a vision-language student and teacher; not with FSDP,
             DeepSpeed ZeRO-3, tools or environments. Costs one more teacher pass per generation batch and one more
             student pass per micro-step (both on the text-only view).
@@ -259,16 +268,24 @@ class GNDPOConfig(GRPOConfig):
         default=False,
         metadata={"help": "vOPD: add the detached full-vocabulary reverse KL(p || q) of each position to the signal."},
     )
+    value_baseline_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "vOPD top-k baseline: the KL on the student's k most likely tokens, renormalized (None: exact)."
+        },
+    )
     token_selection: str = field(
         default="none",
         metadata={
             "help": "TIP token selection: 'entropy' keeps the highest-entropy share of tokens, 'quadrant' also keeps "
-            "low-entropy tokens with a high teacher-student divergence; 'none' keeps all.",
-            "choices": ["none", "entropy", "quadrant"],
+            "low-entropy tokens with a high teacher-student divergence, 'q3' keeps only those, 'entropy_sampling' "
+            "draws the share with probability proportional to entropy; 'none' keeps all.",
+            "choices": ["none", "entropy", "quadrant", "q3", "entropy_sampling"],
         },
     )
     token_selection_ratio: float = field(
-        default=0.5, metadata={"help": "Share of tokens counted as high entropy (and high divergence) by TIP."}
+        default=0.5,
+        metadata={"help": "Share of tokens counted as high entropy (and high divergence), or drawn, by TIP."},
     )
     max_prompt_length: int | None = field(
         default=None,
@@ -288,9 +305,10 @@ class GNDPOConfig(GRPOConfig):
     margin_calibration: str = field(
         default="none",
         metadata={
-            "help": "Uni-OPD margin calibration on the normalized advantages: 'shift' the classes apart, or 'mask' "
-            "the responses that close the gap (alternatives), or 'none'.",
-            "choices": ["none", "shift", "mask"],
+            "help": "Uni-OPD margin calibration on the normalized advantages: 'shift' the classes apart, 'mask' "
+            "the responses that close the gap, 'group_mask' whole prompt groups below the margin (alternatives), or "
+            "'none'.",
+            "choices": ["none", "shift", "mask", "group_mask"],
         },
     )
     margin_scope: str = field(
@@ -436,8 +454,16 @@ class GNDPOConfig(GRPOConfig):
                 f"value_baseline (vOPD) compares the distributions at temperature 1; set temperature=1.0 (got "
                 f"{self.temperature}) or value_baseline=False."
             )
-        if self.token_selection not in ("none", "entropy", "quadrant"):
-            raise ValueError(f"token_selection must be 'none', 'entropy' or 'quadrant', got {self.token_selection!r}.")
+        if self.token_selection not in ("none", "entropy", "quadrant", "q3", "entropy_sampling"):
+            raise ValueError(
+                "token_selection must be 'none', 'entropy', 'quadrant', 'q3' or 'entropy_sampling', got "
+                f"{self.token_selection!r}."
+            )
+        if self.value_baseline_top_k is not None:
+            if not self.value_baseline:
+                raise ValueError("value_baseline_top_k approximates vOPD's baseline: set value_baseline=True too.")
+            if not self.value_baseline_top_k >= 1:
+                raise ValueError(f"value_baseline_top_k must be >= 1 or None, got {self.value_baseline_top_k}.")
         if not 0 < self.token_selection_ratio <= 1:
             raise ValueError(f"token_selection_ratio must be in (0, 1], got {self.token_selection_ratio}.")
         if self.max_prompt_length is not None and not self.max_prompt_length > 0:
@@ -445,15 +471,20 @@ class GNDPOConfig(GRPOConfig):
         if self.max_abs_log_ratio is not None and not self.max_abs_log_ratio > 0:
             raise ValueError(f"max_abs_log_ratio must be > 0 or None, got {self.max_abs_log_ratio}.")
         choices = {
-            "margin_calibration": ("none", "shift", "mask"),
+            "margin_calibration": ("none", "shift", "mask", "group_mask"),
             "margin_scope": ("group", "global"),
             "margin_mode": ("mean", "minmax"),
             "margin_direction": ("both", "correct_up", "incorrect_down"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                hint = " ('shift' and 'mask' are alternatives: pick one)" if name == "margin_calibration" else ""
+                hint = " (the calibrations are alternatives: pick one)" if name == "margin_calibration" else ""
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}{hint}.")
+        if self.margin_calibration == "group_mask" and self.margin_scope != "group":
+            raise ValueError(
+                "margin_calibration='group_mask' discards prompt groups; with margin_scope='global' it would discard "
+                "the whole generation batch: set margin_scope='group'."
+            )
         if self.margin_calibration != "none" and not self.margin_delta > 0:
             raise ValueError(f"margin_delta must be > 0, got {self.margin_delta}.")
         if not 0 < self.margin_min_retain_ratio <= 1:

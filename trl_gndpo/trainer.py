@@ -273,6 +273,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
                 torch.cat(student_states)[mask],
                 self.accelerator.unwrap_model(self.teacher_model),
                 torch.cat(teacher_states)[mask],
+                top_k=self.args.value_baseline_top_k,
             )
             scores["kl"] = kl.new_zeros(mask.shape).masked_scatter(mask, kl)
         scores = {k: v.float() for k, v in scores.items() if v is not None}
@@ -321,15 +322,24 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             logger.warning(f"GNDPO: {int(n_mask - n_finite)} completion tokens with a non-finite log-prob were masked.")
 
     def _select_informative_tokens(self, entropy, divergence, valid, metrics) -> torch.Tensor:
-        """TIP: keep the high-entropy share of tokens (and, for "quadrant", high-divergence low-entropy ones).
+        """TIP: keep the high-entropy share of tokens, and/or the high-divergence low-entropy ones (Q3), or draw the
+        share with probability proportional to entropy.
 
         The thresholds are quantiles over every valid token of the generation batch on all processes (TRL's
-        `get_high_entropy_mask`, which gathers them).
+        `get_high_entropy_mask`, which gathers them); sampling keeps the largest sampling keys the same way.
         """
-        quantile = 1.0 - self.args.token_selection_ratio
-        keep = self.get_high_entropy_mask(entropy, valid, quantile)
-        if self.args.token_selection == "quadrant":
-            keep = keep | self.get_high_entropy_mask(divergence.nan_to_num(0.0), valid, quantile)
+        rule, quantile = self.args.token_selection, 1.0 - self.args.token_selection_ratio
+        if rule == "entropy_sampling":  # seeded by step and process: a resumed run draws what it would have
+            seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1_009 + self.accelerator.process_index
+            uniform = torch.rand(entropy.shape, generator=torch.Generator().manual_seed(seed))
+            keys = functional.entropy_sampling_keys(entropy.float(), uniform.to(entropy.device))
+            keep = self.get_high_entropy_mask(keys, valid, quantile)
+        else:
+            high_entropy = self.get_high_entropy_mask(entropy, valid, quantile)
+            high_divergence = (
+                None if rule == "entropy" else self.get_high_entropy_mask(divergence.nan_to_num(0.0), valid, quantile)
+            )
+            keep = functional.tip_keep(rule, high_entropy, high_divergence)
         counts = self.accelerator.reduce(torch.stack([(keep & valid).sum(), valid.sum()]).float(), "sum")
         metrics["gndpo/tip_kept_frac"].append((counts[0] / counts[1].clamp(min=1)).item())
         return valid & keep
@@ -373,15 +383,18 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             after = means + shift
             advantages = advantages + shift[local].to(advantages)[:, None] * valid
         else:
-            keep, gap = uniopd.margin_mask(*groups, min_retain_ratio=self.args.margin_min_retain_ratio)
+            if self.args.margin_calibration == "group_mask":  # the paper: discard prompt groups below the margin
+                keep, gap = uniopd.margin_group_mask(*groups)
+            else:
+                keep, gap = uniopd.margin_mask(*groups, min_retain_ratio=self.args.margin_min_retain_ratio)
             after, present = means, present & keep
             advantages = advantages * keep[local].to(advantages)[:, None]
         gap_after = uniopd.margin_gap(
             after.view(-1, group), correct.view(-1, group), present.view(-1, group), self.args.margin_mode
         )
-        eligible = ~torch.isnan(gap)
+        eligible, kept = ~torch.isnan(gap), ~torch.isnan(gap_after)  # a discarded group has no margin after
         metrics["uniopd/margin_before"].append(gap[eligible].mean().item() if eligible.any() else 0.0)
-        metrics["uniopd/margin_after"].append(gap_after[eligible].mean().item() if eligible.any() else 0.0)
+        metrics["uniopd/margin_after"].append(gap_after[kept].mean().item() if kept.any() else 0.0)
         metrics["uniopd/calibrated_group_frac"].append((gap < self.args.margin_delta).float().mean().item())
         return advantages
 
