@@ -1,8 +1,11 @@
 """Paper settings beyond the GNDPO core: the one-step-per-rollout warning, VGS modes, the vOPD top-k baseline, TIP's
 Q3-only selection and entropy sampling, Uni-OPD prompt-group masking, and the table in docs/papers.md."""
 
+import ast
 import logging
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,3 +386,64 @@ def test_uniopd_prompt_group_mask_end_to_end(cpu_config_kwargs):
             batch["advantages"].double(), before * expected_keep[:, None], rtol=1e-4, atol=1e-4
         )
     assert discarded > 0, "some groups should fail the margin"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# docs/papers.md: every row's config builds, and its "Needs" column says when reward functions are required.
+
+PAPERS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "papers.md"
+
+
+def paper_rows() -> list[dict]:
+    """The rows of the settings table, as {paper, setting, config (keyword arguments), needs}."""
+    lines = PAPERS_PAGE.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Paper | Setting | Config |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        paper, setting, config, needs, _ = (cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1]))
+        assert config.startswith("`") and config.endswith("`"), f"{setting}: the config is one code span"
+        call = ast.parse(f"GNDPOConfig({config.strip('`')})", mode="eval").body
+        assert not call.args, f"{setting}: keywords only"
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        rows.append({"paper": paper, "setting": setting, "config": kwargs, "needs": needs})
+    return rows
+
+
+def test_the_papers_table_covers_every_named_setting():
+    settings = {(row["paper"], row["setting"]) for row in paper_rows()}
+    names = " ; ".join(f"{paper}: {setting}" for paper, setting in settings)
+    for expected in (
+        "GNDPO: GNDPO",
+        "GNDPO: OPD baseline",
+        "Uni-OPD: Margin shift",
+        "Uni-OPD: Margin mask",
+        "Uni-OPD: Prompt-group masking",
+        "Uni-OPD: Online correctness-aware balancing",
+        "ExOPD / G-OPD: Reward extrapolation",
+        "vOPD: Value baseline, full vocabulary",
+        "vOPD: Value baseline, top-k",
+        "TIP: Entropy, top 50%",
+        "TIP: Entropy-based sampling",
+        "TIP: Two axes",
+        "TIP: Q3 only",
+        "VGS: VGS alone",
+        "VGS: GRPO + VGS",
+    ):
+        assert expected in names, f"docs/papers.md has no row for {expected}"
+
+
+@pytest.mark.parametrize("row", paper_rows(), ids=lambda row: f"{row['paper']}: {row['setting']}")
+def test_each_papers_setting_builds_its_config(row, cpu_config_kwargs):
+    config = GNDPOConfig(**cpu_config_kwargs(**row["config"]))
+    for name, value in row["config"].items():
+        assert getattr(config, name) == value, name
+    # the "Needs" column is right about reward functions: the trainer's argument check agrees
+    if "reward_funcs" in row["needs"]:
+        with pytest.raises(ValueError, match="reward_funcs"):
+            checks.check_arguments(config, None, "teacher")
+        checks.check_arguments(config, [length_reward], "teacher")
+    else:
+        checks.check_arguments(config, None, "teacher")
+    assert ("vision-language" in row["needs"]) == config.visual_gradient_steering
