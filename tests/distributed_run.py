@@ -4,7 +4,8 @@
 mean/variance used). `uniopd` mode (Uni-OPD margin shift per prompt group, groups split across the ranks): each rank
 records the inputs and output of the margin shift and its final advantages. `vgs` mode (Visual Gradient Steering on a
 tiny Qwen2-VL): each rank records its local VDS, the values its quantiles were taken over, the thresholds, its gates
-and the measured eta. The test compares the ranks.
+and the measured eta. `papers` mode (prompt-group masking, TIP entropy sampling and the vOPD top-k baseline
+together): each rank records the group-mask decisions and its batches. The test compares the ranks.
 """
 
 import sys
@@ -44,10 +45,14 @@ def parity_reward(completions, **kwargs):
 
 F.whitened_advantages = recording(F.whitened_advantages, "whitened_advantages")
 U.margin_shift = recording(U.margin_shift, "margin_shift")
+U.margin_group_mask = recording(U.margin_group_mask, "margin_group_mask")
 V.visual_dependency_scores = recording(V.visual_dependency_scores, "visual_dependency_scores")
 V.quantile_thresholds = recording(V.quantile_thresholds, "quantile_thresholds")
 torch.set_num_threads(1)
 options = {"margin_calibration": "shift", "num_generations": 4, "max_steps": 3} if mode == "uniopd" else {}
+if mode == "papers":
+    options = {"margin_calibration": "group_mask", "margin_mode": "minmax", "margin_delta": 0.3, "num_generations": 4}
+    options.update(token_selection="entropy_sampling", value_baseline=True, value_baseline_top_k=8, max_steps=3)
 if mode == "vgs":
     options = {"visual_gradient_steering": True, "vgs_adaptive_gamma": True, "vgs_eta_measure_steps": 1}
     (student, processor), (teacher, _) = make_vlm(seed=0), make_vlm(seed=1, hidden_size=128)
@@ -58,7 +63,7 @@ else:
 trainer = GNDPOTrainer(
     model=student,
     teacher_model=teacher,
-    reward_funcs=parity_reward if mode == "uniopd" else None,
+    reward_funcs=parity_reward if mode in ("uniopd", "papers") else None,
     args=GNDPOConfig(**cpu_grpo_kwargs(output_dir=f"{out_dir}/output", per_device_train_batch_size=2, **options)),
     train_dataset=dataset,
     processing_class=processor,
@@ -70,6 +75,7 @@ generate = trainer._generate_and_score_completions
 def record_batch(inputs):
     batch = generate(inputs)
     record = {"function": "batch", "advantages": batch["advantages"], "mask": batch["loss_mask"]}
+    record["completion_mask"] = batch["completion_mask"]
     record.update({k: batch[k] for k in ("vgs_lp_gate", "vgs_gamma") if k in batch})
     records.append(record)
     return batch
