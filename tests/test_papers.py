@@ -201,6 +201,14 @@ def test_top_k_reverse_kl_matches_a_float64_reference(seed, k):
     assert (got >= -1e-6).all()
 
 
+def test_top_k_reverse_kl_gathers_the_teacher_rows_in_pieces(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    h_p, h_q, w_s, w_t = (torch.randn(shape, generator=g) for shape in ((9, 4), (9, 6), (30, 4), (30, 6)))
+    whole = F.top_k_reverse_kl(h_p, w_s, h_q, w_t, 5)
+    monkeypatch.setattr(F, "_GATHER_ELEMENTS", 1)  # one position at a time
+    torch.testing.assert_close(F.top_k_reverse_kl(h_p, w_s, h_q, w_t, 5), whole)
+
+
 def test_tip_rules_by_hand():
     high_entropy = torch.tensor([True, True, False, False])
     high_divergence = torch.tensor([True, False, True, False])

@@ -194,6 +194,10 @@ def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (torch.where(valid, x, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)).mean()
 
 
+# Elements of gathered teacher head rows (positions x k x hidden) alive at once in `top_k_reverse_kl` (64 MiB float32).
+_GATHER_ELEMENTS = 1 << 24
+
+
 def _transformed_logits(hidden, weight, bias, scale: float, softcap: float | None) -> torch.Tensor:
     """Logits `h W^T + b` in float32 (float64 for float64 inputs), scaled and soft-capped like TRL's kernels:
     `z -> cap * tanh(scale * z / cap)`."""
@@ -239,36 +243,43 @@ def top_k_reverse_kl(
 
     Returns:
         ``(N,)`` float32 (float64 for float64 inputs). Memory: the student's logits one ``token_chunk x vocab_chunk``
-        tile at a time (a running top-k across tiles), then the teacher's logits of the k tokens only; no
-        ``N x V`` tensor.
+        tile at a time (a running top-k across tiles), then the teacher's logits of the k tokens only, from at most
+        ``2**24`` gathered head elements at once; no ``N x V`` tensor.
     """
-    vocab = student_weight.shape[0]
+    vocab, device = student_weight.shape[0], student_states.device
     k = min(k, vocab)
+    dtype = torch.promote_types(student_states.dtype, torch.float32)
+    teacher_weight = teacher_weight.to(device)  # once: a teacher may live on another device
+    teacher_bias = None if teacher_bias is None else teacher_bias.to(device)
+    gather_rows = max(1, _GATHER_ELEMENTS // (k * teacher_weight.shape[1]))
     out = []
     for start in range(0, len(student_states), token_chunk):
         rows = slice(start, start + token_chunk)
-        h_s, h_t = student_states[rows], teacher_states[rows].to(student_states.device)
+        h_s, h_t = student_states[rows], teacher_states[rows].to(device)
         top_values = top_index = None
-        for col in range(0, vocab, vocab_chunk):
+        for col in range(0, vocab, vocab_chunk):  # a running top-k of the student's logits over vocabulary tiles
             cols = slice(col, min(col + vocab_chunk, vocab))
-            z = _transformed_logits(h_s, student_weight[cols], None if student_bias is None else student_bias[cols],
-                                    student_scale, student_softcap)
-            index = torch.arange(cols.start, cols.stop, device=z.device).expand_as(z)
+            bias = None if student_bias is None else student_bias[cols]
+            z = _transformed_logits(h_s, student_weight[cols], bias, student_scale, student_softcap)
+            index = torch.arange(cols.start, cols.stop, device=device).expand_as(z)
             if top_values is not None:
                 z, index = torch.cat([top_values, z], 1), torch.cat([top_index, index], 1)
             top_values, chosen = z.topk(min(k, z.size(1)), dim=1)
             top_index = index.gather(1, chosen)
-        # teacher logits of the chosen tokens only: (rows, k, H) gathered head rows
-        w = teacher_weight.to(h_t.device)[top_index]
-        z_t = torch.einsum("nkh,nh->nk", w.to(top_values.dtype), h_t.to(top_values.dtype))
+        # the teacher's logits of the chosen tokens only, from its gathered head rows, a few positions at a time
+        z_t = torch.cat(
+            [
+                torch.einsum("nkh,nh->nk", teacher_weight[top_index[sub]].to(dtype), h_t[sub].to(dtype))
+                for sub in (slice(i, i + gather_rows) for i in range(0, len(top_index), gather_rows))
+            ]
+        )
         if teacher_bias is not None:
-            z_t = z_t + teacher_bias.to(h_t.device)[top_index].to(z_t.dtype)
+            z_t = z_t + teacher_bias[top_index].to(dtype)
         z_t = z_t * teacher_scale
         if teacher_softcap:
             z_t = teacher_softcap * torch.tanh(z_t / teacher_softcap)
         log_p, log_q = top_values.log_softmax(-1), z_t.log_softmax(-1)
         out.append((log_p.exp() * (log_p - log_q)).sum(-1))
-    dtype = torch.promote_types(student_states.dtype, torch.float32)
     return torch.cat(out) if out else student_states.new_zeros(0, dtype=dtype)
 
 
