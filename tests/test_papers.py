@@ -482,3 +482,18 @@ def test_prompt_group_mask_and_entropy_sampling_span_two_processes(tmp_path):
         tokens = torch.cat([batch0["completion_mask"], batch1["completion_mask"]]).sum().item()
         assert abs(kept - 0.5 * tokens) <= 1
     assert discarded > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"value_baseline_top_k": 8}, "set value_baseline=True too"),
+        ({"value_baseline": True, "value_baseline_top_k": 0}, "value_baseline_top_k must be >= 1"),
+        ({"token_selection": "q4"}, "'q3' or 'entropy_sampling'"),
+        ({"margin_calibration": "group_mask", "margin_scope": "global"}, "set margin_scope='group'"),
+        ({"margin_calibration": "groups"}, "'group_mask'"),
+    ],
+)
+def test_new_estimator_options_are_validated(overrides, message, cpu_config_kwargs):
+    with pytest.raises(ValueError, match=message):
+        GNDPOConfig(**cpu_config_kwargs(**overrides))
