@@ -329,7 +329,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         `get_high_entropy_mask`, which gathers them); sampling keeps the largest sampling keys the same way.
         """
         rule, quantile = self.args.token_selection, 1.0 - self.args.token_selection_ratio
-        if rule == "entropy_sampling":  # seeded by step and process: a resumed run draws what it would have
+        if rule == "entropy_sampling":  # seeded by seed, step and process: ranks draw independently
             seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1_009 + self.accelerator.process_index
             uniform = torch.rand(entropy.shape, generator=torch.Generator().manual_seed(seed))
             keys = functional.entropy_sampling_keys(entropy.float(), uniform.to(entropy.device))
