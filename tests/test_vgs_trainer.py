@@ -123,8 +123,8 @@ def test_vgs_trains_each_qwen_vl_family_on_an_aligned_text_view(family, cpu_conf
 
 def test_vgs_loss_equals_its_definition_from_float64_logits(cpu_config_kwargs):
     trainer, teacher, _ = build(
-        "qwen2_5_vl", cpu_config_kwargs, vgs_alpha=1.0, vgs_adaptive_gamma=True, vgs_lambda=0.5, vgs_eta=0.4
-    )
+        "qwen2_5_vl", cpu_config_kwargs, vgs_adaptive_gamma=True, vgs_lambda=0.5, vgs_eta=0.4
+    )  # the default vgs_mode="alone": the loss is L_VGS alone, whatever vgs_alpha (default 0.3) says
     records = record_batches(trainer)
     trainer.train()
     batch = records[-1]
