@@ -5,7 +5,8 @@ mean/variance used). `uniopd` mode (Uni-OPD margin shift per prompt group, group
 records the inputs and output of the margin shift and its final advantages. `vgs` mode (Visual Gradient Steering on a
 tiny Qwen2-VL): each rank records its local VDS, the values its quantiles were taken over, the thresholds, its gates
 and the measured eta. `server` mode (the teacher served at `$GNDPO_TEACHER_SERVER_URL`, tests/test_teacher_server.py):
-each rank also records the token scores of its share. The test compares the ranks. `python distributed_run.py
+each rank also records the token scores of its share. `papers` mode (prompt-group masking, TIP entropy sampling and the vOPD top-k baseline together): each
+rank records the group-mask decisions and its batches. The test compares the ranks. `python distributed_run.py
 OUT_DIR MODE [MODE ...]` runs the modes one after the other in the same two processes.
 """
 
@@ -48,6 +49,9 @@ def run(out_dir: str, mode: str) -> None:
     """Train in `mode` and save this rank's records to `{out_dir}/{mode}-rank{r}.pt`."""
     records.clear()
     options = {"margin_calibration": "shift", "num_generations": 4, "max_steps": 3} if mode == "uniopd" else {}
+    if mode == "papers":
+        options = {"margin_calibration": "group_mask", "margin_mode": "minmax", "margin_delta": 0.3, "num_generations": 4}
+        options.update(token_selection="entropy_sampling", value_baseline=True, value_baseline_top_k=8, max_steps=3)
     if mode == "vgs":
         options = {"visual_gradient_steering": True, "vgs_adaptive_gamma": True, "vgs_eta_measure_steps": 1}
         (student, processor), (teacher, _) = make_vlm(seed=0), make_vlm(seed=1, hidden_size=128)
@@ -60,7 +64,7 @@ def run(out_dir: str, mode: str) -> None:
     trainer = GNDPOTrainer(
         model=student,
         teacher_model=teacher,
-        reward_funcs=parity_reward if mode == "uniopd" else None,
+        reward_funcs=parity_reward if mode in ("uniopd", "papers") else None,
         args=GNDPOConfig(**cpu_grpo_kwargs(output_dir=f"{out_dir}/{mode}", per_device_train_batch_size=2, **options)),
         train_dataset=dataset,
         processing_class=processor,
@@ -71,6 +75,7 @@ def run(out_dir: str, mode: str) -> None:
     def record_batch(inputs):
         batch = generate(inputs)
         record = {"function": "batch", "advantages": batch["advantages"], "mask": batch["loss_mask"]}
+        record["completion_mask"] = batch["completion_mask"]
         record.update({k: batch[k] for k in ("vgs_lp_gate", "vgs_gamma") if k in batch})
         records.append(record)
         return batch
@@ -94,6 +99,7 @@ def run(out_dir: str, mode: str) -> None:
 
 F.whitened_advantages = recording(F.whitened_advantages, "whitened_advantages")
 U.margin_shift = recording(U.margin_shift, "margin_shift")
+U.margin_group_mask = recording(U.margin_group_mask, "margin_group_mask")
 V.visual_dependency_scores = recording(V.visual_dependency_scores, "visual_dependency_scores")
 V.quantile_thresholds = recording(V.quantile_thresholds, "quantile_thresholds")
 torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Two processes (gloo on CPU): global whitening, Uni-OPD group margins and VGS see the whole generation batch.
 
-One launch (slow: about 30 s) serves every test of this file."""
+One launch (conftest.py's `two_process_runs`, slow) serves these tests and tests/test_papers.py's."""
 
 import os
 import socket
@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-MODES = ("whitening", "uniopd", "vgs")
+MODES = ("whitening", "uniopd", "vgs", "papers")  # "papers": tests/test_papers.py
 
 
 def run_two_processes(out: Path, *modes: str) -> dict[str, list]:
@@ -38,18 +38,12 @@ def run_two_processes(out: Path, *modes: str) -> dict[str, list]:
     return {mode: [torch.load(out / f"{mode}-rank{r}.pt") for r in range(2)] for mode in modes}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, list]:
-    """One launch serves every test of this file."""
-    return run_two_processes(tmp_path_factory.mktemp("two-processes"), *MODES)
-
-
 def calls(records, name):
     return [r for r in records if r["function"] == name]
 
 
-def test_two_processes_share_the_statistics_of_the_concatenated_batch(runs):
-    ranks = runs["whitening"]
+def test_two_processes_share_the_statistics_of_the_concatenated_batch(two_process_runs):
+    ranks = two_process_runs["whitening"]
     steps = [calls(r, "whitened_advantages") for r in ranks]
     assert len(steps[0]) == len(steps[1]) == 2  # one whitening per generation batch, two steps
     for call0, call1 in zip(*steps, strict=True):
@@ -67,9 +61,9 @@ def test_two_processes_share_the_statistics_of_the_concatenated_batch(runs):
             torch.testing.assert_close(a.double(), expected)
 
 
-def test_uniopd_group_margins_span_processes(runs):
+def test_uniopd_group_margins_span_processes(two_process_runs):
     """Each prompt group of 4 has 2 completions on each rank: both ranks compute the same per-group shift."""
-    ranks = runs["uniopd"]
+    ranks = two_process_runs["uniopd"]
     shifts = [calls(r, "margin_shift") for r in ranks]
     assert len(shifts[0]) == len(shifts[1]) == 3
     for call0, call1 in zip(*shifts, strict=True):
@@ -90,10 +84,10 @@ def test_uniopd_group_margins_span_processes(runs):
     assert eligible > 0
 
 
-def test_vgs_quantiles_and_eta_span_processes(runs):
+def test_vgs_quantiles_and_eta_span_processes(two_process_runs):
     """Both ranks gate on the quantiles of the VDS of every valid token of both ranks, measure the same eta, and end
     with the same weights (the text-view pass runs around the DDP wrapper; its gradients must still be reduced)."""
-    ranks = runs["vgs"]
+    ranks = two_process_runs["vgs"]
     local = [[c["result"] for c in calls(r, "visual_dependency_scores")] for r in ranks]
     quantiles = [calls(r, "quantile_thresholds") for r in ranks]
     batches = [calls(r, "batch") for r in ranks]

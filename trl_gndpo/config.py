@@ -124,13 +124,20 @@ class GNDPOConfig(GRPOConfig):
             vOPD (arXiv 2605.07865): add the detached per-token reverse KL of the full next-token distributions,
             `KL(p || q)`, to the signal (its closed-form value baseline), computed chunk by chunk over the vocabulary
             from both models' hidden states with TRL's chunked divergence kernel. Needs `temperature=1`.
+        value_baseline_top_k (`int`, *optional*):
+            vOPD's top-k approximation of the baseline: the reverse KL on the student's `k` most likely tokens, both
+            distributions renormalized there, instead of the full vocabulary (no teacher pass over the whole
+            vocabulary). `None` (default) computes the exact KL. Needs `value_baseline=True`.
         token_selection (`str`, *optional*, defaults to `"none"`):
             TIP (arXiv 2604.14084) token selection before the statistics: `"entropy"` keeps the tokens whose student
             entropy is in the top `token_selection_ratio` of the generation batch; `"quadrant"` also keeps
-            low-entropy tokens whose teacher-student divergence `|log p - log q|` is in the top share. Dropped tokens
-            leave the statistics and the loss.
+            low-entropy tokens whose teacher-student divergence `|log p - log q|` is in the top share; `"q3"` keeps
+            only those low-entropy, high-divergence tokens (TIP's Q3, overconfident and wrong); `"entropy_sampling"`
+            draws `token_selection_ratio` of the tokens at random without replacement, with probability proportional
+            to the student's entropy (TIP's entropy-based sampling). Dropped tokens leave the statistics and the loss.
         token_selection_ratio (`float`, *optional*, defaults to `0.5`):
-            The share used by `token_selection` (TIP: keeping 50% by entropy matched all-token training).
+            The share used by `token_selection`: of high-entropy tokens, of high-divergence tokens, and the share
+            drawn by `"entropy_sampling"` (TIP: keeping 50% by entropy-based sampling matched all-token training).
         max_prompt_length (`int`, *optional*):
             Completions of prompts longer than this many tokens (image tokens included) are excluded from the
             statistics and the loss, and counted in `gndpo/long_prompt_frac`. `None` (default) keeps all; the GNDPO
@@ -168,7 +175,9 @@ class GNDPOConfig(GRPOConfig):
         margin_calibration (`str`, *optional*, defaults to `"none"`):
             `"shift"`: where the gap between correct and incorrect responses' mean token advantages is below
             `margin_delta`, shift the classes apart until it equals `margin_delta`. `"mask"`: instead drop the
-            responses that close the gap, greedily. The two are alternatives; `"none"` disables calibration. It acts
+            responses that close the gap, greedily (the reference code). `"group_mask"`: drop every response of a
+            prompt group whose gap is below `margin_delta` (the paper's "discards prompt groups", with its margin
+            `margin_mode="minmax"`; groups only). The three are alternatives; `"none"` disables calibration. It acts
             on the advantages after normalization, i.e. on what the loss sees.
         margin_scope (`str`, *optional*, defaults to `"group"`):
             `"group"`: one margin per prompt group; `"global"`: one over the whole generation batch, all processes.
@@ -188,17 +197,24 @@ class GNDPOConfig(GRPOConfig):
         > Parameters that control Visual Gradient Steering (VGS, vision-language students)
 
         visual_gradient_steering (`bool`, *optional*, defaults to `False`):
-            Add the VGS loss `eta * (l_Std + gamma * l_Vis + lambda * l_LP)`, token-averaged like the policy loss,
-            with `l_Std = KL(p || q)`, `l_Vis = KL(p || q*)` and `l_LP = 1[VDS_t > quantile] * KL(p_text || q_text)`
-            over the full vocabulary. `p_text` and `q_text` score the same completion on a text-only view of the
-            sample (the conversation with its images removed); `q*` is the student's text-only distribution
-            (detached) moved by the teacher's image-minus-text log-prob gain, renormalized; `VDS_t = KL(q || q_text)`.
-            Needs a vision-language student and teacher; not with FSDP, DeepSpeed ZeRO-3, tools or environments.
-            Costs one more teacher pass per generation batch and one more student pass per micro-step (both on the
-            text-only view).
+            Train on the VGS loss `eta * (l_Std + gamma * l_Vis + lambda * l_LP)` (alone or mixed, see `vgs_mode`),
+            token-averaged like the policy loss, with `l_Std = KL(p || q)`, `l_Vis = KL(p || q*)` and
+            `l_LP = 1[VDS_t > quantile] * KL(p_text || q_text)` over the full vocabulary. `p_text` and `q_text` score
+            the same completion on a text-only view of the sample (the conversation with its images removed); `q*` is
+            the student's text-only distribution (detached) moved by the teacher's image-minus-text log-prob gain,
+            renormalized; `VDS_t = KL(q || q_text)`. Needs a vision-language student and teacher; not with FSDP,
+            DeepSpeed ZeRO-3, tools or environments. Costs one more teacher pass per generation batch and one more
+            student pass per micro-step (both on the text-only view).
+        vgs_mode (`str`, *optional*, defaults to `"alone"`):
+            What VGS is trained with. `"alone"`: the loss is the VGS loss only (the paper's main results; the GNDPO
+            policy loss is still logged, not trained). `"grpo"`: `(1 - vgs_alpha) * GRPO + vgs_alpha * VGS`, where
+            the policy-gradient term's advantage is GRPO's outcome advantage from `reward_funcs` on every valid token,
+            with no teacher signal in it (the paper's "GRPO + VGS" ablation); needs `reward_funcs`. `"gndpo"`:
+            `(1 - vgs_alpha) * GNDPO + vgs_alpha * VGS`, GNDPO's teacher advantage in the policy-gradient term (not
+            a setting of the paper).
         vgs_alpha (`float`, *optional*, defaults to `0.3`):
-            Mixing weight: the loss is `(1 - vgs_alpha) * GNDPO + vgs_alpha * VGS`. The paper mixes VGS with a GRPO
-            loss at 0.3; `1.0` trains on VGS alone.
+            Weight of VGS in the hybrid modes `"grpo"` and `"gndpo"`: `(1 - vgs_alpha) * policy loss + vgs_alpha *
+            VGS` (the paper's "GRPO + VGS" uses 0.3). Not used by `"alone"`.
         vgs_gamma (`float`, *optional*, defaults to `2.0`):
             Weight `gamma` of the visual term `l_Vis`.
         vgs_lambda (`float`, *optional*, defaults to `0.01`):
@@ -209,9 +225,12 @@ class GNDPOConfig(GRPOConfig):
         vgs_adaptive_gamma (`bool`, *optional*, defaults to `False`):
             Per-token `gamma_t`: 0 below the 40th VDS percentile, `gamma / 2` up to the 70th, `gamma` above (the
             paper's adaptive variant), percentiles over the generation batch.
-        vgs_eta (`float`, *optional*, defaults to `1.0`):
+        vgs_eta (`float`, *optional*, defaults to `0.41`):
             Fixed loss scale `eta`. The paper measures `eta = ||grad L_Std|| / ||grad L_Std + gamma grad L_Vis||`
-            and reports 0.41 for a 2B and 0.36 for a 4B Qwen3-VL student.
+            once, keeps it fixed, and reports 0.41 for its 2B and 0.36 for its 4B Qwen3-VL student (Qwen3-VL-8B
+            teacher, `gamma = 2`); the default is the 2B value. For another pair, measure it with
+            `vgs_eta_measure_steps`. `1.0` is the paper's "no normalization" ablation, in which `gamma` also scales
+            the step size.
         vgs_eta_measure_steps (`int`, *optional*, defaults to `0`):
             If > 0, measure `eta` from the gradient norms (over the trainable parameters, two extra backward passes
             per micro-step) during the first this-many optimizer steps, use the running mean meanwhile, then keep
@@ -321,16 +340,24 @@ class GNDPOConfig(GRPOConfig):
         default=False,
         metadata={"help": "vOPD: add the detached full-vocabulary reverse KL(p || q) of each position to the signal."},
     )
+    value_baseline_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "vOPD top-k baseline: the KL on the student's k most likely tokens, renormalized (None: exact)."
+        },
+    )
     token_selection: str = field(
         default="none",
         metadata={
             "help": "TIP token selection: 'entropy' keeps the highest-entropy share of tokens, 'quadrant' also keeps "
-            "low-entropy tokens with a high teacher-student divergence; 'none' keeps all.",
-            "choices": ["none", "entropy", "quadrant"],
+            "low-entropy tokens with a high teacher-student divergence, 'q3' keeps only those, 'entropy_sampling' "
+            "draws the share with probability proportional to entropy; 'none' keeps all.",
+            "choices": ["none", "entropy", "quadrant", "q3", "entropy_sampling"],
         },
     )
     token_selection_ratio: float = field(
-        default=0.5, metadata={"help": "Share of tokens counted as high entropy (and high divergence) by TIP."}
+        default=0.5,
+        metadata={"help": "Share of tokens counted as high entropy (and high divergence), or drawn, by TIP."},
     )
     max_prompt_length: int | None = field(
         default=None,
@@ -373,9 +400,10 @@ class GNDPOConfig(GRPOConfig):
     margin_calibration: str = field(
         default="none",
         metadata={
-            "help": "Uni-OPD margin calibration on the normalized advantages: 'shift' the classes apart, or 'mask' "
-            "the responses that close the gap (alternatives), or 'none'.",
-            "choices": ["none", "shift", "mask"],
+            "help": "Uni-OPD margin calibration on the normalized advantages: 'shift' the classes apart, 'mask' "
+            "the responses that close the gap, 'group_mask' whole prompt groups below the margin (alternatives), or "
+            "'none'.",
+            "choices": ["none", "shift", "mask", "group_mask"],
         },
     )
     margin_scope: str = field(
@@ -406,12 +434,25 @@ class GNDPOConfig(GRPOConfig):
     visual_gradient_steering: bool = field(
         default=False,
         metadata={
-            "help": "Add the VGS loss eta * (KL(p||q) + gamma KL(p||q*) + lambda 1[VDS > quantile] "
-            "KL(p_text||q_text)) on a text-only view of each sample (vision-language students)."
+            "help": "Train on the VGS loss eta * (KL(p||q) + gamma KL(p||q*) + lambda 1[VDS > quantile] "
+            "KL(p_text||q_text)) on a text-only view of each sample (vision-language students); see vgs_mode."
+        },
+    )
+    vgs_mode: str = field(
+        default="alone",
+        metadata={
+            "help": "'alone': train on the VGS loss only (the paper's main setting). 'grpo': (1 - vgs_alpha) * GRPO "
+            "with the outcome advantage of `reward_funcs`, no teacher signal + vgs_alpha * VGS (the paper's GRPO + "
+            "VGS). 'gndpo': (1 - vgs_alpha) * GNDPO + vgs_alpha * VGS.",
+            "choices": ["alone", "grpo", "gndpo"],
         },
     )
     vgs_alpha: float = field(
-        default=0.3, metadata={"help": "Mixing weight: (1 - vgs_alpha) * GNDPO + vgs_alpha * VGS (1.0: VGS alone)."}
+        default=0.3,
+        metadata={
+            "help": "Weight of VGS in the 'grpo' and 'gndpo' modes: (1 - vgs_alpha) * policy loss + vgs_alpha * VGS "
+            "(paper's GRPO + VGS: 0.3). Not used by 'alone'."
+        },
     )
     vgs_gamma: float = field(default=2.0, metadata={"help": "Weight gamma of the visual term KL(p || q*)."})
     vgs_lambda: float = field(
@@ -426,7 +467,11 @@ class GNDPOConfig(GRPOConfig):
         metadata={"help": "Per-token gamma: 0 / gamma/2 / gamma split at the 40th / 70th VDS percentiles."},
     )
     vgs_eta: float = field(
-        default=1.0, metadata={"help": "Fixed VGS loss scale eta (paper: 0.41 for a 2B, 0.36 for a 4B student)."}
+        default=0.41,
+        metadata={
+            "help": "Fixed VGS loss scale eta = ||grad L_Std|| / ||grad L_Std + gamma grad L_Vis||; default: the "
+            "paper's value for its 2B student (0.36 for its 4B). 1.0 is the paper's no-normalization ablation."
+        },
     )
     vgs_eta_measure_steps: int = field(
         default=0,
@@ -507,8 +552,16 @@ class GNDPOConfig(GRPOConfig):
             )
         if self.old_logps_from_sampler:
             self._check_old_logps_from_sampler()
-        if self.token_selection not in ("none", "entropy", "quadrant"):
-            raise ValueError(f"token_selection must be 'none', 'entropy' or 'quadrant', got {self.token_selection!r}.")
+        if self.token_selection not in ("none", "entropy", "quadrant", "q3", "entropy_sampling"):
+            raise ValueError(
+                "token_selection must be 'none', 'entropy', 'quadrant', 'q3' or 'entropy_sampling', got "
+                f"{self.token_selection!r}."
+            )
+        if self.value_baseline_top_k is not None:
+            if not self.value_baseline:
+                raise ValueError("value_baseline_top_k approximates vOPD's baseline: set value_baseline=True too.")
+            if not self.value_baseline_top_k >= 1:
+                raise ValueError(f"value_baseline_top_k must be >= 1 or None, got {self.value_baseline_top_k}.")
         if not 0 < self.token_selection_ratio <= 1:
             raise ValueError(f"token_selection_ratio must be in (0, 1], got {self.token_selection_ratio}.")
         if self.max_prompt_length is not None and not self.max_prompt_length > 0:
@@ -519,21 +572,36 @@ class GNDPOConfig(GRPOConfig):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}.")
         choices = {
-            "margin_calibration": ("none", "shift", "mask"),
+            "margin_calibration": ("none", "shift", "mask", "group_mask"),
             "margin_scope": ("group", "global"),
             "margin_mode": ("mean", "minmax"),
             "margin_direction": ("both", "correct_up", "incorrect_down"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                hint = " ('shift' and 'mask' are alternatives: pick one)" if name == "margin_calibration" else ""
+                hint = " (the calibrations are alternatives: pick one)" if name == "margin_calibration" else ""
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}{hint}.")
+        if self.margin_calibration == "group_mask" and self.margin_scope != "group":
+            raise ValueError(
+                "margin_calibration='group_mask' discards prompt groups; with margin_scope='global' it would discard "
+                "the whole generation batch: set margin_scope='group'."
+            )
         if self.margin_calibration != "none" and not self.margin_delta > 0:
             raise ValueError(f"margin_delta must be > 0, got {self.margin_delta}.")
         if not 0 < self.margin_min_retain_ratio <= 1:
             raise ValueError(f"margin_min_retain_ratio must be in (0, 1], got {self.margin_min_retain_ratio}.")
         if self.balance_ratio is not None and not self.balance_ratio > 0:
             raise ValueError(f"balance_ratio must be > 0 or None, got {self.balance_ratio}.")
+        if self.vgs_mode not in ("alone", "grpo", "gndpo"):
+            raise ValueError(f"vgs_mode must be 'alone', 'grpo' or 'gndpo', got {self.vgs_mode!r}.")
+        if self.visual_gradient_steering and self.vgs_mode == "grpo":
+            if self.margin_calibration != "none" or self.outcome_advantage_weight > 0:
+                raise ValueError(
+                    "vgs_mode='grpo' trains the policy-gradient term on the outcome advantage alone, so "
+                    "margin_calibration and outcome_advantage_weight (which act on the teacher advantage) have no "
+                    "effect there: set margin_calibration='none' and outcome_advantage_weight=0, or use "
+                    "vgs_mode='gndpo'."
+                )
         if not 0 <= self.vgs_alpha <= 1:
             raise ValueError(f"vgs_alpha must be in [0, 1], got {self.vgs_alpha}.")
         for name in ("vgs_gamma", "vgs_lambda"):

@@ -23,7 +23,10 @@ __all__ = [
     "clipped_policy_loss",
     "masked_moments",
     "mean_and_unbiased_var",
+    "entropy_sampling_keys",
     "seq_mean_token_mean",
+    "tip_keep",
+    "top_k_reverse_kl",
     "whiten",
     "whitened_advantages",
 ]
@@ -189,3 +192,128 @@ def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     valid = mask.bool()
     return (torch.where(valid, x, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)).mean()
+
+
+# Elements of gathered teacher head rows (positions x k x hidden) alive at once in `top_k_reverse_kl` (64 MiB float32).
+_GATHER_ELEMENTS = 1 << 24
+
+
+def _transformed_logits(hidden, weight, bias, scale: float, softcap: float | None) -> torch.Tensor:
+    """Logits `h W^T + b` in float32 (float64 for float64 inputs), scaled and soft-capped like TRL's kernels:
+    `z -> cap * tanh(scale * z / cap)`."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    z = (z if bias is None else z + bias.to(dtype)) * scale
+    return z if not softcap else softcap * torch.tanh(z / softcap)
+
+
+@torch.no_grad()
+def top_k_reverse_kl(
+    student_states: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_states: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    k: int,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    *,
+    student_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+    token_chunk: int = 256,
+    vocab_chunk: int = 4096,
+) -> torch.Tensor:
+    r"""vOPD's top-k approximation of its value baseline: the reverse KL on the student's k most likely tokens.
+
+    With :math:`S_t` the k tokens of highest student probability at position t, and both distributions renormalized
+    on it,
+
+    .. math:: p_k(v) = \frac{p(v)}{\sum_{u \in S_t} p(u)}, \quad q_k(v) = \frac{q(v)}{\sum_{u \in S_t} q(u)},
+              \qquad \mathrm{KL}_k = \sum_{v \in S_t} p_k(v) \big(\log p_k(v) - \log q_k(v)\big)
+
+    (``k`` at least the vocabulary size gives the exact :math:`\mathrm{KL}(p \| q)`). Detached: it only enters the
+    token signal as a baseline.
+
+    Args:
+        student_states, teacher_states: ``(N, H_s)`` and ``(N, H_t)`` last hidden states of the same N positions.
+        student_weight, teacher_weight: vocabulary heads ``(V, H_s)`` and ``(V, H_t)`` over the same V tokens; biases
+            ``(V,)`` or None. Scale and soft-cap as the models' configs say (``logit_scale``,
+            ``final_logit_softcapping``).
+
+    Returns:
+        ``(N,)`` float32 (float64 for float64 inputs). Memory: the student's logits one ``token_chunk x vocab_chunk``
+        tile at a time (a running top-k across tiles), then the teacher's logits of the k tokens only, from at most
+        ``2**24`` gathered head elements at once; no ``N x V`` tensor.
+    """
+    vocab, device = student_weight.shape[0], student_states.device
+    k = min(k, vocab)
+    dtype = torch.promote_types(student_states.dtype, torch.float32)
+    teacher_weight = teacher_weight.to(device)  # once: a teacher may live on another device
+    teacher_bias = None if teacher_bias is None else teacher_bias.to(device)
+    gather_rows = max(1, _GATHER_ELEMENTS // (k * teacher_weight.shape[1]))
+    out = []
+    for start in range(0, len(student_states), token_chunk):
+        rows = slice(start, start + token_chunk)
+        h_s, h_t = student_states[rows], teacher_states[rows].to(device)
+        top_values = top_index = None
+        for col in range(0, vocab, vocab_chunk):  # a running top-k of the student's logits over vocabulary tiles
+            cols = slice(col, min(col + vocab_chunk, vocab))
+            bias = None if student_bias is None else student_bias[cols]
+            z = _transformed_logits(h_s, student_weight[cols], bias, student_scale, student_softcap)
+            index = torch.arange(cols.start, cols.stop, device=device).expand_as(z)
+            if top_values is not None:
+                z, index = torch.cat([top_values, z], 1), torch.cat([top_index, index], 1)
+            top_values, chosen = z.topk(min(k, z.size(1)), dim=1)
+            top_index = index.gather(1, chosen)
+        # the teacher's logits of the chosen tokens only, from its gathered head rows, a few positions at a time
+        z_t = torch.cat(
+            [
+                torch.einsum("nkh,nh->nk", teacher_weight[top_index[sub]].to(dtype), h_t[sub].to(dtype))
+                for sub in (slice(i, i + gather_rows) for i in range(0, len(top_index), gather_rows))
+            ]
+        )
+        if teacher_bias is not None:
+            z_t = z_t + teacher_bias[top_index].to(dtype)
+        z_t = z_t * teacher_scale
+        if teacher_softcap:
+            z_t = teacher_softcap * torch.tanh(z_t / teacher_softcap)
+        log_p, log_q = top_values.log_softmax(-1), z_t.log_softmax(-1)
+        out.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    return torch.cat(out) if out else student_states.new_zeros(0, dtype=dtype)
+
+
+def tip_keep(rule: str, high_entropy: torch.Tensor, high_divergence: torch.Tensor | None = None) -> torch.Tensor:
+    r"""TIP (arXiv 2604.14084) token selection from its two axes, student entropy :math:`H_t` and teacher-student
+    divergence :math:`D_t = |\log p(y_t) - \log q(y_t)|`, each split at a quantile of the generation batch
+    (``high_entropy`` = :math:`H_t \ge \tau_H`, ``high_divergence`` = :math:`D_t \ge \tau_D`):
+
+    - ``"entropy"``: :math:`H_t \ge \tau_H` (uncertain student);
+    - ``"quadrant"``: :math:`H_t \ge \tau_H \ \lor\ D_t \ge \tau_D` (uncertain, or overconfident and wrong);
+    - ``"q3"``: :math:`H_t < \tau_H \ \land\ D_t \ge \tau_D`, TIP's Q3 alone (low entropy, high divergence: the
+      overconfident-and-wrong tokens).
+    """
+    if rule == "entropy":
+        return high_entropy
+    if high_divergence is None:
+        raise ValueError(f"TIP rule {rule!r} needs the high-divergence mask.")
+    if rule == "quadrant":
+        return high_entropy | high_divergence
+    if rule == "q3":
+        return ~high_entropy & high_divergence
+    raise ValueError(f"TIP rule must be 'entropy', 'quadrant' or 'q3', got {rule!r}")
+
+
+def entropy_sampling_keys(entropy: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    r"""Keys of TIP's entropy-based sampling: weighted sampling of tokens without replacement, probability
+    proportional to the student's entropy (Efraimidis-Spirakis).
+
+    .. math:: \kappa_t = \frac{\log u_t}{H_t}, \qquad u_t \sim U(0, 1)
+
+    Keeping the ``n`` largest keys draws ``n`` tokens one after another, each with probability proportional to
+    :math:`H_t` among those not yet drawn. Tokens with :math:`H_t \le 0` get the lowest finite key (drawn last);
+    a finite key keeps quantiles and masking free of NaN.
+    """
+    lowest = torch.finfo(torch.promote_types(entropy.dtype, torch.float32)).min
+    keys = torch.log(uniform.to(entropy.dtype)) / entropy
+    return torch.where(entropy > 0, keys, lowest).clamp(min=lowest)

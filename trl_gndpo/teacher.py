@@ -15,6 +15,7 @@ from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
+from . import functional
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .modules import backbone, vocabulary_head
@@ -136,8 +137,9 @@ def completion_states(model, input_ids, attention_mask, completion_length: int, 
     return torch.cat(states)
 
 
-def reverse_kl_per_token(student, student_states, teacher, teacher_states) -> torch.Tensor:
-    """KL(p || q) per position from both models' hidden states, vocabulary chunk by vocabulary chunk (TRL's kernel).
+def reverse_kl_per_token(student, student_states, teacher, teacher_states, top_k: int | None = None) -> torch.Tensor:
+    """KL(p || q) per position from both models' hidden states, vocabulary chunk by vocabulary chunk (TRL's kernel),
+    or with `top_k` its approximation on the student's top-k tokens (`functional.top_k_reverse_kl`).
 
     The teacher's head is cut to the student's vocabulary rows (a teacher may pad its embedding further).
     """
@@ -148,6 +150,22 @@ def reverse_kl_per_token(student, student_states, teacher, teacher_states) -> to
     for m in (student, teacher):
         config = m.config.get_text_config()
         scale_and_cap += [getattr(config, "logit_scale", None) or 1.0, getattr(config, "final_logit_softcapping", None)]
+    if top_k is not None:
+        s_scale, s_cap, t_scale, t_cap = scale_and_cap
+        teacher_bias = heads[1].bias
+        return functional.top_k_reverse_kl(
+            student_states,
+            heads[0].weight,
+            teacher_states,
+            heads[1].weight[:rows],
+            top_k,
+            heads[0].bias,
+            None if teacher_bias is None else teacher_bias[:rows],
+            student_scale=s_scale,
+            student_softcap=s_cap,
+            teacher_scale=t_scale,
+            teacher_softcap=t_cap,
+        )
     kl, _ = ChunkedDivergenceFunction.apply(
         student_states,
         heads[0].weight,

@@ -26,6 +26,7 @@ from .config import GNDPOConfig
 from .guards import InvalidBatchGuard
 from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
 from .steering import SteeringMixin
+from .vgs import mixed_loss, policy_advantages
 from .teacher import (
     capture_completion_states,
     load_teacher,
@@ -143,6 +144,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             args.max_checked_rows,
         )
         checks.warn_if_checkpoints_split_generations(args)
+        checks.warn_if_rollout_feeds_several_steps(args)
         student = self.accelerator.unwrap_model(self.model)
         self.teacher_server = None
         if args.teacher_model_server_url is not None:  # a served teacher: nothing to load, check or place here
@@ -241,6 +243,8 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             advantages = self._calibrate_margins(advantages, valid, metrics)
         if self.args.outcome_advantage_weight > 0:
             advantages = advantages + self.args.outcome_advantage_weight * batch["advantages"].unsqueeze(1) * valid
+        if self.args.visual_gradient_steering:  # "GRPO + VGS" trains on the outcome advantage alone
+            advantages = policy_advantages(self.args.vgs_mode, advantages, batch["advantages"], valid)
         batch["advantages"] = advantages
         batch["loss_mask"] = valid.to(batch["completion_mask"].dtype)  # the loss's tokens: dropped ones leave it
         batch["num_items_in_batch"] = self.accelerator.gather(valid.sum()).sum()  # "dapo" divides by the loss tokens
@@ -306,6 +310,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
                 torch.cat(student_states)[mask],
                 self.accelerator.unwrap_model(self.teacher_model),
                 torch.cat(teacher_states)[mask],
+                top_k=self.args.value_baseline_top_k,
             )
             scores["kl"] = kl.new_zeros(mask.shape).masked_scatter(mask, kl)
         scores = {k: v.float() for k, v in scores.items() if v is not None}
@@ -359,15 +364,24 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             logger.warning(f"GNDPO: {int(n_mask - n_finite)} completion tokens with a non-finite log-prob were masked.")
 
     def _select_informative_tokens(self, entropy, divergence, valid, metrics) -> torch.Tensor:
-        """TIP: keep the high-entropy share of tokens (and, for "quadrant", high-divergence low-entropy ones).
+        """TIP: keep the high-entropy share of tokens, and/or the high-divergence low-entropy ones (Q3), or draw the
+        share with probability proportional to entropy.
 
         The thresholds are quantiles over every valid token of the generation batch on all processes (TRL's
-        `get_high_entropy_mask`, which gathers them).
+        `get_high_entropy_mask`, which gathers them); sampling keeps the largest sampling keys the same way.
         """
-        quantile = 1.0 - self.args.token_selection_ratio
-        keep = self.get_high_entropy_mask(entropy, valid, quantile)
-        if self.args.token_selection == "quadrant":
-            keep = keep | self.get_high_entropy_mask(divergence.nan_to_num(0.0), valid, quantile)
+        rule, quantile = self.args.token_selection, 1.0 - self.args.token_selection_ratio
+        if rule == "entropy_sampling":  # seeded by seed, step and process: ranks draw independently
+            seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1_009 + self.accelerator.process_index
+            uniform = torch.rand(entropy.shape, generator=torch.Generator().manual_seed(seed))
+            keys = functional.entropy_sampling_keys(entropy.float(), uniform.to(entropy.device))
+            keep = self.get_high_entropy_mask(keys, valid, quantile)
+        else:
+            high_entropy = self.get_high_entropy_mask(entropy, valid, quantile)
+            high_divergence = (
+                None if rule == "entropy" else self.get_high_entropy_mask(divergence.nan_to_num(0.0), valid, quantile)
+            )
+            keep = functional.tip_keep(rule, high_entropy, high_divergence)
         counts = self.accelerator.reduce(torch.stack([(keep & valid).sum(), valid.sum()]).float(), "sum")
         metrics["gndpo/tip_kept_frac"].append((counts[0] / counts[1]).item() if counts[1] > 0 else float("nan"))
         return valid & keep
@@ -411,15 +425,18 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             after = means + shift
             advantages = advantages + shift[local].to(advantages)[:, None] * valid
         else:
-            keep, gap = uniopd.margin_mask(*groups, min_retain_ratio=self.args.margin_min_retain_ratio)
+            if self.args.margin_calibration == "group_mask":  # the paper: discard prompt groups below the margin
+                keep, gap = uniopd.margin_group_mask(*groups)
+            else:
+                keep, gap = uniopd.margin_mask(*groups, min_retain_ratio=self.args.margin_min_retain_ratio)
             after, present = means, present & keep
             advantages = advantages * keep[local].to(advantages)[:, None]
         gap_after = uniopd.margin_gap(
             after.view(-1, group), correct.view(-1, group), present.view(-1, group), self.args.margin_mode
         )
-        eligible = ~torch.isnan(gap)
+        eligible, kept = ~torch.isnan(gap), ~torch.isnan(gap_after)  # a discarded group has no margin after
         metrics["uniopd/margin_before"].append(gap[eligible].mean().item() if eligible.any() else float("nan"))
-        metrics["uniopd/margin_after"].append(gap_after[eligible].mean().item() if eligible.any() else float("nan"))
+        metrics["uniopd/margin_after"].append(gap_after[kept].mean().item() if kept.any() else float("nan"))
         metrics["uniopd/calibrated_group_frac"].append((gap < self.args.margin_delta).float().mean().item())
         return advantages
 
@@ -470,8 +487,8 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
 
         policy_loss = loss = aggregate(per_token_loss)
         if vgs:
-            alpha = self.args.vgs_alpha
-            loss = (1 - alpha) * loss + alpha * self._vgs_loss(model, inputs, torch.cat(states), aggregate, mode)
+            vgs_loss = self._vgs_loss(model, inputs, torch.cat(states), aggregate, mode)
+            loss = mixed_loss(self.args.vgs_mode, self.args.vgs_alpha, loss, vgs_loss)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
 

@@ -19,6 +19,7 @@ __all__ = [
     "balance_classes",
     "difficulty_balanced_indices",
     "margin_gap",
+    "margin_group_mask",
     "margin_mask",
     "margin_shift",
     "response_means",
@@ -131,6 +132,31 @@ def margin_mask(
             current, dropped = best
             keep[g, dropped] = False
     return keep.reshape(-1) | ~present, gap
+
+
+def margin_group_mask(
+    means: torch.Tensor,
+    correct: torch.Tensor,
+    present: torch.Tensor,
+    group_size: int,
+    delta: float,
+    mode: str = "minmax",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Uni-OPD margin mask as the paper words it: discard the prompt groups that fail the margin condition.
+
+    A group q holding both classes is kept when :math:`m(q) \ge \delta`, with the paper's margin
+    :math:`m(q) = \min_{\tau \in S_+(q)} \bar A_\tau - \max_{\tau \in S_-(q)} \bar A_\tau` (``mode="minmax"``;
+    ``"mean"`` compares the class means instead); otherwise every response of the group is dropped. All-correct and
+    all-incorrect groups have no margin and are kept, as the shift leaves them alone.
+
+    Returns:
+        ``(keep, gap)``: ``(N,)`` bool, False for every response of a discarded group, and the ``(G,)`` gaps (NaN:
+        a class is missing).
+    """
+    shape = (-1, group_size)
+    gap = margin_gap(means.view(shape), correct.view(shape), present.view(shape), mode)
+    failed = gap < delta  # NaN < delta is False: groups without both classes stay
+    return (~failed).unsqueeze(-1).expand(-1, group_size).reshape(-1), gap
 
 
 def balance_classes(

@@ -248,3 +248,43 @@ def adaptive_gamma(vds: torch.Tensor, low: float, high: float, gamma: float) -> 
     """gamma_t = 0 below `low`, gamma / 2 from `low` to `high`, gamma above `high` (the paper's 40th / 70th VDS
     percentiles): the visual term weighs most where the teacher relies on the image."""
     return torch.where(vds > high, gamma, torch.where(vds > low, gamma / 2, 0.0)).to(vds.dtype)
+
+
+# What VGS is trained with (`vgs_mode`): the weights (policy-gradient term, VGS term) given alpha.
+VGS_MODES = ("alone", "grpo", "gndpo")
+
+
+def mixed_loss(mode: str, alpha: float, policy_loss: torch.Tensor, vgs_loss: torch.Tensor) -> torch.Tensor:
+    """The training loss of each VGS setting of the paper:
+
+        "alone":           L = L_VGS                                   (the paper's main results)
+        "grpo", "gndpo":   L = (1 - alpha) * L_PG + alpha * L_VGS      (the paper's GRPO + VGS uses alpha = 0.3)
+
+    `L_PG` is the clipped policy-gradient loss on the advantages of the mode (`policy_advantages`). Under "alone" it
+    is left out of the graph entirely (not multiplied by 0, which would turn a non-finite value into NaN).
+    """
+    if mode == "alone":
+        return vgs_loss
+    if mode not in VGS_MODES:
+        raise ValueError(f"vgs mode must be one of {VGS_MODES}, got {mode!r}")
+    return (1 - alpha) * policy_loss + alpha * vgs_loss
+
+
+def policy_advantages(
+    mode: str, distillation: torch.Tensor, outcome: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Per-token advantages of the policy-gradient term in each VGS setting, `(B, T)`:
+
+        "grpo":             A_t = m_t * A_seq      GRPO's sequence-level outcome advantage on every valid token,
+                                                   no teacher signal (the paper's GRPO + VGS)
+        "alone", "gndpo":   A_t = distillation_t   GNDPO's teacher advantage (under "alone" only logged)
+
+    Args:
+        distillation: `(B, T)` GNDPO advantages. outcome: `(B,)` GRPO advantages from the outcome rewards.
+        mask: `(B, T)` tokens in the loss.
+    """
+    if mode == "grpo":
+        return outcome.to(distillation.dtype)[:, None] * mask.to(distillation.dtype)
+    if mode not in VGS_MODES:
+        raise ValueError(f"vgs mode must be one of {VGS_MODES}, got {mode!r}")
+    return distillation
