@@ -1,6 +1,7 @@
 """Configuration of the GNDPO trainer."""
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -666,6 +667,13 @@ class GNDPOConfig(GRPOConfig):
                 "With vllm_importance_sampling_correction, TRL re-scores every batch on the training side anyway and "
                 "GNDPO uses that re-score: set vllm_importance_sampling_correction=False to take log p_old from "
                 "vLLM, or old_logps_from_sampler=False."
+            )
+        if self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations):
+            warnings.warn(
+                f"old_logps_from_sampler has no effect with num_iterations={self.num_iterations} and "
+                f"steps_per_generation={self.steps_per_generation}: TRL re-scores each generation batch for its "
+                "importance ratio, and GNDPO uses that re-score as log p_old.",
+                stacklevel=3,
             )
 
     def _check_teacher_server(self) -> None:

@@ -260,7 +260,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         """Per-token scores of the sampled completions, all on the same inputs (ids and images), in float32.
 
         `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
-        temperature; teacher at temperature 1). With the estimators that need them: `entropy` (student, TIP), `base`
+        temperature, or the sampler's own with `old_logps_from_sampler`; teacher at temperature 1). With the estimators that need them: `entropy` (student, TIP), `base`
         (initial student, ExOPD), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden
         states at the completion positions, in its own dtype, VGS).
         """
