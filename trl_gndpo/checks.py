@@ -109,8 +109,8 @@ def check_rows(dataset, name: str, max_rows: int | None = None) -> None:
 
     A prompt must be a non-empty string or a non-empty conversation (a list of messages with a `role`, and some text
     or an image). Every image of an `image` / `images` column must be present (not None, not an empty list), decode
-    in full (a truncated file passes PIL's `verify` but fails in the processor) and have an aspect ratio of at most
-    200. Rows are read a slice at a time in Arrow form (images as encoded bytes), so memory holds one slice, never a
+    (every byte is read; a truncated file passes PIL's `verify` but fails in the processor) and have an aspect ratio
+    of at most 200. Rows are read a slice at a time in Arrow form (images as encoded bytes), so memory holds one slice, never a
     whole column. The error names every bad row (the first 10 of each kind) and its field.
     """
     if not isinstance(dataset, Dataset):
