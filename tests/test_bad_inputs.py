@@ -102,10 +102,11 @@ _CONVERSATION = [{"role": "user", "content": "What is 1 + 1?"}]
         ([_CONVERSATION, _CONVERSATION, [], _CONVERSATION], "empty conversation"),
         ([_CONVERSATION, _CONVERSATION, [{"role": "user", "content": ""}], _CONVERSATION], "no text in any message"),
         ([_CONVERSATION, _CONVERSATION, None, _CONVERSATION], "None"),
+        ([["Say hi."]] * 4, "message 0 is not a {'role': ..., 'content': ...} dict"),
     ],
 )
 def test_unusable_prompts(prompts, detail, cpu_config_kwargs):
-    count, row = (4, 0) if detail.startswith("a int") else (1, 2)
+    count, row = (4, 0) if detail.startswith(("a int", "message 0")) else (1, 2)
     with pytest.raises(ValueError, match=rf"cannot use: {count} have an unusable `prompt`, at rows {row} "):
         build(cpu_config_kwargs, train_dataset=Dataset.from_dict({"prompt": prompts}))
     with pytest.raises(ValueError, match=re.escape(f"at rows {row} ({detail})")):
@@ -179,6 +180,8 @@ def test_image_check_reads_rows_lazily_and_can_be_limited(monkeypatch):
         checks.check_rows(dataset, "train_dataset", max_rows=6)
     with pytest.raises(ValueError, match=r"cannot be decoded, at rows 5 \("):
         checks.check_rows(dataset, "train_dataset")
+    with pytest.raises(ValueError, match=r"cannot be decoded, at rows 2 \("):  # rows as the user's view numbers them
+        checks.check_rows(dataset.select(range(7, -1, -1)), "train_dataset")
 
 
 def test_max_checked_rows_reaches_the_check(cpu_config_kwargs):

@@ -74,10 +74,11 @@ def checkpoints(tmp_path_factory) -> tuple[str, str]:
 def geometry3k(tmp_path_factory) -> str:
     """A local dataset laid out like hiyouga/geometry3k (parquet shards; images / problem / answer columns)."""
     root = tmp_path_factory.mktemp("geometry3k")
+    n = 32  # one generation batch of the README launch lines (32 prompts per step), which the trainer checks
     rows = {
-        "images": [[make_image(i)] for i in range(8)],
-        "problem": [f"<image>Find x if AB = {i + 2}." for i in range(8)],
-        "answer": [str(i) for i in range(8)],
+        "images": [[make_image(i)] for i in range(n)],
+        "problem": [f"<image>Find x if AB = {i + 2}." for i in range(n)],
+        "answer": [str(i) for i in range(n)],
     }
     features = Features({"images": List(Image()), "problem": Value("string"), "answer": Value("string")})
     (root / "data").mkdir()

@@ -128,7 +128,7 @@ def check_datasets(datasets: list, is_vlm: bool, has_environments: bool, max_row
 
 
 # Rows read at a time by `check_rows`: the images of one slice are in memory at once, never a whole column.
-_ROWS_PER_SLICE = 64
+_ROWS_PER_SLICE = 16
 # Qwen-VL image processors (`smart_resize`) refuse images whose longer side is over 200 times the shorter.
 _MAX_ASPECT_RATIO = 200
 
@@ -138,8 +138,8 @@ def check_rows(dataset, name: str, max_rows: int | None = None) -> None:
 
     A prompt must be a non-empty string or a non-empty conversation (a list of messages with a `role`, and some text
     or an image). Every image of an `image` / `images` column must be present (not None, not an empty list), decode
-    in full (a truncated file passes PIL's `verify` but fails in the processor) and have an aspect ratio of at most
-    200. Rows are read a slice at a time in Arrow form (images as encoded bytes), so memory holds one slice, never a
+    (every byte is read; a truncated file passes PIL's `verify` but fails in the processor) and have an aspect ratio
+    of at most 200. Rows are read a slice at a time in Arrow form (images as encoded bytes), so memory holds one slice, never a
     whole column. The error names every bad row (the first 10 of each kind) and its field.
     """
     if not isinstance(dataset, Dataset):
@@ -195,7 +195,8 @@ def _image_problem(image: dict) -> tuple[str | None, str]:
         source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
         with PIL.Image.open(source) as opened:
             width, height = opened.size
-            opened.load()  # full decode: a truncated file opens and verifies, then fails here
+            opened.draft(opened.mode, (max(1, width // 8), max(1, height // 8)))  # JPEG: reads every byte, less work
+            opened.load()  # decode: a truncated file opens and verifies, then fails here
     except Exception as error:  # PIL raises many types for broken files
         return "images of column {column!r} cannot be decoded", type(error).__name__
     if min(width, height) == 0 or max(width, height) / min(width, height) > _MAX_ASPECT_RATIO:
