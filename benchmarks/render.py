@@ -12,9 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-NAMES = {"gndpo": "GNDPOTrainer", "distillation": "DistillationTrainer", "grpo": "GRPOTrainer (floor)",
-         "gndpo_vgs": "GNDPOTrainer + VGS"}  # fmt: skip
-SHORT = {"gndpo": "GNDPO", "distillation": "DistillationTrainer", "grpo": "GRPO floor", "gndpo_vgs": "GNDPO + VGS"}
+NAMES = {"gndpo": "GNDPOTrainer", "gndpo_sampler": "GNDPOTrainer, p_old from the sampler",
+         "distillation": "DistillationTrainer", "grpo": "GRPOTrainer (floor)", "gndpo_vgs": "GNDPOTrainer + VGS"}
+SHORT = {"gndpo": "GNDPO", "gndpo_sampler": "GNDPO with `old_logps_from_sampler`",
+         "distillation": "DistillationTrainer", "grpo": "GRPO floor", "gndpo_vgs": "GNDPO + VGS"}
 MIB = 2**20
 SUMMARY_ENTRIES = 9  # plus the line pointing to the README: at most ten lines
 
@@ -49,6 +50,10 @@ def summary_line(key: str, entry: dict) -> str:
             f"{s['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x")  # fmt: skip
     if subject == "gndpo_vgs":
         return line + f"; same sampled batches: {'yes' if same_batches(entry) else 'NO'}."
+    if "gndpo_sampler" in main:
+        x = main["gndpo_sampler"]
+        line += (f"; {SHORT['gndpo_sampler']} {fmt(x['step_time_median'])} s/step = "
+                 f"**{x['step_time_median'] / r['step_time_median']:.2f}x** (per round: {per_round(x)})")  # fmt: skip
     passes = " vs ".join(fmt(main[t].get("teacher_scoring_passes_per_generation_batch")) for t in (subject, reference))
     floor = f"; {SHORT['grpo']} {fmt(main['grpo']['step_time_median'])} s/step" if "grpo" in main else ""
     return line + f"; teacher scoring passes per generation batch {passes}{floor}."

@@ -4,10 +4,11 @@
     python benchmarks/run.py --vgs --family qwen2_vl qwen2_5_vl qwen3_vl --rounds 2 \\
         --json benchmarks/vgs_results.json --markdown benchmarks/VGS_RESULTS.md
 
-The trainer comparison runs GNDPOTrainer, TRL's DistillationTrainer and GRPOTrainer (trivial reward: the no-teacher
-floor); ``--vgs`` runs GNDPO with ``visual_gradient_steering`` off and on, at learning rate 0 so that both sample the
-same batches (checked by a hash of the sampled ids). ``--json`` merges the entries of this run into the file (one per
-size, family, vocabulary); ``--markdown`` renders every entry of it (``render.py``). See ``benchmarks/README.md``.
+The trainer comparison runs GNDPOTrainer (default, and ``gndpo_sampler``: with ``old_logps_from_sampler``), TRL's
+DistillationTrainer and GRPOTrainer (trivial reward: the no-teacher floor); ``--vgs`` runs GNDPO with
+``visual_gradient_steering`` off and on, at learning rate 0 so that both sample the same batches (checked by a hash
+of the sampled ids). ``--json`` merges the entries of this run into the file (one per size, family, vocabulary);
+``--markdown`` renders every entry of it (``render.py``). See ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(HERE))
 from models import FAMILIES, SIZES  # noqa: E402
 from render import render  # noqa: E402
 
-TRAINERS = ("gndpo", "distillation", "grpo")
+TRAINERS = ("gndpo", "gndpo_sampler", "distillation", "grpo")
 VGS_TRAINERS = ("gndpo", "gndpo_vgs")
 
 

@@ -144,8 +144,9 @@ def length_reward(completions, **kwargs) -> list[float]:
 
 
 def make_trainer(spec: dict, built: dict, device, output_dir: str):
-    """One of ``gndpo``, ``gndpo_vgs``, ``distillation``, ``grpo`` on the same work: every completion exactly
-    ``completion_length`` tokens, one generation batch per optimizer step, sampling at temperature 1 without top-p/k."""
+    """One of ``gndpo``, ``gndpo_sampler``, ``gndpo_vgs``, ``distillation``, ``grpo`` on the same work: every
+    completion exactly ``completion_length`` tokens, one generation batch per optimizer step, sampling at temperature
+    1 without top-p/k."""
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer, GRPOConfig, GRPOTrainer
 
@@ -166,9 +167,10 @@ def make_trainer(spec: dict, built: dict, device, output_dir: str):
     )  # fmt: skip
     data = dict(model=built["student"], train_dataset=Dataset.from_dict(columns))
     data["processing_class"] = built["processing_class"]
-    if kind in ("gndpo", "gndpo_vgs"):
+    if kind in ("gndpo", "gndpo_sampler", "gndpo_vgs"):
         args = GNDPOConfig(**common, num_generations=spec["num_generations"],
-                           visual_gradient_steering=kind == "gndpo_vgs")  # fmt: skip
+                           visual_gradient_steering=kind == "gndpo_vgs",
+                           old_logps_from_sampler=kind == "gndpo_sampler")  # fmt: skip
         peft = None
         if spec.get("lora"):
             from peft import LoraConfig

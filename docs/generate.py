@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import re
 import sys
+import typing
 from pathlib import Path
 
 from trl import GRPOConfig
@@ -113,9 +114,11 @@ def configuration_page() -> str:
     grpo = {field.name: field for field in dataclasses.fields(GRPOConfig)}
     sections: dict[str, list[list[str]]] = {}
     fields = {field.name: field for field in own_fields()}
+    # The declared types: `HfArgumentParser` rewrites `field.type` of `X | None` fields to `X` in place when it parses.
+    hints = typing.get_type_hints(GNDPOConfig)
     for entry in documented.values():  # in the docstring's order
         field = fields[entry["name"]]
-        kind = type_name(field.type)
+        kind = type_name(hints[field.name])
         if "choices" in field.metadata:
             kind = " or ".join(literal(choice) for choice in field.metadata["choices"])
         else:

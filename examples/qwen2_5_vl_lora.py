@@ -91,3 +91,9 @@ if __name__ == "__main__":
                 f"teacher log p {log['gndpo/teacher_logp']:.3f}  student log p {log['gndpo/student_logp']:.3f}  "
                 f"clamped {log['gndpo/clamped_frac']:.2%}  advantage std {log['gndpo/advantage_std']:.2f}"
             )
+
+    # Fold the adapter into the student's weights for inference without peft (vLLM, plain from_pretrained). This
+    # replaces the adapter layers of trainer.model, so it comes last.
+    merged = trainer.model.merge_and_unload()
+    merged.save_pretrained(f"{trainer.args.output_dir}/merged")
+    trainer.processing_class.save_pretrained(f"{trainer.args.output_dir}/merged")

@@ -1,8 +1,8 @@
 """Smoke test of the benchmark harness (`benchmarks/run.py`, `render.py`): both comparisons at the smallest size.
 
-The trainer comparison (GNDPO, DistillationTrainer, GRPO) and the VGS comparison (GNDPO with VGS off and on) each run
-one fresh process per trainer on the tiny offline models, then render their tables and step-time PNGs; these tests
-fail if the harness stops running, stops giving every trainer the same work, or stops measuring what it reports.
+The trainer comparison (GNDPO with and without `old_logps_from_sampler`, DistillationTrainer, GRPO) and the VGS
+comparison (GNDPO with VGS off and on) each run one fresh process per trainer on the tiny offline models, then render
+their tables and step-time PNGs; these tests fail if the harness stops running, stops giving every trainer the same work, or stops measuring what it reports.
 """
 
 import json
@@ -50,7 +50,7 @@ def test_trainer_comparison_gives_every_trainer_the_same_work(trainers):
     results, markdown = trainers
     entry = results["tiny"]
     spec, main = entry["spec"], entry["main"]
-    assert list(main) == ["gndpo", "distillation", "grpo"]
+    assert list(main) == ["gndpo", "gndpo_sampler", "distillation", "grpo"]
     generation_batch = spec["batch_size"] * spec["grad_accum"]
     tokens = generation_batch * spec["completion_length"]
     assert len({r["student_fingerprint"] for r in main.values()}) == 1  # identical starting copies
@@ -69,11 +69,14 @@ def test_trainer_comparison_gives_every_trainer_the_same_work(trainers):
     assert main["grpo"]["teacher_forward_calls_per_generation_batch"] == 0
     assert main["gndpo"]["phases_mean"]["teacher"] > 0 and main["distillation"]["phases_mean"]["teacher"] > 0
     assert main["gndpo"]["phases_mean"]["student_scoring"] > 0  # the default re-scores log p_old
+    assert main["gndpo_sampler"]["phases_mean"]["student_scoring"] == 0  # old_logps_from_sampler skips it
+    assert main["gndpo_sampler"]["teacher_scoring_passes_per_generation_batch"] == 1
     assert main["grpo"]["phases_mean"]["teacher"] == 0
     # the JSD kernel projects each completion row through both heads; GNDPO's head covers at least the completion
     # rows of the student re-score, the teacher and the loss
     assert main["distillation"]["head_rows_per_step"] == 2 * tokens
     assert main["gndpo"]["head_rows_per_step"] >= 3 * tokens
+    assert 2 * tokens <= main["gndpo_sampler"]["head_rows_per_step"] < main["gndpo"]["head_rows_per_step"]
     check_rendered(markdown, entry)
 
 

@@ -193,6 +193,7 @@ def demo_cache(tmp_path_factory):
     return cache
 
 
+@pytest.mark.slow
 def test_demo_models_are_cached_and_pruned(demo_cache):
     teacher_dir, student_dir = demo.prepare_models(demo_cache, prune_fraction=0.1)
     stamps = {p: p.stat().st_mtime_ns for p in (teacher_dir / "model.safetensors", student_dir / "model.safetensors")}
@@ -204,6 +205,7 @@ def test_demo_models_are_cached_and_pruned(demo_cache):
     assert "quantization_config" not in teacher_config
 
 
+@pytest.mark.slow
 def test_demo_runs_at_reduced_size(demo_cache, tmp_path):
     """`python -m trl_gndpo` without a model: the real demo for 1 step exits 0 and prints the KL and the metrics."""
     command = [sys.executable, "-m", "trl_gndpo", "--demo_cache_dir", str(demo_cache), "--output_dir", str(tmp_path),

@@ -63,7 +63,7 @@ def test_vision_language_model_scores_the_same():
         messages, images=[[make_image(0)], [make_image(1)]], add_generation_prompt=True, tokenize=True,
         return_dict=True, processor_kwargs={"padding": True, "return_tensors": "pt"},
     )  # fmt: skip
-    completion = torch.randint(3, 300, (2, 4))
+    completion = torch.randint(8, 300, (2, 4))  # above the special ids: an image pad token would want an image
     ids = torch.cat([inputs["input_ids"], completion], 1)
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(completion)], 1)
     extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}

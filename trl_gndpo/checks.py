@@ -75,9 +75,36 @@ def warn_if_rollout_feeds_several_steps(args: GNDPOConfig) -> None:
         )
 
 
-def check_datasets(datasets: list, is_vlm: bool, has_environments: bool) -> None:
-    """Every dataset has a `prompt` column, and image columns only go with a vision-language student."""
-    for dataset in datasets:
+def check_dataset_sizes(args: GNDPOConfig, train_dataset, eval_datasets: list) -> None:
+    """A training set too small for one generation batch (or an empty evaluation set) would run 0 steps, silently."""
+    per_batch = args.generation_batch_size // args.num_generations
+    size = _length(train_dataset)
+    if size is not None and size < per_batch:
+        raise ValueError(
+            f"The training dataset has {size} prompts, fewer than one generation batch takes ({per_batch} = "
+            f"generation_batch_size {args.generation_batch_size} / num_generations {args.num_generations}, with "
+            f"generation_batch_size = per_device_train_batch_size {args.per_device_train_batch_size} x "
+            f"steps_per_generation {args.steps_per_generation} x {args.world_size} processes): training would run "
+            "0 steps. Use more prompts, or lower per_device_train_batch_size or steps_per_generation "
+            "(gradient_accumulation_steps sets its default)."
+        )
+    for dataset in eval_datasets:
+        if _length(dataset) == 0:
+            raise ValueError("An evaluation dataset is empty: pass one with at least one prompt, or none.")
+
+
+def _length(dataset) -> int | None:
+    """Number of rows, or None for a stream (or no dataset)."""
+    try:
+        return None if dataset is None else len(dataset)
+    except TypeError:  # IterableDataset
+        return None
+
+
+def check_datasets(datasets: list, is_vlm: bool, has_environments: bool, max_rows: int | None = None) -> None:
+    """Every dataset has a `prompt` column, image columns only go with a vision-language student, and the first
+    `max_rows` rows (all if None) hold prompts and images the student can use (see `check_rows`)."""
+    for index, dataset in enumerate(datasets):
         columns = getattr(dataset, "column_names", None)
         if not columns:  # None, or a streaming dataset whose columns are unknown until read
             continue
@@ -89,35 +116,112 @@ def check_datasets(datasets: list, is_vlm: bool, has_environments: bool) -> None
                 f"The dataset has an image column {image_columns} but the student's processing class is a "
                 "text tokenizer. Use a vision-language student with its processor, or drop the image column."
             )
-        for column in image_columns:
-            check_images_decode(dataset, column)
+        check_rows(dataset, "train_dataset" if index == 0 else "eval_dataset", max_rows)
 
 
-def check_images_decode(dataset, column: str) -> None:
-    """Open every stored image of a `datasets.Image` column (header and data check, no full decode) before training."""
+# Rows read at a time by `check_rows`: the images of one slice are in memory at once, never a whole column.
+_ROWS_PER_SLICE = 64
+# Qwen-VL image processors (`smart_resize`) refuse images whose longer side is over 200 times the shorter.
+_MAX_ASPECT_RATIO = 200
+
+
+def check_rows(dataset, name: str, max_rows: int | None = None) -> None:
+    """Check the prompts and images of the first `max_rows` rows (all if None) before training.
+
+    A prompt must be a non-empty string or a non-empty conversation (a list of messages with a `role`, and some text
+    or an image). Every image of an `image` / `images` column must be present (not None, not an empty list), decode
+    in full (a truncated file passes PIL's `verify` but fails in the processor) and have an aspect ratio of at most
+    200. Rows are read a slice at a time in Arrow form (images as encoded bytes), so memory holds one slice, never a
+    whole column. The error names every bad row (the first 10 of each kind) and its field.
+    """
     if not isinstance(dataset, Dataset):
         return  # a stream: nothing stored to check up front
-    feature = dataset.features[column]
-    listed = not isinstance(feature, Image)  # `images`: a list of images
-    if not isinstance(getattr(feature, "feature", None) if listed else feature, Image):
+    image_columns = [c for c in ("image", "images") if c in dataset.column_names and _is_image_feature(dataset, c)]
+    columns = [c for c in ("prompt",) if c in dataset.column_names] + image_columns
+    if not columns:
         return
-    raw = dataset.cast_column(column, type(feature)(Image(decode=False)) if listed else Image(decode=False))
-    bad = []
-    for row, value in enumerate(raw[column]):
-        for image in value if isinstance(value, list) else [value]:
-            if image is None:
-                continue
-            try:
-                source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
-                with PIL.Image.open(source) as opened:
-                    opened.verify()
-            except Exception as error:  # PIL raises many types for broken files
-                bad.append(f"{row} ({type(error).__name__})")
-    if bad:
+    raw = dataset.select_columns(columns).with_format("arrow")
+    stop = len(raw) if max_rows is None else min(max_rows, len(raw))
+    problems: dict[str, list[str]] = {}
+    for start in range(0, stop, _ROWS_PER_SLICE):
+        for offset, row in enumerate(raw[start : min(start + _ROWS_PER_SLICE, stop)].to_pylist()):
+            index = start + offset
+            has_image = False
+            for column in image_columns:
+                images = row[column] if isinstance(row[column], list) else [row[column]]
+                if not images or any(_missing(image) for image in images):
+                    problems.setdefault(f"have no image in column {column!r} (None or an empty list)", []).append(
+                        str(index)
+                    )
+                    continue
+                has_image = True
+                for image in images:
+                    kind, detail = _image_problem(image)
+                    if kind is not None:
+                        problems.setdefault(kind.format(column=column), []).append(f"{index} ({detail})")
+            if "prompt" in row:
+                problem = _prompt_problem(row["prompt"], has_image)
+                if problem is not None:
+                    problems.setdefault("have an unusable `prompt`", []).append(f"{index} ({problem})")
+    if problems:
+        checked = "" if stop == len(raw) else f" (checked the first {stop} of {len(raw)} rows: max_checked_rows)"
         raise ValueError(
-            f"{len(bad)} images of column {column!r} cannot be decoded, at rows {', '.join(bad[:10])}. Fix or drop "
-            "those rows (e.g. `dataset.filter`) before training."
+            f"The {name} has rows the trainer cannot use{checked}: "
+            + "; ".join(f"{len(rows)} {kind}, at rows {', '.join(rows[:10])}" for kind, rows in problems.items())
+            + ". Fix or drop those rows (e.g. `dataset.filter`) before training."
         )
+
+
+def _is_image_feature(dataset: Dataset, column: str) -> bool:
+    feature = dataset.features[column]
+    return isinstance(feature, Image) or isinstance(getattr(feature, "feature", None), Image)
+
+
+def _missing(image) -> bool:
+    return image is None or (image.get("bytes") is None and image.get("path") is None)
+
+
+def _image_problem(image: dict) -> tuple[str | None, str]:
+    """(kind of problem, detail) of a stored image ({"bytes", "path"}); (None, "") when the processor can use it."""
+    try:
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
+        with PIL.Image.open(source) as opened:
+            width, height = opened.size
+            opened.load()  # full decode: a truncated file opens and verifies, then fails here
+    except Exception as error:  # PIL raises many types for broken files
+        return "images of column {column!r} cannot be decoded", type(error).__name__
+    if min(width, height) == 0 or max(width, height) / min(width, height) > _MAX_ASPECT_RATIO:
+        kind = "images of column {column!r} have an aspect ratio over %d (Qwen-VL processors refuse it)"
+        return kind % _MAX_ASPECT_RATIO, f"{width}x{height}"
+    return None, ""
+
+
+def _prompt_problem(prompt, has_image: bool) -> str | None:
+    """Why a `prompt` value cannot be tokenized into a usable prompt, or None."""
+    if prompt is None:
+        return "None"
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "empty or blank string"
+    if not isinstance(prompt, list):
+        return f"a {type(prompt).__name__}, not a string or a list of messages"
+    if not prompt:
+        return "empty conversation"
+    text = False
+    for number, message in enumerate(prompt):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"message {number} is not a {{'role': ..., 'content': ...}} dict"
+        content = message.get("content")
+        if isinstance(content, str):
+            text = text or bool(content.strip())
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    return f"message {number} has a content part that is not a dict"
+                text = text or bool((part.get("text") or "").strip())
+                has_image = has_image or part.get("type") in ("image", "video")
+        elif content is not None:
+            return f"message {number} has content of type {type(content).__name__}"
+    return None if text or has_image else "no text in any message"
 
 
 def check_teacher(
@@ -154,8 +258,9 @@ def check_teacher(
                 "the student's token ids with the teacher, so both must share one vocabulary."
             )
     else:
-        logger.warning(
-            "No teacher tokenizer was given, so only the vocabulary sizes were compared. Pass "
+        logger.warning(  # a teacher built in memory, or saved without its tokenizer: nothing else to compare
+            "No teacher tokenizer was given or found with the teacher, so only the vocabulary sizes were compared "
+            "(a tokenizer of the same size that maps tokens to other ids would go unnoticed). Pass "
             "`teacher_processing_class` to check that the teacher tokenizes exactly like the student."
         )
     if not is_vlm:

@@ -16,6 +16,24 @@ _UNSUPPORTED_GRPO_OPTIONS = {
 }
 
 
+# Sampling settings at which the sampler draws from softmax(logits / temperature), the distribution whose log-probs
+# `old_logps_from_sampler` takes (keys of `generation_kwargs` too; `min_tokens` and the penalties are vLLM's names).
+_NEUTRAL_SAMPLING = {
+    "top_k": (0, None),
+    "top_p": (1.0, None),
+    "min_p": (0.0, None),
+    "typical_p": (1.0, None),
+    "epsilon_cutoff": (0.0, None),
+    "eta_cutoff": (0.0, None),
+    "top_h": (None,),
+    "repetition_penalty": (1.0, None),
+    "presence_penalty": (0.0, None),
+    "frequency_penalty": (0.0, None),
+    "min_tokens": (0, None),
+    "num_beams": (1, None),
+    "do_sample": (True, None),
+}
+
 # Numeric options that must be finite: an inf or NaN passes a range check like `> 0` yet breaks training.
 _FINITE_FIELDS = (
     "token_signal_clamp",
@@ -112,6 +130,28 @@ class GNDPOConfig(GRPOConfig):
         max_abs_log_ratio (`float`, *optional*):
             Token guard from the Uni-OPD reference scripts (which use 10): tokens with `|log p - log q|` at or above
             this bound leave the statistics and the loss. `None` (default) keeps every token.
+        old_logps_from_sampler (`bool`, *optional*, defaults to `False`):
+            Take `log p_old` of the token signal from the sampler instead of a no-grad re-score pass of the student:
+            the log-probs vLLM returns (needs `vllm_importance_sampling_correction=False`), or, with transformers
+            generation, `log softmax(logits / temperature)` of each sampled token recorded step by step (one step's
+            scores kept at a time). Skips the re-score pass where GNDPO runs it for `p_old` alone; where TRL
+            re-scores anyway (`num_iterations > 1`, or `gradient_accumulation_steps` not a multiple of
+            `steps_per_generation`), TRL's re-score is used. Refused where the sampler draws from another
+            distribution (`top_k`, `top_p`, `min_p`, `repetition_penalty`, also in `generation_kwargs`) and with
+            TIP and vOPD, which need the student pass anyway. The recorded values differ from the re-score's only by
+            float rounding (KV-cached forward vs one forward): see [the method](method.md#sampler-log-probs).
+
+        > Parameters that control the checks of bad input (see the bad-input table in the docs)
+
+        max_checked_rows (`int`, *optional*):
+            Before training, the prompts and images of the first this-many rows of each dataset are checked (prompt
+            present and non-empty; each image present, decodable in full and of aspect ratio at most 200). `None`
+            (default) checks every row. Rows are read a slice at a time, never a whole column; decoding every image
+            of a very large dataset takes a while, in every process, so set a limit there.
+        max_invalid_generation_batches (`int`, *optional*, defaults to `3`):
+            Stop with an error after this many consecutive training generation batches without a single valid
+            completion token (every token non-finite, masked or filtered out), which would train on a zero loss.
+            Each such batch logs a warning and leaves the `gndpo/` averages unlogged. `None` never stops.
 
         > Parameters of Uni-OPD (margin calibration and balancing)
 
@@ -297,6 +337,29 @@ class GNDPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Drop tokens with |log p - log q| >= this bound from statistics and loss (Uni-OPD: 10)."},
     )
+    old_logps_from_sampler: bool = field(
+        default=False,
+        metadata={
+            "help": "Take log p_old from the sampler (vLLM's log-probs, or recorded during transformers generation) "
+            "instead of a student re-score pass; refused with top_k, top_p, min_p or repetition_penalty."
+        },
+    )
+
+    # Checks of bad input
+    max_checked_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "Check the prompts and images of only the first this-many rows of each dataset before training "
+            "(None: every row)."
+        },
+    )
+    max_invalid_generation_batches: int | None = field(
+        default=3,
+        metadata={
+            "help": "Stop after this many consecutive training generation batches without any valid completion "
+            "token (None: never stop)."
+        },
+    )
 
     # Uni-OPD
     correctness_threshold: float = field(
@@ -454,6 +517,8 @@ class GNDPOConfig(GRPOConfig):
                 f"value_baseline (vOPD) compares the distributions at temperature 1; set temperature=1.0 (got "
                 f"{self.temperature}) or value_baseline=False."
             )
+        if self.old_logps_from_sampler:
+            self._check_old_logps_from_sampler()
         if self.token_selection not in ("none", "entropy", "quadrant", "q3", "entropy_sampling"):
             raise ValueError(
                 "token_selection must be 'none', 'entropy', 'quadrant', 'q3' or 'entropy_sampling', got "
@@ -470,6 +535,9 @@ class GNDPOConfig(GRPOConfig):
             raise ValueError(f"max_prompt_length must be > 0 or None, got {self.max_prompt_length}.")
         if self.max_abs_log_ratio is not None and not self.max_abs_log_ratio > 0:
             raise ValueError(f"max_abs_log_ratio must be > 0 or None, got {self.max_abs_log_ratio}.")
+        for name in ("max_checked_rows", "max_invalid_generation_batches"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}.")
         choices = {
             "margin_calibration": ("none", "shift", "mask", "group_mask"),
             "margin_scope": ("group", "global"),
@@ -537,3 +605,32 @@ class GNDPOConfig(GRPOConfig):
                     f"{name}={getattr(self, name)!r} is a GRPOTrainer loss option that GNDPO's loss does not "
                     f"implement; leave it at {default!r}."
                 )
+
+    def _check_old_logps_from_sampler(self) -> None:
+        """The sampler's log-probs stand for the re-score only when they are of the same distribution."""
+        settings = {name: getattr(self, name) for name in ("top_k", "top_p", "min_p", "repetition_penalty")}
+        settings.update((self.generation_kwargs or {}) if isinstance(self.generation_kwargs, dict) else {})
+        neutral = dict(_NEUTRAL_SAMPLING, temperature=(self.temperature,))
+        changed = {k: v for k, v in settings.items() if k in neutral and v not in neutral[k]}
+        if changed:
+            raise ValueError(
+                f"old_logps_from_sampler takes log p_old from the sampler, whose distribution {changed} changes away "
+                f"from the tempered softmax the token signal uses: reset them (top_k=0, top_p=1.0, min_p=None, "
+                f"repetition_penalty=1.0) or set old_logps_from_sampler=False."
+            )
+        if self.token_selection != "none" or self.value_baseline:
+            raise ValueError(
+                "old_logps_from_sampler saves the student's scoring pass, which token_selection (TIP) and "
+                "value_baseline (vOPD) need anyway: set old_logps_from_sampler=False."
+            )
+        if self.use_transformers_continuous_batching:
+            raise ValueError(
+                "old_logps_from_sampler cannot record log-probs with use_transformers_continuous_batching: use "
+                "generate (use_transformers_continuous_batching=False) or vLLM, or set old_logps_from_sampler=False."
+            )
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            raise ValueError(
+                "With vllm_importance_sampling_correction, TRL re-scores every batch on the training side anyway and "
+                "GNDPO uses that re-score: set vllm_importance_sampling_correction=False to take log p_old from "
+                "vLLM, or old_logps_from_sampler=False."
+            )

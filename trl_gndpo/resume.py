@@ -1,12 +1,17 @@
 """What makes a resumed GNDPO run continue exactly where the uninterrupted one would be: the student's weights
-(whatever key layout their checkpoint uses) and the data order."""
+(whatever key layout their checkpoint uses) and the data order; and a warning naming each part of the training state
+that a checkpoint lacks, which `Trainer` would otherwise start afresh without a word."""
 
 import os
 
 import torch
 from transformers import PreTrainedModel
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from transformers.utils import logging
 from trl.trainer.utils import RepeatSampler
+
+logger = logging.get_logger(__name__)
 
 _FULL_WEIGHTS = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
@@ -33,6 +38,41 @@ def load_full_weights(model: PreTrainedModel, folder: str) -> None:
         raise ValueError(
             f"The checkpoint {folder} does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}. "
             "Resume with the model (and model class) that wrote it."
+        )
+
+
+def warn_missing_checkpoint_parts(trainer, checkpoint: str | None) -> None:
+    """Warn, naming each file and what starts afresh, when the checkpoint lacks part of the training state.
+
+    `Trainer` resumes from such a checkpoint with only an info-level note (RNG) or none at all (optimizer, scheduler);
+    it loads the optimizer and the scheduler only together: if either file is missing, both restart. (A missing
+    `trainer_state.json` already fails in `Trainer.train` with a `FileNotFoundError` naming it.)
+    Under DeepSpeed the optimizer and scheduler live in DeepSpeed's own folder and are not checked here.
+    """
+    if checkpoint is None:
+        return
+    args, missing = trainer.args, []
+
+    def absent(name: str) -> bool:
+        return not os.path.isfile(os.path.join(checkpoint, name))
+
+    if not trainer.is_deepspeed_enabled:
+        has_optimizer = not absent(OPTIMIZER_NAME) or not absent(OPTIMIZER_NAME_BIN) or any(
+            "optimizer" in entry and os.path.isdir(os.path.join(checkpoint, entry)) for entry in os.listdir(checkpoint)
+        )  # FSDP saves a folder
+        files = [OPTIMIZER_NAME] * (not has_optimizer) + [SCHEDULER_NAME] * absent(SCHEDULER_NAME)
+        if files:
+            missing.append(
+                f"{' and '.join(files)} (the optimizer's moments and the learning-rate schedule restart from step 0; "
+                "Trainer loads neither unless both are there)"
+            )
+    rng = "rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
+    if absent(rng):
+        missing.append(f"{rng} (random states start fresh: sampling differs from the uninterrupted run)")
+    if missing:
+        logger.warning(
+            f"Resuming from {checkpoint}, which lacks " + "; ".join(missing) + ". The run continues with those parts "
+            "reset; resume from a complete checkpoint (saved without save_only_model) for an exact continuation."
         )
 
 

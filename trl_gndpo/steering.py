@@ -1,5 +1,6 @@
 """Visual Gradient Steering (arXiv 2606.00564) wired into GNDPOTrainer: the text-only view of each generation batch,
-the VGS loss of each micro-step, the measured eta and its checkpoint. The math lives in `vgs.py`."""
+the VGS loss of each micro-step, the measured eta and its checkpoint (refused when missing or corrupt). The math lives
+in `vgs.py`."""
 
 import json
 import math
@@ -154,8 +155,31 @@ class SteeringMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = None if checkpoint is None else os.path.join(checkpoint, _ETA_FILE)
-        if self.args.visual_gradient_steering and path is not None and os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
-            self._vgs_eta, self._vgs_eta_samples = state["eta"], state["samples"]
+        if not self.args.visual_gradient_steering or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, _ETA_FILE)
+        if os.path.exists(path):
+            self._vgs_eta, self._vgs_eta_samples = read_eta(path)
+        elif self.args.vgs_eta_measure_steps > 0:  # without the file the resumed run would train at another scale
+            raise ValueError(
+                f"The checkpoint {checkpoint} has no {_ETA_FILE}, so the eta measured over the first "
+                f"{self.args.vgs_eta_measure_steps} steps is lost. Resume from a checkpoint that has it, or set "
+                "vgs_eta to the measured value (logged as vgs/eta in trainer_state.json) and vgs_eta_measure_steps=0."
+            )
+
+
+def read_eta(path: str) -> tuple[float, list[float]]:
+    """The measured eta and its samples from a checkpoint's `vgs_eta.json`; a clear error naming the file if broken."""
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        eta, samples = float(state["eta"]), [float(x) for x in state["samples"]]
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(
+            f"{path} is corrupt ({type(error).__name__}: {error}); it should hold "
+            '{"eta": <float>, "samples": [<float>, ...]}. Restore it, or delete it and set vgs_eta to the measured '
+            "value with vgs_eta_measure_steps=0."
+        ) from error
+    if not (math.isfinite(eta) and eta > 0):
+        raise ValueError(f"{path} holds eta={eta}; it must be a positive finite number. Restore or fix the file.")
+    return eta, samples

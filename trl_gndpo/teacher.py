@@ -5,6 +5,7 @@ TRL's reference model, or kept on its own device (`teacher_device`) or in CPU me
 (`teacher_offload`). The hidden-state helpers serve the estimators that need the full distribution (vOPD's KL, VGS).
 """
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -20,6 +21,9 @@ from .config import GNDPOConfig
 from .modules import backbone, vocabulary_head
 
 logger = logging.get_logger(__name__)
+
+# A folder holding any of these has a tokenizer to load.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
 def load_teacher(name: str, args: GNDPOConfig) -> PreTrainedModel:
@@ -47,6 +51,13 @@ def default_teacher_dtype(args: GNDPOConfig) -> str:
 
 def load_teacher_processing_class(name: str, args: GNDPOConfig):
     """The teacher's processor or tokenizer, or None (the set-up checks then warn) if it ships none."""
+    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in _TOKENIZER_FILES):
+        # AutoProcessor would build an empty tokenizer from the model config instead of failing
+        logger.warning(
+            f"The teacher's folder {name!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}): save the "
+            "tokenizer with the teacher, or pass `teacher_processing_class`."
+        )
+        return None
     try:
         return AutoProcessor.from_pretrained(
             name, revision=args.teacher_model_revision, trust_remote_code=args.trust_remote_code

@@ -1,10 +1,11 @@
 """GNDPO's pipeline on TRL's GRPOTrainer: score the sampled tokens with the teacher once per generation batch, turn
 the clamped token signal into globally whitened per-token advantages, and train with the clipped policy loss.
 
-The teacher's loading and placement live in `teacher.py`, the set-up checks in `checks.py`, Visual Gradient Steering
-in `steering.py`, the resumable data order in `resume.py`, the head's completion-only projection in
-`completion_head.py`, FSDP2 on CPU in `engines.py`, and the math in
-`functional.py`, `uniopd.py` and `vgs.py`.
+Elsewhere, one concern per file: the teacher's loading and placement (`teacher.py`), the set-up checks (`checks.py`),
+Visual Gradient Steering (`steering.py`), the resumable data order and checkpoint checks (`resume.py`), the guard
+against batches without a valid token (`guards.py`), the head's completion-only projection (`completion_head.py`), the
+sampler's log-probs (`sampler_logps.py`), FSDP2 on CPU (`engines.py`), and the math (`functional.py`, `uniopd.py`,
+`vgs.py`).
 """
 
 import copy
@@ -19,10 +20,11 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, use_adapter
 
-from . import checks, engines, functional, uniopd
+from . import checks, engines, functional, sampler_logps, uniopd
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
-from .resume import EpochRepeatSampler, has_full_weights, load_full_weights
+from .guards import InvalidBatchGuard
+from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
 from .steering import SteeringMixin
 from .vgs import mixed_loss, policy_advantages
 from .teacher import (
@@ -79,7 +81,8 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             options, and are mixed into the advantage only with `args.outcome_advantage_weight > 0`.
         args: a [`GNDPOConfig`].
         teacher_processing_class: the teacher's tokenizer or processor, used only to check that it tokenizes and lays
-            out images like the student's. Loaded from the teacher's path when the teacher is given by name.
+            out images like the student's. Loaded from the teacher's path when the teacher is given by name, or
+            from its `name_or_path` when it is a model object loaded from a folder or the Hub.
         **grpo_kwargs: everything else `GRPOTrainer` takes (`train_dataset`, `eval_dataset`, `processing_class`,
             `peft_config`, `callbacks`, `optimizers`, `quantization_config`, ...).
     """
@@ -114,9 +117,13 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             raise TypeError(f"args must be a GNDPOConfig, got {type(args).__name__}.")
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         checks.check_arguments(args, reward_funcs, teacher_model)
+        eval_dataset = grpo_kwargs.get("eval_dataset")
+        eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+        checks.check_dataset_sizes(args, grpo_kwargs.get("train_dataset"), eval_datasets)
+        if teacher_processing_class is None:  # a teacher object loaded from a folder or the Hub: its tokenizer too
+            name = teacher_model if isinstance(teacher_model, str) else getattr(teacher_model, "name_or_path", "")
+            teacher_processing_class = load_teacher_processing_class(name, args) if name else None
         if isinstance(teacher_model, str):
-            if teacher_processing_class is None:
-                teacher_processing_class = load_teacher_processing_class(teacher_model, args)
             teacher_model = load_teacher(teacher_model, args)
         self._placeholder_reward = not reward_funcs
         # ExOPD's reference: a frozen copy of the initial student, taken before training touches it. With a PEFT
@@ -130,10 +137,11 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
 
         super().__init__(model=model, reward_funcs=reward_funcs or no_outcome_reward, args=args, **grpo_kwargs)
 
-        eval_dataset = grpo_kwargs.get("eval_dataset")
-        eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
         checks.check_datasets(
-            [grpo_kwargs.get("train_dataset"), *eval_datasets], self._is_vlm, self.environment_factories is not None
+            [grpo_kwargs.get("train_dataset"), *eval_datasets],
+            self._is_vlm,
+            self.environment_factories is not None,
+            args.max_checked_rows,
         )
         checks.warn_if_checkpoints_split_generations(args)
         checks.warn_if_rollout_feeds_several_steps(args)
@@ -145,6 +153,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             checks.check_steering(self, student, teacher_model)
         project_completions_only(student.get_base_model() if is_peft_model(student) else student)
         self._vgs_eta, self._vgs_eta_samples = args.vgs_eta, []
+        self._invalid_batches = InvalidBatchGuard(args.max_invalid_generation_batches)
         self._teacher_offload_to = self.accelerator.device if args.teacher_offload else None
         self.teacher_model = prepare_scoring_model(self, teacher_model, temperature=1.0, placed=True)
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
@@ -160,8 +169,24 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             return load_full_weights(self.model, resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        warn_missing_checkpoint_parts(self, checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
+
     def _get_train_sampler(self, dataset=None):
         return EpochRepeatSampler.like(super()._get_train_sampler(dataset))
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        # Record only where TRL neither returns them (vLLM) nor re-scores the batch itself (then its re-score is used).
+        rescored = self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations)
+        if not self.args.old_logps_from_sampler or self.use_vllm or rescored:
+            return super()._generate_single_turn(*args)
+        student = self.accelerator.unwrap_model(self.model_wrapped)
+        student = student.get_base_model() if is_peft_model(student) else student
+        with sampler_logps.recording(student, self.temperature) as recorder:
+            completion_ids, _ = super()._generate_single_turn(*args)
+        return completion_ids, recorder.per_completion(completion_ids)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Advantages: once per generation batch.
@@ -246,6 +271,8 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
 
         want_entropy, want_kl = self.args.token_selection != "none", self.args.value_baseline
         scores = {"student": batch.get("old_per_token_logps")}
+        if scores["student"] is None and self.args.old_logps_from_sampler:
+            scores["student"] = batch["sampling_per_token_logps"]  # the sampler's own log p_old: no re-score pass
         with capture_completion_states(self.model, completion_length, enabled=want_kl) as student_states:
             if scores["student"] is None or want_entropy or want_kl:
                 with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
@@ -305,7 +332,14 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         kl, teacher, student, clamped, n_mask, n_finite, *advantage_moments = self._reduce_sum(sums)
         advantage_mean, advantage_var = functional.mean_and_unbiased_var(torch.stack(advantage_moments))
         abs_max = self.accelerator.reduce(torch.where(valid, advantages.abs(), 0).amax().to(torch.float64), "max")
-        n = advantage_moments[0].clamp(min=1.0)
+        n = advantage_moments[0]
+        if self.model.training:
+            self._invalid_batches.update(n_mask.item(), n_finite.item(), n.item())
+        if n_mask > 0:
+            metrics["gndpo/nonfinite_frac"].append(((n_mask - n_finite) / n_mask).item())
+            metrics["gndpo/valid_token_frac"].append((n / n_mask).item())
+        if n == 0:  # nothing to average: the averages stay unlogged rather than read 0
+            return
         signal_mean, signal_var = signal_moments
         metrics["gndpo/reverse_kl"].append((kl / n).item())
         metrics["gndpo/teacher_logp"].append((teacher / n).item())
@@ -313,8 +347,6 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         metrics["gndpo/signal_mean"].append(signal_mean.item())
         metrics["gndpo/signal_std"].append(signal_var.sqrt().item())
         metrics["gndpo/clamped_frac"].append((clamped / n).item())
-        metrics["gndpo/nonfinite_frac"].append(((n_mask - n_finite) / n_mask.clamp(min=1.0)).item())
-        metrics["gndpo/valid_token_frac"].append((advantage_moments[0] / n_mask.clamp(min=1.0)).item())
         metrics["gndpo/advantage_mean"].append(advantage_mean.item())
         metrics["gndpo/advantage_std"].append(advantage_var.sqrt().item())
         metrics["gndpo/advantage_abs_max"].append(abs_max.item())
@@ -341,7 +373,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             )
             keep = functional.tip_keep(rule, high_entropy, high_divergence)
         counts = self.accelerator.reduce(torch.stack([(keep & valid).sum(), valid.sum()]).float(), "sum")
-        metrics["gndpo/tip_kept_frac"].append((counts[0] / counts[1].clamp(min=1)).item())
+        metrics["gndpo/tip_kept_frac"].append((counts[0] / counts[1]).item() if counts[1] > 0 else float("nan"))
         return valid & keep
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -393,8 +425,8 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             after.view(-1, group), correct.view(-1, group), present.view(-1, group), self.args.margin_mode
         )
         eligible, kept = ~torch.isnan(gap), ~torch.isnan(gap_after)  # a discarded group has no margin after
-        metrics["uniopd/margin_before"].append(gap[eligible].mean().item() if eligible.any() else 0.0)
-        metrics["uniopd/margin_after"].append(gap_after[kept].mean().item() if kept.any() else 0.0)
+        metrics["uniopd/margin_before"].append(gap[eligible].mean().item() if eligible.any() else float("nan"))
+        metrics["uniopd/margin_after"].append(gap_after[kept].mean().item() if kept.any() else float("nan"))
         metrics["uniopd/calibrated_group_frac"].append((gap < self.args.margin_delta).float().mean().item())
         return advantages
 
@@ -468,9 +500,10 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         return self.accelerator.reduce(x, reduction="sum")
 
     def _global_mean(self, values: torch.Tensor) -> float:
-        """Mean of `values` (any shape) over all processes' elements; 0.0 when there are none."""
+        """Mean of `values` (any shape) over all processes' elements; NaN when there are none, which TRL's `log`
+        leaves out of the average (a window with nothing to average logs None, not 0)."""
         totals = self._reduce_sum(torch.stack([values.detach().float().sum(), values.new_tensor(values.numel()).float()]))
-        return (totals[0] / totals[1].clamp(min=1.0)).item()
+        return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
     def _logged_loss(self, loss: torch.Tensor, mode: str) -> float:
         """A micro-step loss as logged: undo the gradient-accumulation scaling, average over processes."""
