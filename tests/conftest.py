@@ -44,3 +44,11 @@ def cpu_config_kwargs(tmp_output_dir):
         return cpu_grpo_kwargs(output_dir=tmp_output_dir, **overrides)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory) -> dict[str, list]:
+    """Every mode of tests/distributed_run.py in one two-process launch, shared by the tests that compare ranks."""
+    from test_distributed import MODES, run_two_processes
+
+    return run_two_processes(tmp_path_factory.mktemp("two-processes"), *MODES)

@@ -3,12 +3,14 @@
 `whitening` mode: each rank records what it handed to and got back from the whitening (local token signal and mask,
 mean/variance used). `uniopd` mode (Uni-OPD margin shift per prompt group, groups split across the ranks): each rank
 records the inputs and output of the margin shift and its final advantages. `vgs` mode (Visual Gradient Steering on a
-tiny Qwen2-VL, GRPO + VGS): each rank records its local VDS, the values its quantiles were taken over, the thresholds,
-its gates and the measured eta. `papers` mode (prompt-group masking, TIP entropy sampling and the vOPD top-k baseline
-together): each rank records the group-mask decisions and its batches. The test compares the ranks.
-`python distributed_run.py OUT_DIR MODE [MODE ...]` runs the modes one after the other in the same two processes.
+tiny Qwen2-VL, GRPO + VGS): each rank records its local VDS, the values its quantiles were taken over, the thresholds, its gates
+and the measured eta. `server` mode (the teacher served at `$GNDPO_TEACHER_SERVER_URL`, tests/test_teacher_server.py):
+each rank also records the token scores of its share. `papers` mode (prompt-group masking, TIP entropy sampling and the vOPD top-k baseline together): each
+rank records the group-mask decisions and its batches. The test compares the ranks. `python distributed_run.py
+OUT_DIR MODE [MODE ...]` runs the modes one after the other in the same two processes.
 """
 
+import os
 import sys
 
 import torch
@@ -48,9 +50,8 @@ def run(out_dir: str, mode: str) -> None:
     records.clear()
     options = {"margin_calibration": "shift", "num_generations": 4, "max_steps": 3} if mode == "uniopd" else {}
     if mode == "papers":
-        options = {"margin_calibration": "group_mask", "margin_mode": "minmax", "margin_delta": 0.3, "max_steps": 3}
-        options.update(num_generations=4, token_selection="entropy_sampling")
-        options.update(value_baseline=True, value_baseline_top_k=8)
+        options = {"margin_calibration": "group_mask", "margin_mode": "minmax", "margin_delta": 0.3, "num_generations": 4}
+        options.update(token_selection="entropy_sampling", value_baseline=True, value_baseline_top_k=8, max_steps=3)
     if mode == "vgs":
         options = {"visual_gradient_steering": True, "vgs_adaptive_gamma": True, "vgs_eta_measure_steps": 1}
         options["vgs_mode"] = "grpo"  # GRPO + VGS: the outcome advantage in the policy-gradient term
@@ -59,6 +60,8 @@ def run(out_dir: str, mode: str) -> None:
     else:
         student, teacher = make_text_model(seed=0), make_text_model(seed=1, hidden_size=128)
         processor, dataset = make_tokenizer(), make_text_dataset()
+    if mode == "server":
+        teacher, options = None, {"teacher_model_server_url": os.environ["GNDPO_TEACHER_SERVER_URL"]}
     trainer = GNDPOTrainer(
         model=student,
         teacher_model=teacher,
@@ -79,6 +82,15 @@ def run(out_dir: str, mode: str) -> None:
         return batch
 
     trainer._generate_and_score_completions = record_batch
+    score_tokens = trainer._score_tokens
+
+    def record_scores(batch, mode):
+        scores = score_tokens(batch, mode)
+        ids = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+        records.append({"function": "scores", "student": scores["student"], "teacher": scores["teacher"], **ids})
+        return scores
+
+    trainer._score_tokens = record_scores
     trainer.train()
     records.append({"function": "eta", "result": trainer._vgs_eta, "samples": trainer._vgs_eta_samples})
     student = trainer.accelerator.unwrap_model(trainer.model)

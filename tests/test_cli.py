@@ -158,8 +158,8 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--dataset_name", "data"], ["--teacher_model_name_or_path", "teacher"]],
-    ids=["dataset", "teacher"],
+    [["--dataset_name", "data"], ["--teacher_model_name_or_path", "teacher"], ["--teacher_model_server_url", "http://t"]],
+    ids=["dataset", "teacher", "teacher_server"],
 )
 def test_dataset_or_teacher_without_a_student_is_refused_not_the_demo(flags, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "run_demo", lambda *args: pytest.fail("the demo ran"))

@@ -1,7 +1,6 @@
-"""Two processes (gloo on CPU): global whitening, Uni-OPD group margins, VGS and the other papers' options see the
-whole generation batch.
+"""Two processes (gloo on CPU): global whitening, Uni-OPD group margins and VGS see the whole generation batch.
 
-One launch (slow: about 30 s) serves every test of this file."""
+One launch (conftest.py's `two_process_runs`, slow) serves these tests and tests/test_papers.py's."""
 
 import os
 import socket
@@ -25,28 +24,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-MODES = ("whitening", "uniopd", "vgs", "papers")
+MODES = ("whitening", "uniopd", "vgs", "papers")  # "papers": tests/test_papers.py
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, list]:
-    """Every mode of distributed_run.py, in one two-process launch: {mode: [rank 0's records, rank 1's]}."""
-    out = tmp_path_factory.mktemp("two-processes")
+def run_two_processes(out: Path, *modes: str) -> dict[str, list]:
+    """The modes of distributed_run.py, in one two-process launch: {mode: [rank 0's records, rank 1's]}."""
     path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(TESTS / "distributed_run.py"), str(out), *MODES]  # fmt: skip
+               str(free_port()), str(TESTS / "distributed_run.py"), str(out), *modes]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {mode: [torch.load(out / f"{mode}-rank{r}.pt") for r in range(2)] for mode in MODES}
+    return {mode: [torch.load(out / f"{mode}-rank{r}.pt") for r in range(2)] for mode in modes}
 
 
 def calls(records, name):
     return [r for r in records if r["function"] == name]
 
 
-def test_two_processes_share_the_statistics_of_the_concatenated_batch(runs):
-    ranks = runs["whitening"]
+def test_two_processes_share_the_statistics_of_the_concatenated_batch(two_process_runs):
+    ranks = two_process_runs["whitening"]
     steps = [calls(r, "whitened_advantages") for r in ranks]
     assert len(steps[0]) == len(steps[1]) == 2  # one whitening per generation batch, two steps
     for call0, call1 in zip(*steps, strict=True):
@@ -64,9 +61,9 @@ def test_two_processes_share_the_statistics_of_the_concatenated_batch(runs):
             torch.testing.assert_close(a.double(), expected)
 
 
-def test_uniopd_group_margins_span_processes(runs):
+def test_uniopd_group_margins_span_processes(two_process_runs):
     """Each prompt group of 4 has 2 completions on each rank: both ranks compute the same per-group shift."""
-    ranks = runs["uniopd"]
+    ranks = two_process_runs["uniopd"]
     shifts = [calls(r, "margin_shift") for r in ranks]
     assert len(shifts[0]) == len(shifts[1]) == 3
     for call0, call1 in zip(*shifts, strict=True):
@@ -87,11 +84,11 @@ def test_uniopd_group_margins_span_processes(runs):
     assert eligible > 0
 
 
-def test_vgs_quantiles_and_eta_span_processes(runs):
+def test_vgs_quantiles_and_eta_span_processes(two_process_runs):
     """GRPO + VGS: both ranks gate on the quantiles of the VDS of every valid token of both ranks, measure the same
     eta, train on one outcome advantage per completion, and end with the same weights (the text-view pass runs around
     the DDP wrapper; its gradients must still be reduced)."""
-    ranks = runs["vgs"]
+    ranks = two_process_runs["vgs"]
     local = [[c["result"] for c in calls(r, "visual_dependency_scores")] for r in ranks]
     quantiles = [calls(r, "quantile_thresholds") for r in ranks]
     batches = [calls(r, "batch") for r in ranks]
@@ -107,11 +104,11 @@ def test_vgs_quantiles_and_eta_span_processes(runs):
         low, high, lp = thresholds0
         for vds, batch in ((vds0, batches[0][step]), (vds1, batches[1][step])):
             valid = batch["mask"].bool()
+            assert torch.equal(batch["vgs_lp_gate"][valid].bool(), vds > lp)
             # GRPO + VGS: one outcome advantage per completion on its valid tokens, no per-token teacher signal
             advantages = batch["advantages"]
             assert all(row[v].unique().numel() <= 1 for row, v in zip(advantages, valid, strict=True))
             assert (advantages[~valid] == 0).all()
-            assert torch.equal(batch["vgs_lp_gate"][valid].bool(), vds > lp)
             expected_gamma = torch.where(vds > high, 2.0, torch.where(vds > low, 1.0, 0.0))
             assert torch.equal(batch["vgs_gamma"][valid], expected_gamma)
     eta0, eta1 = calls(ranks[0], "eta")[0], calls(ranks[1], "eta")[0]
@@ -120,25 +117,3 @@ def test_vgs_quantiles_and_eta_span_processes(runs):
     initial = dict(make_vlm(seed=0)[0].named_parameters())
     assert all(torch.equal(weights0[name], weights1[name]) for name in weights0)
     assert any(not torch.equal(weights0[name], initial[name]) for name in weights0)
-
-
-def test_prompt_group_mask_and_entropy_sampling_span_two_processes(runs):
-    """Groups of 4 split 2 + 2 across the ranks: both ranks discard the same groups, and TIP's entropy sampling keeps
-    half of the generation batch's tokens, with the vOPD top-k baseline on as well."""
-    ranks = runs["papers"]
-    decisions = [calls(r, "margin_group_mask") for r in ranks]
-    assert len(decisions[0]) == len(decisions[1]) == 3
-    discarded = 0
-    batches = zip(calls(ranks[0], "batch"), calls(ranks[1], "batch"), decisions[0], decisions[1], strict=True)
-    for batch0, batch1, call0, call1 in batches:
-        for a, b in zip(call0["args"], call1["args"], strict=True):
-            assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
-        keep, _ = call0["result"]
-        assert torch.equal(keep, call1["result"][0])
-        advantages = torch.cat([batch0["advantages"], batch1["advantages"]])
-        assert (advantages[~keep] == 0).all()
-        discarded += (~keep).sum().item() // 4
-        kept = torch.cat([batch0["mask"], batch1["mask"]]).sum().item()
-        tokens = torch.cat([batch0["completion_mask"], batch1["completion_mask"]]).sum().item()
-        assert abs(kept - 0.5 * tokens) <= 1
-    assert discarded > 0

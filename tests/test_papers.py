@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
+from test_distributed import calls
 from test_trainer import changed, snapshot
 from test_vgs_trainer import mixed_dataset, record_batches
 from tiny_models import make_text_dataset, make_text_model, make_tokenizer, make_vlm
@@ -458,6 +459,29 @@ def test_each_papers_setting_builds_its_config(row, cpu_config_kwargs):
     else:
         checks.check_arguments(config, None, "teacher")
     assert ("vision-language" in row["needs"]) == config.visual_gradient_steering
+
+
+@pytest.mark.slow
+def test_prompt_group_mask_and_entropy_sampling_span_two_processes(two_process_runs):
+    """Groups of 4 split 2 + 2 across the ranks: both ranks discard the same groups, and TIP's entropy sampling keeps
+    half of the generation batch's tokens, with the vOPD top-k baseline on as well."""
+    ranks = two_process_runs["papers"]
+    decisions = [calls(r, "margin_group_mask") for r in ranks]
+    assert len(decisions[0]) == len(decisions[1]) == 3
+    discarded = 0
+    batches = zip(calls(ranks[0], "batch"), calls(ranks[1], "batch"), decisions[0], decisions[1], strict=True)
+    for batch0, batch1, call0, call1 in batches:
+        for a, b in zip(call0["args"], call1["args"], strict=True):
+            assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
+        keep, _ = call0["result"]
+        assert torch.equal(keep, call1["result"][0])
+        advantages = torch.cat([batch0["advantages"], batch1["advantages"]])
+        assert (advantages[~keep] == 0).all()
+        discarded += (~keep).sum().item() // 4
+        kept = torch.cat([batch0["mask"], batch1["mask"]]).sum().item()
+        tokens = torch.cat([batch0["completion_mask"], batch1["completion_mask"]]).sum().item()
+        assert abs(kept - 0.5 * tokens) <= 1
+    assert discarded > 0
 
 
 @pytest.mark.parametrize(

@@ -37,9 +37,15 @@ def whitened(student_logps, teacher_logps, mask, config):
 
 
 def make_trainer(kind, config):
-    if kind == "text":
+    """`kind`: "text", "lora" (a LoRA adapter on the text student: generate goes through PEFT) or a VLM family."""
+    peft = None
+    if kind in ("text", "lora"):
         student, teacher = make_text_model(seed=0), make_text_model(seed=1, hidden_size=128)
         processing, teacher_processing, dataset = make_tokenizer(), make_tokenizer(), make_text_dataset()
+        if kind == "lora":
+            from peft import LoraConfig
+
+            peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     else:
         (student, processing), (teacher, teacher_processing) = make_vlm(kind, seed=0), make_vlm(kind, seed=1)
         dataset = make_image_dataset()
@@ -50,6 +56,7 @@ def make_trainer(kind, config):
         train_dataset=dataset,
         processing_class=processing,
         teacher_processing_class=teacher_processing,
+        peft_config=peft,
     )
 
 
@@ -104,7 +111,7 @@ def test_completions_of_different_lengths_get_their_own_tokens_log_probs():
         torch.testing.assert_close(torch.tensor(row, dtype=torch.float64), reference[: len(row)], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["text", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["text", "lora", "qwen2_vl"])
 def test_recorded_logps_equal_the_rescore_and_skip_it(kind, cpu_config_kwargs):
     config = GNDPOConfig(**cpu_config_kwargs(old_logps_from_sampler=True, temperature=TEMPERATURE))
     trainer = make_trainer(kind, config)
@@ -134,9 +141,10 @@ def test_default_rescores_once_per_generation_batch(cpu_config_kwargs):
 
 
 def test_with_several_iterations_trl_rescores_and_that_is_used(cpu_config_kwargs):
-    config = GNDPOConfig(
-        **cpu_config_kwargs(old_logps_from_sampler=True, temperature=TEMPERATURE, num_iterations=2, max_steps=4)
-    )
+    with pytest.warns(UserWarning, match="no effect with num_iterations=2"):
+        config = GNDPOConfig(
+            **cpu_config_kwargs(old_logps_from_sampler=True, temperature=TEMPERATURE, num_iterations=2, max_steps=4)
+        )
     trainer = make_trainer("text", config)
     records = record(trainer)
     trainer.train()

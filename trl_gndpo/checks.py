@@ -34,8 +34,16 @@ def check_arguments(args: GNDPOConfig, reward_funcs, teacher_model) -> None:
             "vgs_mode='grpo' (GRPO + VGS) trains on GRPO's outcome advantage, which needs `reward_funcs`: pass them, "
             "or use vgs_mode='alone'."
         )
-    if teacher_model is None:
-        raise ValueError("GNDPO needs a teacher: pass `teacher_model` or set `teacher_model_name_or_path`.")
+    if args.teacher_model_server_url is not None and teacher_model is not None:
+        raise ValueError(
+            "Both a teacher model and teacher_model_server_url are given: pass `teacher_model` for a local teacher, "
+            "or only teacher_model_server_url for a served one."
+        )
+    if teacher_model is None and args.teacher_model_server_url is None:
+        raise ValueError(
+            "GNDPO needs a teacher: pass `teacher_model`, or set `teacher_model_name_or_path` or "
+            "`teacher_model_server_url`."
+        )
     if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
         raise ValueError(
             "teacher_model_init_kwargs is set but the teacher is already instantiated: drop the kwargs or pass "
@@ -56,22 +64,6 @@ def warn_if_checkpoints_split_generations(args: GNDPOConfig) -> None:
             f"{generate_every} micro-steps); GRPOTrainer does not save its generation buffer, so resuming from "
             "them regenerates with the updated model. Use save_steps * gradient_accumulation_steps divisible by "
             "steps_per_generation * num_iterations for exact resumption."
-        )
-
-
-def warn_if_rollout_feeds_several_steps(args: GNDPOConfig) -> None:
-    """GNDPO whitens over one rollout and takes one optimizer step on it; more steps per rollout train off-policy."""
-    if args.normalization_scope != "global":
-        return
-    steps = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
-    if args.steps_per_generation > args.gradient_accumulation_steps or args.num_iterations > 1:
-        logger.warning(
-            f"Each generation batch feeds {steps:g} optimizer steps (steps_per_generation="
-            f"{args.steps_per_generation}, gradient_accumulation_steps={args.gradient_accumulation_steps}, "
-            f"num_iterations={args.num_iterations}): the whitening statistics come from the whole rollout while the "
-            "later steps train a policy that has already moved, unlike the GNDPO reference, which takes one "
-            "optimizer step per rollout. For that, leave generation_batch_size and steps_per_generation unset "
-            "(steps_per_generation then equals gradient_accumulation_steps) and set num_iterations=1."
         )
 
 
@@ -99,6 +91,22 @@ def _length(dataset) -> int | None:
         return None if dataset is None else len(dataset)
     except TypeError:  # IterableDataset
         return None
+
+
+def warn_if_rollout_feeds_several_steps(args: GNDPOConfig) -> None:
+    """GNDPO whitens over one rollout and takes one optimizer step on it; more steps per rollout train off-policy."""
+    if args.normalization_scope != "global":
+        return
+    steps = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+    if args.steps_per_generation > args.gradient_accumulation_steps or args.num_iterations > 1:
+        logger.warning(
+            f"Each generation batch feeds {steps:g} optimizer steps (steps_per_generation="
+            f"{args.steps_per_generation}, gradient_accumulation_steps={args.gradient_accumulation_steps}, "
+            f"num_iterations={args.num_iterations}): the whitening statistics come from the whole rollout while the "
+            "later steps train a policy that has already moved, unlike the GNDPO reference, which takes one "
+            "optimizer step per rollout. For that, leave generation_batch_size and steps_per_generation unset "
+            "(steps_per_generation then equals gradient_accumulation_steps) and set num_iterations=1."
+        )
 
 
 def check_datasets(datasets: list, is_vlm: bool, has_environments: bool, max_rows: int | None = None) -> None:

@@ -1,6 +1,7 @@
 """Configuration of the GNDPO trainer."""
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,21 @@ class GNDPOConfig(GRPOConfig):
             Keep the teacher in CPU memory and move it to the training device only for its scoring pass (once per
             generation batch): less GPU memory, one host-device copy of the teacher per generation batch. Not with
             DeepSpeed, FSDP, a quantized teacher or `teacher_device`.
+        teacher_model_server_url (`str`, *optional*):
+            Base URL of a vLLM server that serves the teacher (`vllm serve TEACHER`, e.g. `"http://teacher:8000"`),
+            used instead of a local teacher: each process sends its completions' token ids (prompt + completion) to
+            `/v1/completions` with `prompt_logprobs=0` and receives the teacher's log-prob of each sampled token, once
+            per generation batch. The served model must share the student's tokenizer (checked at start-up). Text
+            students only; not with a local teacher or its options, `value_baseline` or
+            `visual_gradient_steering`, which need more than the sampled tokens' log-probs. A token the server does
+            not score is masked and counted in `gndpo/nonfinite_frac`.
+        teacher_model_server_timeout (`float`, *optional*, defaults to `300.0`):
+            Seconds to wait for the teacher server to come up at start-up, and for each scoring request; a request
+            that takes longer stops training with an error naming the server.
+        teacher_model_server_chunk_size (`int`, *optional*, defaults to `16`):
+            Sequences per scoring request.
+        teacher_model_server_max_concurrent_requests (`int`, *optional*, defaults to `4`):
+            Scoring requests in flight at once, per process.
 
         > Parameters that control the GNDPO token signal
 
@@ -265,6 +281,23 @@ class GNDPOConfig(GRPOConfig):
     teacher_offload: bool = field(
         default=False,
         metadata={"help": "Keep the teacher in CPU memory, moving it to the training device only to score."},
+    )
+    teacher_model_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base URL of a vLLM server serving the teacher (`vllm serve TEACHER`), used instead of a local "
+            "teacher to score the sampled tokens. Text students only."
+        },
+    )
+    teacher_model_server_timeout: float = field(
+        default=300.0,
+        metadata={"help": "Seconds to wait for the teacher server at start-up and for each scoring request."},
+    )
+    teacher_model_server_chunk_size: int = field(
+        default=16, metadata={"help": "Sequences per request to the teacher server."}
+    )
+    teacher_model_server_max_concurrent_requests: int = field(
+        default=4, metadata={"help": "Requests to the teacher server in flight at once, per process."}
     )
 
     # Token signal
@@ -500,6 +533,7 @@ class GNDPOConfig(GRPOConfig):
             )
         if self.teacher_device is not None and self.teacher_offload:
             raise ValueError("teacher_device and teacher_offload are alternatives: set one of them.")
+        self._check_teacher_server()
         if self.normalization_scope not in ("global", "none"):
             raise ValueError(f"normalization_scope must be 'global' or 'none', got {self.normalization_scope!r}.")
         if not self.token_signal_clamp > 0:
@@ -634,3 +668,40 @@ class GNDPOConfig(GRPOConfig):
                 "GNDPO uses that re-score: set vllm_importance_sampling_correction=False to take log p_old from "
                 "vLLM, or old_logps_from_sampler=False."
             )
+        if self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations):
+            warnings.warn(
+                f"old_logps_from_sampler has no effect with num_iterations={self.num_iterations} and "
+                f"steps_per_generation={self.steps_per_generation}: TRL re-scores each generation batch for its "
+                "importance ratio, and GNDPO uses that re-score as log p_old.",
+                stacklevel=3,
+            )
+
+    def _check_teacher_server(self) -> None:
+        """A served teacher replaces the local one and gives only the sampled tokens' log-probs."""
+        if self.teacher_model_server_url is not None and not self.teacher_model_server_url.strip():
+            raise ValueError("teacher_model_server_url is empty: give the server's base URL, or None.")
+        if not (math.isfinite(self.teacher_model_server_timeout) and self.teacher_model_server_timeout > 0):
+            raise ValueError(f"teacher_model_server_timeout must be > 0, got {self.teacher_model_server_timeout}.")
+        for name in ("teacher_model_server_chunk_size", "teacher_model_server_max_concurrent_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.teacher_model_server_url is None:
+            return
+        local = ("teacher_model_name_or_path", "teacher_model_revision", "teacher_model_init_kwargs")
+        local += ("teacher_device", "teacher_offload")
+        given = [name for name in local if getattr(self, name)]
+        if given:
+            raise ValueError(
+                f"teacher_model_server_url scores with a served teacher, but {', '.join(given)} configure a local "
+                "one: drop them, or drop teacher_model_server_url."
+            )
+        needs_model = {
+            "value_baseline": "the full next-token distributions (its KL baseline)",
+            "visual_gradient_steering": "the teacher's full distributions and its text-only view of each sample",
+        }
+        for name, what in needs_model.items():
+            if getattr(self, name):
+                raise ValueError(
+                    f"{name} needs {what}, which a vLLM server does not return (it gives the sampled tokens' "
+                    f"log-probs): set {name}=False, or use a local teacher instead of teacher_model_server_url."
+                )

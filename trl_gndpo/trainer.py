@@ -20,7 +20,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, use_adapter
 
-from . import checks, engines, functional, sampler_logps, uniopd
+from . import checks, engines, functional, sampler_logps, teacher_server, uniopd
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .guards import InvalidBatchGuard
@@ -146,16 +146,22 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         checks.warn_if_checkpoints_split_generations(args)
         checks.warn_if_rollout_feeds_several_steps(args)
         student = self.accelerator.unwrap_model(self.model)
-        checks.check_teacher(
-            args, student, teacher_model, self.processing_class, teacher_processing_class, self._is_vlm
-        )
+        self.teacher_server = None
+        if args.teacher_model_server_url is not None:  # a served teacher: nothing to load, check or place here
+            self.teacher_server = teacher_server.connect(args, self.processing_class, student, self._is_vlm)
+        else:
+            checks.check_teacher(
+                args, student, teacher_model, self.processing_class, teacher_processing_class, self._is_vlm
+            )
         if args.visual_gradient_steering:
             checks.check_steering(self, student, teacher_model)
         project_completions_only(student.get_base_model() if is_peft_model(student) else student)
         self._vgs_eta, self._vgs_eta_samples = args.vgs_eta, []
         self._invalid_batches = InvalidBatchGuard(args.max_invalid_generation_batches)
         self._teacher_offload_to = self.accelerator.device if args.teacher_offload else None
-        self.teacher_model = prepare_scoring_model(self, teacher_model, temperature=1.0, placed=True)
+        self.teacher_model = None  # served
+        if teacher_model is not None:
+            self.teacher_model = prepare_scoring_model(self, teacher_model, temperature=1.0, placed=True)
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
         self.base_model = None if base_model is None else prepare_scoring_model(self, base_model, self.temperature)
 
@@ -254,7 +260,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         """Per-token scores of the sampled completions, all on the same inputs (ids and images), in float32.
 
         `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
-        temperature; teacher at temperature 1). With the estimators that need them: `entropy` (student, TIP), `base`
+        temperature, or the sampler's own with `old_logps_from_sampler`; teacher at temperature 1). With the estimators that need them: `entropy` (student, TIP), `base`
         (initial student, ExOPD), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden
         states at the completion positions, in its own dtype, VGS).
         """
@@ -278,15 +284,19 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
                 with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                     scores["student"], scores["entropy"], _ = log_probs(self.model, compute_entropy=want_entropy)
         want_states = want_kl or self.args.visual_gradient_steering
-        with (
-            capture_completion_states(self.teacher_model, completion_length, want_states) as teacher_states,
-            placed(self.teacher_model, self._teacher_offload_to) as device,
-        ):
-            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()}
-            teacher_logps, _, _ = self._get_per_token_logps_and_entropies(
-                self.teacher_model, input_ids.to(device), attention_mask.to(device), completion_length, **moved
-            )
-            scores["teacher"] = teacher_logps.to(self.accelerator.device)
+        if self.teacher_server is not None:  # NaN where the server gave no log-prob: masked and counted downstream
+            ids = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+            scores["teacher"] = self.teacher_server.score(*(batch[k] for k in ids))
+        else:
+            with (
+                capture_completion_states(self.teacher_model, completion_length, want_states) as teacher_states,
+                placed(self.teacher_model, self._teacher_offload_to) as device,
+            ):
+                moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()}
+                teacher_logps, _, _ = self._get_per_token_logps_and_entropies(
+                    self.teacher_model, input_ids.to(device), attention_mask.to(device), completion_length, **moved
+                )
+                scores["teacher"] = teacher_logps.to(self.accelerator.device)
         if self.args.reward_extrapolation != 1.0:
             if self.base_model is None:  # PEFT: the initial student is the base weights with the adapter disabled
                 with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None):
