@@ -3,7 +3,7 @@
 `whitening` mode: each rank records what it handed to and got back from the whitening (local token signal and mask,
 mean/variance used). `uniopd` mode (Uni-OPD margin shift per prompt group, groups split across the ranks): each rank
 records the inputs and output of the margin shift and its final advantages. `vgs` mode (Visual Gradient Steering on a
-tiny Qwen2-VL): each rank records its local VDS, the values its quantiles were taken over, the thresholds, its gates
+tiny Qwen2-VL, GRPO + VGS): each rank records its local VDS, the values its quantiles were taken over, the thresholds, its gates
 and the measured eta. `server` mode (the teacher served at `$GNDPO_TEACHER_SERVER_URL`, tests/test_teacher_server.py):
 each rank also records the token scores of its share. `papers` mode (prompt-group masking, TIP entropy sampling and the vOPD top-k baseline together): each
 rank records the group-mask decisions and its batches. The test compares the ranks. `python distributed_run.py
@@ -54,6 +54,7 @@ def run(out_dir: str, mode: str) -> None:
         options.update(token_selection="entropy_sampling", value_baseline=True, value_baseline_top_k=8, max_steps=3)
     if mode == "vgs":
         options = {"visual_gradient_steering": True, "vgs_adaptive_gamma": True, "vgs_eta_measure_steps": 1}
+        options["vgs_mode"] = "grpo"  # GRPO + VGS: the outcome advantage in the policy-gradient term
         (student, processor), (teacher, _) = make_vlm(seed=0), make_vlm(seed=1, hidden_size=128)
         dataset = make_image_dataset()
     else:
@@ -64,7 +65,7 @@ def run(out_dir: str, mode: str) -> None:
     trainer = GNDPOTrainer(
         model=student,
         teacher_model=teacher,
-        reward_funcs=parity_reward if mode in ("uniopd", "papers") else None,
+        reward_funcs=parity_reward if mode in ("uniopd", "papers", "vgs") else None,
         args=GNDPOConfig(**cpu_grpo_kwargs(output_dir=f"{out_dir}/{mode}", per_device_train_batch_size=2, **options)),
         train_dataset=dataset,
         processing_class=processor,

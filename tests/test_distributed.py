@@ -85,8 +85,9 @@ def test_uniopd_group_margins_span_processes(two_process_runs):
 
 
 def test_vgs_quantiles_and_eta_span_processes(two_process_runs):
-    """Both ranks gate on the quantiles of the VDS of every valid token of both ranks, measure the same eta, and end
-    with the same weights (the text-view pass runs around the DDP wrapper; its gradients must still be reduced)."""
+    """GRPO + VGS: both ranks gate on the quantiles of the VDS of every valid token of both ranks, measure the same
+    eta, train on one outcome advantage per completion, and end with the same weights (the text-view pass runs around
+    the DDP wrapper; its gradients must still be reduced)."""
     ranks = two_process_runs["vgs"]
     local = [[c["result"] for c in calls(r, "visual_dependency_scores")] for r in ranks]
     quantiles = [calls(r, "quantile_thresholds") for r in ranks]
@@ -104,6 +105,10 @@ def test_vgs_quantiles_and_eta_span_processes(two_process_runs):
         for vds, batch in ((vds0, batches[0][step]), (vds1, batches[1][step])):
             valid = batch["mask"].bool()
             assert torch.equal(batch["vgs_lp_gate"][valid].bool(), vds > lp)
+            # GRPO + VGS: one outcome advantage per completion on its valid tokens, no per-token teacher signal
+            advantages = batch["advantages"]
+            assert all(row[v].unique().numel() <= 1 for row, v in zip(advantages, valid, strict=True))
+            assert (advantages[~valid] == 0).all()
             expected_gamma = torch.where(vds > high, 2.0, torch.where(vds > low, 1.0, 0.0))
             assert torch.equal(batch["vgs_gamma"][valid], expected_gamma)
     eta0, eta1 = calls(ranks[0], "eta")[0], calls(ranks[1], "eta")[0]
