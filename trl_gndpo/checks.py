@@ -29,9 +29,10 @@ def check_arguments(args: GNDPOConfig, reward_funcs, teacher_model) -> None:
             "Uni-OPD margin calibration and balancing need `reward_funcs` to tell correct from incorrect "
             "completions: pass them, or set margin_calibration='none' and balance_ratio=None."
         )
-    if teacher_model is None:
+    if teacher_model is None or teacher_model == {}:
         raise ValueError("GNDPO needs a teacher: pass `teacher_model` or set `teacher_model_name_or_path`.")
-    if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
+    given = teacher_model.values() if isinstance(teacher_model, dict) else [teacher_model]
+    if any(not isinstance(t, str) for t in given) and args.teacher_model_init_kwargs is not None:
         raise ValueError(
             "teacher_model_init_kwargs is set but the teacher is already instantiated: drop the kwargs or pass "
             "the teacher by name."
@@ -106,9 +107,11 @@ def check_teacher(
     processing_class,
     teacher_processing_class,
     is_vlm: bool,
+    text_view: bool = False,
 ) -> None:
     """The teacher can score every token the student samples, tokenizes like it, lays images out like it, and can be
-    placed where the arguments ask."""
+    placed where the arguments ask. `text_view`: a text-only teacher of a vision-language student is accepted (it
+    scores the text view of each sample, `cross_modal_distillation`); its tokenizer is still checked."""
     if args.teacher_offload and getattr(teacher, "is_quantized", False):
         raise ValueError(
             "teacher_offload moves the teacher between devices, which a quantized teacher does not support: load "
@@ -140,10 +143,13 @@ def check_teacher(
     if not is_vlm:
         return
     teacher_vision = getattr(teacher_config, "vision_config", None)
+    if teacher_vision is None and text_view:
+        return
     if teacher_vision is None:
         raise ValueError(
             f"The student is a vision-language model but the teacher ({type(teacher).__name__}) has no vision "
-            "tower: it must see the same images. Use a vision-language teacher of the same family."
+            "tower: it must see the same images. Use a vision-language teacher of the same family, or set "
+            "cross_modal_distillation=True to let it score the text view of each sample."
         )
     mismatches = (
         _differences("vision_config.", student_config.vision_config, teacher_vision, _VISION_CONFIG_KEYS)
