@@ -4,7 +4,8 @@
 mean/variance used). `uniopd` mode (Uni-OPD margin shift per prompt group, groups split across the ranks): each rank
 records the inputs and output of the margin shift and its final advantages. `vgs` mode (Visual Gradient Steering on a
 tiny Qwen2-VL): each rank records its local VDS, the values its quantiles were taken over, the thresholds, its gates
-and the measured eta. The test compares the ranks.
+and the measured eta. `teachers` mode (two teachers routed by the dataset's `teacher` column): each rank records its
+rows' teacher names, ids and the teacher log-probs it scored, and its logged metrics. The test compares the ranks.
 """
 
 import sys
@@ -52,6 +53,11 @@ if mode == "vgs":
     options = {"visual_gradient_steering": True, "vgs_adaptive_gamma": True, "vgs_eta_measure_steps": 1}
     (student, processor), (teacher, _) = make_vlm(seed=0), make_vlm(seed=1, hidden_size=128)
     dataset = make_image_dataset()
+elif mode == "teachers":
+    student, processor = make_text_model(seed=0), make_tokenizer()
+    teacher = {"a": make_text_model(seed=1, hidden_size=128), "b": make_text_model(seed=2, num_hidden_layers=3)}
+    dataset = make_text_dataset().add_column("teacher", ["a", "b"] * 4)
+    options = {"max_steps": 3}
 else:
     student, teacher = make_text_model(seed=0), make_text_model(seed=1, hidden_size=128)
     processor, dataset = make_tokenizer(), make_text_dataset()
@@ -76,7 +82,20 @@ def record_batch(inputs):
 
 
 trainer._generate_and_score_completions = record_batch
+score = trainer._score_tokens
+
+
+def record_scores(batch, mode):
+    scores = score(batch, mode)
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+    names = [x.get("teacher") for x in trainer._scoring_inputs]
+    records.append({"function": "scores", "teacher": scores["teacher"], "names": names, **{k: batch[k] for k in keys}})
+    return scores
+
+
+trainer._score_tokens = record_scores
 trainer.train()
+records.append({"function": "log_history", "result": trainer.state.log_history})
 records.append({"function": "eta", "result": trainer._vgs_eta, "samples": trainer._vgs_eta_samples})
 student = trainer.accelerator.unwrap_model(trainer.model)
 records.append({"function": "weights", "result": {n: p.detach().clone() for n, p in student.named_parameters()}})

@@ -64,6 +64,7 @@ def test_each_sample_is_scored_by_its_own_teacher(values, cpu_config_kwargs):
     records = record(trainer, {"math": math, "code": code})
     trainer.train()
     routed = {"math": 0, "code": 0}
+    assert any(len({str(x["teacher"]) for x in r["inputs"]}) == 2 for r in records), "a batch mixes both teachers"
     for r in records:
         names = [v if isinstance(v, str) else ["math", "code"][v] for v in (x["teacher"] for x in r["inputs"])]
         for name in names:
@@ -180,6 +181,37 @@ def test_text_teacher_scores_the_text_view_of_a_vision_student(lora, cpu_config_
         mask = r["batch"]["completion_mask"].bool()
         expected = whiten((q - r["p"]).clamp(-5, 5), mask)
         torch.testing.assert_close(r["batch"]["advantages"].double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vision_and_text_teachers_each_score_their_own_view(cpu_config_kwargs):
+    """Uni-OPD's mixed setting: a multimodal teacher sees its rows' images, a text teacher the text view of its rows."""
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    vision, text = make_vlm("qwen2_vl", seed=1, hidden_size=128)[0], make_text_model(seed=2, hidden_size=128)
+    seen = {"vision": count_rows(vision), "text": count_rows(text)}
+    dataset = make_image_dataset(8)
+    trainer = GNDPOTrainer(
+        model=student,
+        teacher_model={"vision": vision, "text": text},
+        args=GNDPOConfig(**cpu_config_kwargs(cross_modal_distillation=True, per_device_train_batch_size=8)),
+        train_dataset=dataset.add_column("teacher", ["vision", "text"] * 4),
+        processing_class=processor,
+        teacher_processing_class={"vision": processor, "text": make_tokenizer()},
+    )
+    records = record(trainer, {"vision": vision})
+    trainer.train()
+    routed = {"vision": 0, "text": 0}
+    assert any(len({x["teacher"] for x in r["inputs"]}) == 2 for r in records), "a batch mixes both teachers"
+    for r in records:
+        names = [x["teacher"] for x in r["inputs"]]
+        text_q = text_view_logps(text, r["batch"], processor)
+        q = torch.stack([r["vision"][i] if name == "vision" else text_q[i] for i, name in enumerate(names)])
+        for name in names:
+            routed[name] += 1
+        mask = r["batch"]["completion_mask"].bool()
+        expected = whiten((q - r["p"]).clamp(-5, 5), mask)
+        torch.testing.assert_close(r["batch"]["advantages"].double(), expected, rtol=1e-4, atol=1e-4)
+    assert routed["vision"] > 0 and routed["text"] > 0
+    assert {name: sum(rows) for name, rows in seen.items()} == routed
 
 
 def test_cross_modal_checks(cpu_config_kwargs):
