@@ -214,6 +214,21 @@ def test_vision_and_text_teachers_each_score_their_own_view(cpu_config_kwargs):
     assert {name: sum(rows) for name, rows in seen.items()} == routed
 
 
+def test_text_teacher_with_another_chat_layout_is_warned_about(cpu_config_kwargs, caplog):
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    for template, warned in (("qwen2_5", True), ("qwen2_5_vl", False)):  # qwen2_5 adds another system prompt
+        caplog.clear()
+        GNDPOTrainer(
+            model=student,
+            teacher_model=make_text_model(seed=1),
+            args=GNDPOConfig(**cpu_config_kwargs(cross_modal_distillation=True)),
+            train_dataset=make_image_dataset(4),
+            processing_class=processor,
+            teacher_processing_class=make_tokenizer(template),
+        )
+        assert ("lays a text conversation out differently" in caplog.text) == warned
+
+
 def test_cross_modal_checks(cpu_config_kwargs):
     student, processor = make_vlm("qwen2_vl", seed=0)
     with pytest.raises(ValueError, match="no teacher is a text-only model"):

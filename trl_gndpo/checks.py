@@ -144,6 +144,7 @@ def check_teacher(
         return
     teacher_vision = getattr(teacher_config, "vision_config", None)
     if teacher_vision is None and text_view:
+        _warn_if_text_layout_differs(processing_class, teacher_processing_class)
         return
     if teacher_vision is None:
         raise ValueError(
@@ -165,6 +166,30 @@ def check_teacher(
         raise ValueError(
             "The teacher lays image tokens out differently from the student, so it cannot score the student's "
             "inputs: " + "; ".join(mismatches) + ". Use a teacher of the same family and image settings."
+        )
+
+
+def _warn_if_text_layout_differs(processing_class, teacher_processing_class) -> None:
+    """The text view is rendered with the student's chat template: warn when the text teacher's own template renders a
+    text-only conversation differently (e.g. another default system prompt), since the teacher then reads an
+    unfamiliar layout."""
+    templates = [getattr(p, "chat_template", None) for p in (processing_class, teacher_processing_class)]
+    if None in templates:
+        return
+    probe = [{"role": "user", "content": "1 + 1?"}]
+    try:
+        rendered = [
+            p.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            for p in (processing_class, teacher_processing_class)
+        ]
+    except Exception as error:  # a template may need arguments a plain probe lacks; this check only warns
+        logger.warning(f"Could not compare the text teacher's chat template with the student's: {error}")
+        return
+    if rendered[0] != rendered[1]:
+        logger.warning(
+            "The text-only teacher's chat template lays a text conversation out differently from the student's "
+            f"({rendered[1]!r} vs {rendered[0]!r}); the teacher scores the text view in the student's layout. Give "
+            "the student a chat template the teacher knows (`chat_template_path`) if this is not intended."
         )
 
 
