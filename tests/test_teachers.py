@@ -50,14 +50,16 @@ def count_rows(model) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("values", [["math", "code"], [1, 0, 0]], ids=["names", "indices"])
-def test_each_sample_is_scored_by_its_own_teacher(values, cpu_config_kwargs):
+@pytest.mark.parametrize(
+    ("values", "device"), [(["math", "code"], None), ([1, 0, 0], {"code": "cpu"})], ids=["names", "indices"]
+)
+def test_each_sample_is_scored_by_its_own_teacher(values, device, cpu_config_kwargs):
     math, code = make_text_model(seed=1, hidden_size=128), make_text_model(seed=2, num_hidden_layers=3)
     seen = {"math": count_rows(math), "code": count_rows(code)}
     trainer = GNDPOTrainer(
         model=make_text_model(seed=0),
         teacher_model={"math": math, "code": code},
-        args=GNDPOConfig(**cpu_config_kwargs(max_steps=3)),
+        args=GNDPOConfig(**cpu_config_kwargs(max_steps=3, teacher_device=device)),
         train_dataset=routed_dataset(values),
         processing_class=make_tokenizer(),
     )
@@ -303,3 +305,19 @@ def test_reference_model_needs_extrapolation(cpu_config_kwargs):
             train_dataset=make_text_dataset(),
             processing_class=make_tokenizer(),
         )
+
+
+def test_command_line_flags(tmp_path):
+    from trl_gndpo.cli import parse
+
+    _, config, _, _ = parse(
+        ["--model_name_or_path", "student", "--dataset_name", "d", "--output_dir", str(tmp_path),
+         "--teacher_models", '{"math": "m", "code": "c"}', "--teacher_device", '{"code": "cpu"}',
+         "--teacher_column", "domain", "--reward_extrapolation", "1.25", "--reference_model_name_or_path", "base",
+         "--cross_modal_distillation", "true"]  # fmt: skip
+    )
+    assert config.teacher_models == {"math": "m", "code": "c"} and config.teacher_device == {"code": "cpu"}
+    assert config.teacher_column == "domain" and config.reference_model_name_or_path == "base"
+    assert config.cross_modal_distillation
+    with pytest.raises(ValueError, match="--teacher_models given without --model_name_or_path"):
+        parse(["--teacher_models", '{"math": "m"}', "--output_dir", str(tmp_path)])

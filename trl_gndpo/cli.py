@@ -98,6 +98,7 @@ def parse(argv: Sequence[str] | None = None) -> Arguments:
             "--dataset_name": script_args.dataset_name,
             "--datasets": dataset_args.datasets,
             "--teacher_model_name_or_path": training_args.teacher_model_name_or_path,
+            "--teacher_models": training_args.teacher_models,
         }
         given = [flag for flag, value in given.items() if value]
         if given:
