@@ -321,3 +321,15 @@ def test_command_line_flags(tmp_path):
     assert config.cross_modal_distillation
     with pytest.raises(ValueError, match="--teacher_models given without --model_name_or_path"):
         parse(["--teacher_models", '{"math": "m"}', "--output_dir", str(tmp_path)])
+
+
+def test_several_teachers_are_refused_with_sharded_engines(cpu_config_kwargs):
+    from types import SimpleNamespace
+
+    from trl_gndpo import teachers
+
+    args = GNDPOConfig(**cpu_config_kwargs())
+    fsdp = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False)
+    with pytest.raises(ValueError, match="FSDP and DeepSpeed ZeRO-3"):
+        teachers.check_setup(args, fsdp, ["a", "b"], [routed_dataset(["a", "b"])])
+    teachers.check_setup(args, fsdp, [teachers.SINGLE], [make_text_dataset()])  # one teacher: as before

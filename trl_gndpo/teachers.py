@@ -7,6 +7,7 @@ whitening do not change: the teachers' log-probs are put back in row order befor
 """
 
 import torch
+from datasets import Dataset
 from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
 from .teacher import capture_completion_states, load_teacher, load_teacher_processing_class, placed
@@ -76,6 +77,8 @@ def check_setup(args, trainer, names: list[str], datasets: list) -> None:
                 f"With several teachers ({names}) each sample names its teacher in the column "
                 f"{args.teacher_column!r} (`teacher_column`), which the dataset lacks; it has {columns}."
             )
+        if not isinstance(dataset, Dataset):
+            continue  # a stream: its rows are checked as they are scored
         values = set(dataset[args.teacher_column])
         route([{args.teacher_column: value} for value in values], args.teacher_column, names)
 
