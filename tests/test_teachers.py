@@ -333,3 +333,18 @@ def test_several_teachers_are_refused_with_sharded_engines(cpu_config_kwargs):
     with pytest.raises(ValueError, match="FSDP and DeepSpeed ZeRO-3"):
         teachers.check_setup(args, fsdp, ["a", "b"], [routed_dataset(["a", "b"])])
     teachers.check_setup(args, fsdp, [teachers.SINGLE], [make_text_dataset()])  # one teacher: as before
+
+
+def test_several_teachers_in_evaluation(cpu_config_kwargs):
+    trainer = GNDPOTrainer(
+        model=make_text_model(seed=0),
+        teacher_model={"a": make_text_model(seed=1), "b": make_text_model(seed=2)},
+        args=GNDPOConfig(**cpu_config_kwargs(max_steps=1, eval_strategy="steps", eval_steps=1)),
+        train_dataset=routed_dataset(["a", "b"]),
+        eval_dataset=routed_dataset(["b", "a", "a"]),
+        processing_class=make_tokenizer(),
+    )
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "eval_gndpo/teacher/a/token_frac" in e]
+    assert len(logged) == 1
+    assert abs(logged[0]["eval_gndpo/teacher/a/token_frac"] + logged[0]["eval_gndpo/teacher/b/token_frac"] - 1) < 1e-6
