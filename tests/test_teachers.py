@@ -2,6 +2,7 @@
 G-OPD's reward correction with a given reference model: each checked against float64 log-probs of plain forwards."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -307,7 +308,17 @@ def test_reference_model_needs_extrapolation(cpu_config_kwargs):
         )
 
 
-def test_command_line_flags(tmp_path):
+@pytest.fixture
+def restore_config_field_types():
+    """HfArgumentParser rewrites dataclass field types in place (e.g. `str | None` -> `str`); docs/generate.py reads
+    them, so put them back for the tests that run after."""
+    types = {field.name: field.type for field in dataclasses.fields(GNDPOConfig)}
+    yield
+    for field in dataclasses.fields(GNDPOConfig):
+        field.type = types[field.name]
+
+
+def test_command_line_flags(tmp_path, restore_config_field_types):
     from trl_gndpo.cli import parse
 
     _, config, _, _ = parse(
