@@ -132,7 +132,10 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, GRPOTrainer):
         # serve instead (no copy).
         base_model = reference_model if reference_model is not None else args.reference_model_name_or_path
         if base_model is not None and args.reward_extrapolation == 1.0:
-            raise ValueError("A reference model is used only with reward_extrapolation != 1.0 (at 1.0 it cancels).")
+            raise ValueError(
+                "reference_model is the reference of reward_extrapolation, which cancels at 1.0: set "
+                "reward_extrapolation (G-OPD's ExOPD uses 1.25) or drop the reference model."
+            )
         reference_processing = None
         if isinstance(base_model, str):
             reference_processing = load_teacher_processing_class(base_model, args)
