@@ -108,7 +108,7 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, GRPOTrainer):
     def __init__(
         self,
         model: "str | PreTrainedModel",
-        teacher_model: "str | PreTrainedModel | None" = None,
+        teacher_model: "str | PreTrainedModel | dict[str, str | PreTrainedModel] | None" = None,
         reward_funcs=None,
         args: GNDPOConfig | None = None,
         teacher_processing_class=None,
