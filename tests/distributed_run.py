@@ -3,11 +3,14 @@
 `whitening` mode: each rank records what it handed to and got back from the whitening (local token signal and mask,
 mean/variance used). `uniopd` mode (Uni-OPD margin shift per prompt group, groups split across the ranks): each rank
 records the inputs and output of the margin shift and its final advantages. `vgs` mode (Visual Gradient Steering on a
-tiny Qwen2-VL, GRPO + VGS): each rank records its local VDS, the values its quantiles were taken over, the thresholds, its gates
-and the measured eta. `server` mode (the teacher served at `$GNDPO_TEACHER_SERVER_URL`, tests/test_teacher_server.py):
-each rank also records the token scores of its share. `papers` mode (prompt-group masking, TIP entropy sampling and the vOPD top-k baseline together): each
-rank records the group-mask decisions and its batches. The test compares the ranks. `python distributed_run.py
-OUT_DIR MODE [MODE ...]` runs the modes one after the other in the same two processes.
+tiny Qwen2-VL, GRPO + VGS): each rank records its local VDS, the values its quantiles were taken over, the thresholds,
+its gates and the measured eta. `papers` mode (prompt-group masking, TIP entropy sampling and the vOPD top-k baseline
+together): each rank records the group-mask decisions and its batches. `teachers` mode (two teachers routed by the
+dataset's `teacher` column): each rank records its rows' teacher names and the teacher log-probs it scored, and its
+logged metrics. `server` mode (the teacher served at `$GNDPO_TEACHER_SERVER_URL`, tests/test_teacher_server.py): each
+rank records the token scores of its share. The tests compare the ranks.
+
+`python distributed_run.py OUT_DIR MODE [MODE ...]` runs the modes one after the other in the same two processes.
 """
 
 import os
@@ -60,6 +63,9 @@ def run(out_dir: str, mode: str) -> None:
     else:
         student, teacher = make_text_model(seed=0), make_text_model(seed=1, hidden_size=128)
         processor, dataset = make_tokenizer(), make_text_dataset()
+    if mode == "teachers":
+        teacher = {"a": make_text_model(seed=1, hidden_size=128), "b": make_text_model(seed=2, num_hidden_layers=3)}
+        dataset, options = dataset.add_column("teacher", ["a", "b"] * 4), {"max_steps": 3}
     if mode == "server":
         teacher, options = None, {"teacher_model_server_url": os.environ["GNDPO_TEACHER_SERVER_URL"]}
     trainer = GNDPOTrainer(
@@ -87,11 +93,13 @@ def run(out_dir: str, mode: str) -> None:
     def record_scores(batch, mode):
         scores = score_tokens(batch, mode)
         ids = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-        records.append({"function": "scores", "student": scores["student"], "teacher": scores["teacher"], **ids})
+        names = [x.get("teacher") for x in trainer._scoring_inputs]
+        records.append({"function": "scores", "student": scores["student"], "teacher": scores["teacher"], "names": names, **ids})
         return scores
 
     trainer._score_tokens = record_scores
     trainer.train()
+    records.append({"function": "log_history", "result": trainer.state.log_history})
     records.append({"function": "eta", "result": trainer._vgs_eta, "samples": trainer._vgs_eta_samples})
     student = trainer.accelerator.unwrap_model(trainer.model)
     records.append({"function": "weights", "result": {n: p.detach().clone() for n, p in student.named_parameters()}})

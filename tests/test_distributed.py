@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_vlm
+from test_trainer import reference_logps
+from tiny_models import make_text_model, make_vlm
 
 from trl_gndpo import uniopd as U
 
@@ -24,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-MODES = ("whitening", "uniopd", "vgs", "papers")  # "papers": tests/test_papers.py
+MODES = ("whitening", "uniopd", "vgs", "teachers", "papers")  # "papers": tests/test_papers.py
 
 
 def run_two_processes(out: Path, *modes: str) -> dict[str, list]:
@@ -117,3 +118,32 @@ def test_vgs_quantiles_and_eta_span_processes(two_process_runs):
     initial = dict(make_vlm(seed=0)[0].named_parameters())
     assert all(torch.equal(weights0[name], weights1[name]) for name in weights0)
     assert any(not torch.equal(weights0[name], initial[name]) for name in weights0)
+
+
+@pytest.mark.slow
+def test_several_teachers_route_and_whiten_across_processes(two_process_runs):
+    """Each rank scores its rows with their own teachers; the whitening and per-teacher metrics span both ranks."""
+    ranks = two_process_runs["teachers"]
+    teachers = {"a": make_text_model(seed=1, hidden_size=128), "b": make_text_model(seed=2, num_hidden_layers=3)}
+    names = set()
+    for records in ranks:
+        for r in calls(records, "scores"):
+            names |= set(r["names"])
+            expected = {name: reference_logps(model, r) for name, model in teachers.items()}
+            q = torch.stack([expected[name][i] for i, name in enumerate(r["names"])])
+            mask = r["completion_mask"].bool()
+            torch.testing.assert_close(r["teacher"].double()[mask], q[mask], rtol=1e-4, atol=1e-4)
+    assert names == {"a", "b"}
+    steps = [calls(r, "whitened_advantages") for r in ranks]
+    assert len(steps[0]) == len(steps[1]) == 3
+    for call0, call1 in zip(*steps, strict=True):
+        (signal0, mask0, *_), (_, mean0, var0) = call0["args"], call0["result"]
+        (signal1, mask1, *_), (_, mean1, var1) = call1["args"], call1["result"]
+        signal = torch.cat([signal0[mask0], signal1[mask1]]).double()
+        assert torch.equal(mean0, mean1) and torch.equal(var0, var1)
+        torch.testing.assert_close(mean0.double(), signal.mean())
+    history = [calls(r, "log_history")[0]["result"] for r in ranks]
+    keys = [k for k in history[0][0] if k.startswith("gndpo/teacher/")]
+    assert {k.split("/")[2] for k in keys} == {"a", "b"}
+    for entry0, entry1 in zip(*history, strict=True):
+        assert all(entry0[k] == entry1[k] for k in keys if k in entry0)

@@ -39,12 +39,13 @@ def check_arguments(args: GNDPOConfig, reward_funcs, teacher_model) -> None:
             "Both a teacher model and teacher_model_server_url are given: pass `teacher_model` for a local teacher, "
             "or only teacher_model_server_url for a served one."
         )
-    if teacher_model is None and args.teacher_model_server_url is None:
+    if (teacher_model is None or teacher_model == {}) and args.teacher_model_server_url is None:
         raise ValueError(
             "GNDPO needs a teacher: pass `teacher_model`, or set `teacher_model_name_or_path` or "
             "`teacher_model_server_url`."
         )
-    if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
+    given = teacher_model.values() if isinstance(teacher_model, dict) else [teacher_model]
+    if any(not isinstance(t, str) for t in given) and args.teacher_model_init_kwargs is not None:
         raise ValueError(
             "teacher_model_init_kwargs is set but the teacher is already instantiated: drop the kwargs or pass "
             "the teacher by name."
@@ -240,9 +241,11 @@ def check_teacher(
     processing_class,
     teacher_processing_class,
     is_vlm: bool,
+    text_view: bool = False,
 ) -> None:
     """The teacher can score every token the student samples, tokenizes like it, lays images out like it, and can be
-    placed where the arguments ask."""
+    placed where the arguments ask. `text_view`: a text-only teacher of a vision-language student is accepted (it
+    scores the text view of each sample, `cross_modal_distillation`); its tokenizer is still checked."""
     if args.teacher_offload and getattr(teacher, "is_quantized", False):
         raise ValueError(
             "teacher_offload moves the teacher between devices, which a quantized teacher does not support: load "
@@ -275,10 +278,14 @@ def check_teacher(
     if not is_vlm:
         return
     teacher_vision = getattr(teacher_config, "vision_config", None)
+    if teacher_vision is None and text_view:
+        _warn_if_text_layout_differs(processing_class, teacher_processing_class)
+        return
     if teacher_vision is None:
         raise ValueError(
             f"The student is a vision-language model but the teacher ({type(teacher).__name__}) has no vision "
-            "tower: it must see the same images. Use a vision-language teacher of the same family."
+            "tower: it must see the same images. Use a vision-language teacher of the same family, or set "
+            "cross_modal_distillation=True to let it score the text view of each sample."
         )
     mismatches = (
         _differences("vision_config.", student_config.vision_config, teacher_vision, _VISION_CONFIG_KEYS)
@@ -294,6 +301,30 @@ def check_teacher(
         raise ValueError(
             "The teacher lays image tokens out differently from the student, so it cannot score the student's "
             "inputs: " + "; ".join(mismatches) + ". Use a teacher of the same family and image settings."
+        )
+
+
+def _warn_if_text_layout_differs(processing_class, teacher_processing_class) -> None:
+    """The text view is rendered with the student's chat template: warn when the text teacher's own template renders a
+    text-only conversation differently (e.g. another default system prompt), since the teacher then reads an
+    unfamiliar layout."""
+    templates = [getattr(p, "chat_template", None) for p in (processing_class, teacher_processing_class)]
+    if None in templates:
+        return
+    probe = [{"role": "user", "content": "1 + 1?"}]
+    try:
+        rendered = [
+            p.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            for p in (processing_class, teacher_processing_class)
+        ]
+    except Exception as error:  # a template may need arguments a plain probe lacks; this check only warns
+        logger.warning(f"Could not compare the text teacher's chat template with the student's: {error}")
+        return
+    if rendered[0] != rendered[1]:
+        logger.warning(
+            "The text-only teacher's chat template lays a text conversation out differently from the student's "
+            f"({rendered[1]!r} vs {rendered[0]!r}); the teacher scores the text view in the student's layout. Give "
+            "the student a chat template the teacher knows (`chat_template_path`) if this is not intended."
         )
 
 

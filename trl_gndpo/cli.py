@@ -99,6 +99,7 @@ def parse(argv: Sequence[str] | None = None) -> Arguments:
             "--datasets": dataset_args.datasets,
             "--teacher_model_name_or_path": training_args.teacher_model_name_or_path,
             "--teacher_model_server_url": training_args.teacher_model_server_url,
+            "--teacher_models": training_args.teacher_models,
         }
         given = [flag for flag, value in given.items() if value]
         if given:

@@ -77,9 +77,19 @@ class GNDPOConfig(GRPOConfig):
             accepted, e.g. on the command line). `dtype` defaults to `"bfloat16"` on accelerators that support it,
             `"float16"` on other GPUs and `"float32"` on CPU. A `quantization_config` may be a dict, e.g.
             `{"load_in_4bit": true}` for a 4-bit teacher.
-        teacher_device (`str`, *optional*):
+        teacher_models (`dict[str, str]` or `str`, *optional*):
+            Several teachers (multi-teacher distillation, as evaluated by Uni-OPD and G-OPD): teacher name -> name or
+            path, e.g. `{"math": "org/math-rl", "code": "org/code-rl"}` (a JSON string is accepted). Each sample is
+            scored by the teacher its `teacher_column` names; every teacher scores only its samples, once per
+            generation batch. Alternative to `teacher_model_name_or_path`. Not with DeepSpeed ZeRO-3 or FSDP,
+            `value_baseline` or `visual_gradient_steering`.
+        teacher_column (`str`, *optional*, defaults to `"teacher"`):
+            With several teachers, the dataset column that routes each sample: a teacher's name, or its index in
+            `teacher_models` (0-based, in the order given).
+        teacher_device (`str` or `dict[str, str]`, *optional*):
             Keep the teacher on this device (e.g. `"cuda:1"`, or `"cpu"`) instead of the training device; its inputs
-            are moved there for scoring and its log-probs moved back. Not with DeepSpeed or FSDP.
+            are moved there for scoring and its log-probs moved back. With several teachers, a dict teacher name ->
+            device places each (teachers it does not name stay on the training device). Not with DeepSpeed or FSDP.
         teacher_offload (`bool`, *optional*, defaults to `False`):
             Keep the teacher in CPU memory and move it to the training device only for its scoring pass (once per
             generation batch): less GPU memory, one host-device copy of the teacher per generation batch. Not with
@@ -99,6 +109,11 @@ class GNDPOConfig(GRPOConfig):
             Sequences per scoring request.
         teacher_model_server_max_concurrent_requests (`int`, *optional*, defaults to `4`):
             Scoring requests in flight at once, per process.
+        cross_modal_distillation (`bool`, *optional*, defaults to `False`):
+            Allow a text-only teacher for a vision-language student (Uni-OPD's cross-modal setting): a text-only
+            teacher scores the text view of each sample (the conversation with its images removed, built like VGS's
+            text view), while the student trains on the image view. Vision-language teachers still see the images.
+            The teacher must share the student's tokenizer.
 
         > Parameters that control the GNDPO token signal
 
@@ -119,8 +134,14 @@ class GNDPOConfig(GRPOConfig):
         reward_extrapolation (`float`, *optional*, defaults to `1.0`):
             ExOPD / G-OPD (arXiv 2602.12125) scale `lambda` on the teacher-minus-reference signal: the raw signal is
             `lambda (log q - log p_base) - (log p_old - log p_base)` with `p_base` the initial student (with a PEFT
-            adapter, the base weights with the adapter disabled, so no copy is kept). `1.0` is plain OPD exactly;
-            ExOPD uses `1.25`.
+            adapter, the base weights with the adapter disabled, so no copy is kept), or `reference_model_name_or_path`
+            when given. `1.0` is plain OPD exactly; ExOPD uses `1.25`.
+        reference_model_name_or_path (`str`, *optional*):
+            G-OPD's reward correction for strong-to-weak distillation: the reference `p_base` of
+            `reward_extrapolation` is this model, the teacher's base model before its RL, instead of the initial
+            student. Loaded with `teacher_model_init_kwargs` and placed like the teacher (`teacher_device`,
+            `teacher_offload`); it scores at the student's sampling temperature, as the initial student does. Needs
+            `reward_extrapolation != 1` (at 1 the reference cancels).
         value_baseline (`bool`, *optional*, defaults to `False`):
             vOPD (arXiv 2605.07865): add the detached per-token reverse KL of the full next-token distributions,
             `KL(p || q)`, to the signal (its closed-form value baseline), computed chunk by chunk over the vocabulary
@@ -254,7 +275,11 @@ class GNDPOConfig(GRPOConfig):
             Learning-rate schedule.
     """
 
-    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + [
+        "teacher_model_init_kwargs",
+        "teacher_models",
+        "teacher_device",
+    ]
 
     # Teacher
     teacher_model_name_or_path: str | None = field(
@@ -274,9 +299,23 @@ class GNDPOConfig(GRPOConfig):
         },
     )
 
-    teacher_device: str | None = field(
+    teacher_models: dict[str, str] | str | None = field(
         default=None,
-        metadata={"help": "Keep the teacher on this device (e.g. 'cuda:1' or 'cpu'); not with DeepSpeed or FSDP."},
+        metadata={
+            "help": "Several teachers, name -> name or path (dict or JSON string); each sample is scored by the "
+            "teacher its `teacher_column` names. Alternative to `teacher_model_name_or_path`."
+        },
+    )
+    teacher_column: str = field(
+        default="teacher",
+        metadata={"help": "With several teachers, the dataset column holding each sample's teacher name or index."},
+    )
+    teacher_device: dict[str, str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the teacher on this device (e.g. 'cuda:1' or 'cpu'), or with several teachers a dict "
+            "name -> device; not with DeepSpeed or FSDP."
+        },
     )
     teacher_offload: bool = field(
         default=False,
@@ -298,6 +337,13 @@ class GNDPOConfig(GRPOConfig):
     )
     teacher_model_server_max_concurrent_requests: int = field(
         default=4, metadata={"help": "Requests to the teacher server in flight at once, per process."}
+    )
+    cross_modal_distillation: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow a text-only teacher for a vision-language student: it scores the text view of each "
+            "sample (images removed) while the student trains on the image view (Uni-OPD cross-modal)."
+        },
     )
 
     # Token signal
@@ -335,6 +381,13 @@ class GNDPOConfig(GRPOConfig):
         default=1.0,
         metadata={
             "help": "ExOPD lambda on the teacher-minus-initial-student signal; 1.0 is plain OPD, ExOPD uses 1.25."
+        },
+    )
+    reference_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "G-OPD reward correction: the reference of reward_extrapolation is this model (the teacher's "
+            "pre-RL base) instead of the initial student."
         },
     )
     value_baseline: bool = field(
@@ -506,6 +559,32 @@ class GNDPOConfig(GRPOConfig):
     weight_decay: float = field(default=0.01, metadata={"help": "Weight decay of AdamW."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "The scheduler type to use."})
 
+    def _check_teachers(self) -> None:
+        """Several teachers, their devices and the G-OPD reference (after the JSON fields are parsed)."""
+        if self.teacher_models is not None:
+            if not isinstance(self.teacher_models, dict) or not self.teacher_models:
+                raise ValueError(
+                    f"teacher_models must be a non-empty dict teacher name -> name or path (or its JSON string), "
+                    f"got {self.teacher_models!r}."
+                )
+            if self.teacher_model_name_or_path is not None:
+                raise ValueError(
+                    "teacher_models and teacher_model_name_or_path are alternatives: name every teacher in "
+                    "teacher_models, or use teacher_model_name_or_path alone."
+                )
+        if isinstance(self.teacher_device, dict) and self.teacher_models is not None:  # else checked by the trainer
+            unknown = sorted(set(self.teacher_device) - set(self.teacher_models or {}))
+            if unknown:
+                raise ValueError(
+                    f"teacher_device names teachers {unknown} that teacher_models does not list "
+                    f"({sorted(self.teacher_models or {})}); a single teacher takes a plain device string."
+                )
+        if self.reference_model_name_or_path is not None and self.reward_extrapolation == 1.0:
+            raise ValueError(
+                "reference_model_name_or_path is the reference of reward_extrapolation, which cancels at 1.0: set "
+                "reward_extrapolation (G-OPD's ExOPD uses 1.25) or drop the reference model."
+            )
+
     def __post_init__(self):
         if self.num_generations is not None and self.num_generations < 2:
             raise ValueError(
@@ -533,6 +612,7 @@ class GNDPOConfig(GRPOConfig):
             )
         if self.teacher_device is not None and self.teacher_offload:
             raise ValueError("teacher_device and teacher_offload are alternatives: set one of them.")
+        self._check_teachers()
         self._check_teacher_server()
         if self.normalization_scope not in ("global", "none"):
             raise ValueError(f"normalization_scope must be 'global' or 'none', got {self.normalization_scope!r}.")
@@ -687,8 +767,8 @@ class GNDPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.teacher_model_server_url is None:
             return
-        local = ("teacher_model_name_or_path", "teacher_model_revision", "teacher_model_init_kwargs")
-        local += ("teacher_device", "teacher_offload")
+        local = ("teacher_model_name_or_path", "teacher_models", "teacher_model_revision", "teacher_model_init_kwargs")
+        local += ("teacher_device", "teacher_offload", "cross_modal_distillation")
         given = [name for name in local if getattr(self, name)]
         if given:
             raise ValueError(

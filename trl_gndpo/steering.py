@@ -31,25 +31,8 @@ class SteeringMixin:
         with the image view), the teacher's hidden states of both views at the completion positions, and the per-token
         language-prior gate and `gamma_t` from the VDS quantiles over every valid token of the batch (all processes).
         """
-        prompts = [
-            [
-                {**message, "content": [part for part in message["content"] if part.get("type") not in _VISUAL_PARTS]}
-                for message in prepare_multimodal_messages(x["prompt"])
-            ]
-            for x in inputs
-        ]
-        tokenized = self.processing_class.apply_chat_template(
-            conversation=prompts,
-            chat_template=self.chat_template,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            **self.chat_template_kwargs,
-        )
+        prompt_ids, prompt_mask = self._text_view_prompts(inputs)
         device = self.accelerator.device
-        rows = [torch.as_tensor(row) for row in tokenized["input_ids"]]
-        prompt_ids = pad(rows, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
-        prompt_mask = pad([torch.ones_like(row) for row in rows], padding_value=0, padding_side="left").to(device)
         input_ids = torch.cat([prompt_ids, batch["completion_ids"]], 1)
         attention_mask = torch.cat([prompt_mask, batch["completion_mask"]], 1)
         completion_length = batch["completion_ids"].size(1)
@@ -84,6 +67,31 @@ class SteeringMixin:
         metrics["vgs/vds_mean"].append(self._global_mean(vds))
         metrics["vgs/lp_token_frac"].append(self._global_mean(gate.float()))
         metrics["vgs/gamma_mean"].append(self._global_mean(gamma))
+
+    def _text_view_prompts(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text-only view of the generation batch's prompts: each conversation with its image and video parts
+        removed, through the student's chat template; left-padded ids and mask, on the training device. Used by VGS
+        and by text-only teachers (cross-modal distillation)."""
+        prompts = [
+            [
+                {**message, "content": [part for part in message["content"] if part.get("type") not in _VISUAL_PARTS]}
+                for message in prepare_multimodal_messages(x["prompt"])
+            ]
+            for x in inputs
+        ]
+        tokenized = self.processing_class.apply_chat_template(
+            conversation=prompts,
+            chat_template=self.chat_template,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **self.chat_template_kwargs,
+        )
+        device = self.accelerator.device
+        rows = [torch.as_tensor(row) for row in tokenized["input_ids"]]
+        prompt_ids = pad(rows, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
+        prompt_mask = pad([torch.ones_like(row) for row in rows], padding_value=0, padding_side="left").to(device)
+        return prompt_ids, prompt_mask
 
     def _vgs_loss(self, model, inputs, student_image, aggregate, mode) -> torch.Tensor:
         """eta * aggregate(l_Std + gamma_t l_Vis + lambda 1[VDS > quantile] l_LP), with one text-view student pass."""

@@ -26,13 +26,16 @@ logger = logging.get_logger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
-def load_teacher(name: str, args: GNDPOConfig) -> PreTrainedModel:
-    """Load the teacher with `args.teacher_model_init_kwargs`, in half precision where the device supports it."""
+def load_teacher(name: str, args: GNDPOConfig, revision: bool = True) -> PreTrainedModel:
+    """Load the teacher with `args.teacher_model_init_kwargs`, in half precision where the device supports it.
+
+    `revision`: apply `args.teacher_model_revision` (False for another scoring model loaded like the teacher).
+    """
     kwargs = dict(args.teacher_model_init_kwargs or {})
     kwargs.setdefault("dtype", default_teacher_dtype(args))
     if isinstance(kwargs.get("quantization_config"), dict):
         kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(kwargs["quantization_config"])
-    if args.teacher_model_revision is not None:
+    if revision and args.teacher_model_revision is not None:
         kwargs.setdefault("revision", args.teacher_model_revision)
     if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         kwargs["device_map"] = None  # "auto" fails under distributed training
@@ -67,10 +70,11 @@ def load_teacher_processing_class(name: str, args: GNDPOConfig):
         return None
 
 
-def prepare_scoring_model(trainer, model: PreTrainedModel, temperature: float, placed: bool = False):
+def prepare_scoring_model(trainer, model: PreTrainedModel, temperature: float, placed: bool = False, device=None):
     """Freeze a scoring-only model, give it TRL's fused log-prob head and prepare it like TRL's reference model.
 
-    `placed`: the model honours `teacher_device` / `teacher_offload` (then it is not handed to accelerate).
+    `placed`: the model honours `teacher_device` / `teacher_offload` (then it is not handed to accelerate);
+    `device` replaces `teacher_device` (one teacher among several).
     """
     args = trainer.args
     model.requires_grad_(False)
@@ -79,8 +83,9 @@ def prepare_scoring_model(trainer, model: PreTrainedModel, temperature: float, p
         disable_dropout_in_model(model)
     add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
     project_completions_only(model)
-    if placed and (args.teacher_device is not None or args.teacher_offload):
-        return model.to(args.teacher_device or "cpu")
+    device = args.teacher_device if device is None and isinstance(args.teacher_device, str) else device
+    if placed and (device is not None or args.teacher_offload):
+        return model.to(device or "cpu")
     if trainer.is_deepspeed_enabled:
         return prepare_deepspeed(model, trainer.accelerator)
     if trainer.is_fsdp_enabled:

@@ -1,11 +1,12 @@
 """GNDPO's pipeline on TRL's GRPOTrainer: score the sampled tokens with the teacher once per generation batch, turn
 the clamped token signal into globally whitened per-token advantages, and train with the clipped policy loss.
 
-Elsewhere, one concern per file: the teacher's loading and placement (`teacher.py`), the set-up checks (`checks.py`),
-Visual Gradient Steering (`steering.py`), the resumable data order and checkpoint checks (`resume.py`), the guard
-against batches without a valid token (`guards.py`), the head's completion-only projection (`completion_head.py`), the
-sampler's log-probs (`sampler_logps.py`), FSDP2 on CPU (`engines.py`), and the math (`functional.py`, `uniopd.py`,
-`vgs.py`).
+Elsewhere, one concern per file: the teacher's loading and placement (`teacher.py`), several teachers and the
+cross-modal text view (`teachers.py`), a teacher on a vLLM server (`teacher_server.py`), the set-up checks
+(`checks.py`), Visual Gradient Steering (`steering.py`), the resumable data order and checkpoint checks (`resume.py`),
+the guard against batches without a valid token (`guards.py`), the head's completion-only projection
+(`completion_head.py`), the sampler's log-probs (`sampler_logps.py`), FSDP2 on CPU (`engines.py`), and the math
+(`functional.py`, `uniopd.py`, `vgs.py`).
 """
 
 import copy
@@ -20,7 +21,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, use_adapter
 
-from . import checks, engines, functional, sampler_logps, teacher_server, uniopd
+from . import checks, engines, functional, sampler_logps, teacher_server, teachers, uniopd
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .guards import InvalidBatchGuard
@@ -35,6 +36,7 @@ from .teacher import (
     prepare_scoring_model,
     reverse_kl_per_token,
 )
+from .teachers import TeachersMixin
 
 logger = logging.get_logger(__name__)
 
@@ -60,7 +62,7 @@ def no_outcome_reward(completions: list, **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
-class GNDPOTrainer(SteeringMixin, GRPOTrainer):
+class GNDPOTrainer(TeachersMixin, SteeringMixin, GRPOTrainer):
     """
     Globally Normalized Distillation Policy Optimization.
 
@@ -75,14 +77,20 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
     Args:
         model: the student, a name or path or a `PreTrainedModel` (as for `GRPOTrainer`).
         teacher_model: the teacher, a name or path (loaded with `args.teacher_model_init_kwargs`) or a
-            `PreTrainedModel`; defaults to `args.teacher_model_name_or_path`. It must share the student's tokenizer
-            and, for vision-language students, its image layout.
+            `PreTrainedModel`; or several teachers, a dict name -> teacher, each scoring the samples whose
+            `args.teacher_column` names it. Defaults to `args.teacher_models` or `args.teacher_model_name_or_path`.
+            Teachers must share the student's tokenizer and, for vision-language students, its image layout (a
+            text-only teacher only with `args.cross_modal_distillation`).
         reward_funcs: optional outcome rewards (GRPO signature). Logged; they decide correctness for the Uni-OPD
             options, and are mixed into the advantage only with `args.outcome_advantage_weight > 0`.
         args: a [`GNDPOConfig`].
-        teacher_processing_class: the teacher's tokenizer or processor, used only to check that it tokenizes and lays
-            out images like the student's. Loaded from the teacher's path when the teacher is given by name, or
-            from its `name_or_path` when it is a model object loaded from a folder or the Hub.
+        teacher_processing_class: the teacher's tokenizer or processor (a dict name -> one with several teachers),
+            used only to check that it tokenizes and lays out images like the student's. Loaded from the teacher's
+            path when the teacher is given by name, or from its `name_or_path` when it is a model object loaded from
+            a folder or the Hub.
+        reference_model: G-OPD's reward correction, the reference of `args.reward_extrapolation` (the teacher's
+            base model before RL), a name or path (loaded like the teacher) or a `PreTrainedModel`; defaults to
+            `args.reference_model_name_or_path`, and without one the initial student is the reference.
         **grpo_kwargs: everything else `GRPOTrainer` takes (`train_dataset`, `eval_dataset`, `processing_class`,
             `peft_config`, `callbacks`, `optimizers`, `quantization_config`, ...).
     """
@@ -104,10 +112,11 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
     def __init__(
         self,
         model: "str | PreTrainedModel",
-        teacher_model: "str | PreTrainedModel | None" = None,
+        teacher_model: "str | PreTrainedModel | dict[str, str | PreTrainedModel] | None" = None,
         reward_funcs=None,
         args: GNDPOConfig | None = None,
         teacher_processing_class=None,
+        reference_model: "str | PreTrainedModel | None" = None,
         **grpo_kwargs: Any,
     ):
         if args is None:
@@ -115,21 +124,34 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             args = GNDPOConfig(f"{str(name).split('/')[-1]}-GNDPO")
         elif not isinstance(args, GNDPOConfig):
             raise TypeError(f"args must be a GNDPOConfig, got {type(args).__name__}.")
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None:
+            teacher_model = args.teacher_models or args.teacher_model_name_or_path
         checks.check_arguments(args, reward_funcs, teacher_model)
         eval_dataset = grpo_kwargs.get("eval_dataset")
         eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
         checks.check_dataset_sizes(args, grpo_kwargs.get("train_dataset"), eval_datasets)
-        if teacher_processing_class is None:  # a teacher object loaded from a folder or the Hub: its tokenizer too
-            name = teacher_model if isinstance(teacher_model, str) else getattr(teacher_model, "name_or_path", "")
-            teacher_processing_class = load_teacher_processing_class(name, args) if name else None
-        if isinstance(teacher_model, str):
-            teacher_model = load_teacher(teacher_model, args)
+        teacher_models, teacher_processing = {}, {}  # none with a served teacher
+        if teacher_model is not None:
+            teacher_models, teacher_processing = teachers.load(
+                teachers.named(teacher_model), teacher_processing_class, args
+            )
         self._placeholder_reward = not reward_funcs
-        # ExOPD's reference: a frozen copy of the initial student, taken before training touches it. With a PEFT
-        # adapter, the base weights with the adapter disabled serve instead (no copy).
-        base_model = None
-        if args.reward_extrapolation != 1.0 and grpo_kwargs.get("peft_config") is None and not is_peft_model(model):
+        # ExOPD's reference: the given reference model (G-OPD's reward correction), else a frozen copy of the initial
+        # student, taken before training touches it. With a PEFT adapter, the base weights with the adapter disabled
+        # serve instead (no copy).
+        base_model = reference_model if reference_model is not None else args.reference_model_name_or_path
+        if base_model is not None and args.reward_extrapolation == 1.0:
+            raise ValueError(
+                "reference_model is the reference of reward_extrapolation, which cancels at 1.0: set "
+                "reward_extrapolation (G-OPD's ExOPD uses 1.25) or drop the reference model."
+            )
+        reference_processing = None
+        if isinstance(base_model, str):
+            reference_processing = load_teacher_processing_class(base_model, args)
+            base_model = load_teacher(base_model, args, revision=False)
+        reference_given = base_model is not None
+        peft = grpo_kwargs.get("peft_config") is not None or is_peft_model(model)
+        if not reference_given and args.reward_extrapolation != 1.0 and not peft:
             if isinstance(model, str):
                 base_model = create_model_from_path(model, **dict(args.model_init_kwargs or {}))
             else:
@@ -149,21 +171,47 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         self.teacher_server = None
         if args.teacher_model_server_url is not None:  # a served teacher: nothing to load, check or place here
             self.teacher_server = teacher_server.connect(args, self.processing_class, student, self._is_vlm)
-        else:
+        teachers.check_setup(args, self, list(teacher_models), [grpo_kwargs.get("train_dataset"), *eval_datasets])
+        for name, teacher in teacher_models.items():
             checks.check_teacher(
-                args, student, teacher_model, self.processing_class, teacher_processing_class, self._is_vlm
+                args,
+                student,
+                teacher,
+                self.processing_class,
+                teacher_processing[name],
+                self._is_vlm,
+                text_view=args.cross_modal_distillation,
             )
+        self._text_teachers = {n for n, t in teacher_models.items() if self._is_vlm and teachers.is_text_only(t)}
+        if self._text_teachers and args.visual_gradient_steering:
+            raise ValueError(
+                "visual_gradient_steering needs the teacher's image view; a text-only teacher (cross-modal "
+                "distillation) has none: set visual_gradient_steering=False or use a vision-language teacher."
+            )
+        if args.cross_modal_distillation and not self._text_teachers:
+            raise ValueError(
+                "cross_modal_distillation is set but no teacher is a text-only model for a vision-language student: "
+                "drop the option, or give a text-only teacher."
+            )
+        if reference_given:
+            checks.check_teacher(args, student, base_model, self.processing_class, reference_processing, self._is_vlm)
+        teacher_model = next(iter(teacher_models.values()), None)
         if args.visual_gradient_steering:
             checks.check_steering(self, student, teacher_model)
         project_completions_only(student.get_base_model() if is_peft_model(student) else student)
         self._vgs_eta, self._vgs_eta_samples = args.vgs_eta, []
         self._invalid_batches = InvalidBatchGuard(args.max_invalid_generation_batches)
         self._teacher_offload_to = self.accelerator.device if args.teacher_offload else None
-        self.teacher_model = None  # served
-        if teacher_model is not None:
-            self.teacher_model = prepare_scoring_model(self, teacher_model, temperature=1.0, placed=True)
+        self.teachers = {
+            name: prepare_scoring_model(self, t, 1.0, placed=True, device=teachers.device_of(args, name))
+            for name, t in teacher_models.items()
+        }
+        self.teacher_model = next(iter(self.teachers.values()), None)  # the teacher, the first of several, or None
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
-        self.base_model = None if base_model is None else prepare_scoring_model(self, base_model, self.temperature)
+        self.base_model = (
+            None if base_model is None else prepare_scoring_model(self, base_model, self.temperature, reference_given)
+        )
+        self._base_offload_to = self._teacher_offload_to if reference_given else None
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -211,6 +259,7 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             too_long = batch["prompt_mask"].sum(1) > self.args.max_prompt_length
             metrics["gndpo/long_prompt_frac"].append(self.accelerator.gather(too_long.float()).mean().item())
             mask = mask * ~too_long.unsqueeze(1)
+        self._scoring_inputs = inputs  # the rows behind the batch: teacher routing and text views (teachers.py)
         scores = self._score_tokens(batch, mode)
         student_logps, teacher_logps = scores["student"], scores["teacher"]
         signal, finite = functional.clamped_log_ratio(
@@ -253,16 +302,19 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
             self._add_text_view(batch, inputs, scores["teacher_states"], valid, mode, metrics)
 
         self._log_token_statistics(metrics, mask, finite, valid, scores, signal, (mean, var), advantages)
+        self._log_teacher_statistics(metrics, inputs, valid, scores)
         return batch
 
     @torch.no_grad()
     def _score_tokens(self, batch: dict, mode: str) -> dict[str, torch.Tensor]:
-        """Per-token scores of the sampled completions, all on the same inputs (ids and images), in float32.
+        """Per-token scores of the sampled completions, all on the student's inputs (ids and images), in float32.
 
         `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
-        temperature, or the sampler's own with `old_logps_from_sampler`; teacher at temperature 1). With the estimators that need them: `entropy` (student, TIP), `base`
-        (initial student, ExOPD), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden
-        states at the completion positions, in its own dtype, VGS).
+        temperature, or the sampler's own with `old_logps_from_sampler`; teacher at temperature 1, each row by its own
+        teacher, on the text view for a text-only teacher, or from the teacher server). With the estimators that need
+        them: `entropy` (student, TIP), `base` (the reference of ExOPD: the initial student or the given reference
+        model), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden states at the
+        completion positions, in its own dtype, VGS).
         """
         completion_length = batch["completion_ids"].size(1)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
@@ -286,23 +338,22 @@ class GNDPOTrainer(SteeringMixin, GRPOTrainer):
         want_states = want_kl or self.args.visual_gradient_steering
         if self.teacher_server is not None:  # NaN where the server gave no log-prob: masked and counted downstream
             ids = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-            scores["teacher"] = self.teacher_server.score(*(batch[k] for k in ids))
+            scores["teacher"], teacher_states = self.teacher_server.score(*(batch[k] for k in ids)), []
         else:
-            with (
-                capture_completion_states(self.teacher_model, completion_length, want_states) as teacher_states,
-                placed(self.teacher_model, self._teacher_offload_to) as device,
-            ):
-                moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()}
-                teacher_logps, _, _ = self._get_per_token_logps_and_entropies(
-                    self.teacher_model, input_ids.to(device), attention_mask.to(device), completion_length, **moved
-                )
-                scores["teacher"] = teacher_logps.to(self.accelerator.device)
+            scores["teacher"], teacher_states = self._score_teachers(
+                batch, self._scoring_inputs, input_ids, attention_mask, model_inputs, want_states
+            )
         if self.args.reward_extrapolation != 1.0:
             if self.base_model is None:  # PEFT: the initial student is the base weights with the adapter disabled
                 with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None):
                     scores["base"], _, _ = log_probs(self.model)
-            else:
-                scores["base"], _, _ = log_probs(self.base_model)
+            else:  # on the teacher's device when the reference is placed like the teacher
+                with placed(self.base_model, self._base_offload_to) as device:
+                    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()}
+                    base, _, _ = self._get_per_token_logps_and_entropies(
+                        self.base_model, input_ids.to(device), attention_mask.to(device), completion_length, **moved
+                    )
+                scores["base"] = base.to(self.accelerator.device)
         if want_kl:
             mask = batch["completion_mask"].bool()
             kl = reverse_kl_per_token(
