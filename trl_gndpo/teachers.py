@@ -56,7 +56,7 @@ def check_setup(args, trainer, names: list[str], datasets: list) -> None:
             f"teacher_device names teachers {sorted(set(args.teacher_device) - set(names))} that are not among "
             f"the teachers {names}."
         )
-    if len(names) == 1:
+    if len(names) <= 1:  # one teacher (none here when it is served)
         return
     zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
     if trainer.is_fsdp_enabled or zero3:
@@ -119,8 +119,8 @@ class TeachersMixin:
     """The teachers' half of `GNDPOTrainer`'s scoring: route, score each teacher's rows once, log per teacher."""
 
     def _teacher_routes(self, inputs) -> "torch.Tensor | None":
-        """Each local row's teacher index, or None with a single teacher."""
-        if len(self.teachers) == 1:
+        """Each local row's teacher index, or None with a single teacher (or a served one)."""
+        if len(self.teachers) <= 1:
             return None
         return route(inputs, self.args.teacher_column, list(self.teachers)).to(self.accelerator.device)
 
