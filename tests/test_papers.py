@@ -434,6 +434,10 @@ def test_the_papers_table_covers_every_named_setting():
         "Uni-OPD: Prompt-group masking",
         "Uni-OPD: Online correctness-aware balancing",
         "ExOPD / G-OPD: Reward extrapolation",
+        "ExOPD / G-OPD: Reward correction",
+        "ExOPD / G-OPD: Multi-teacher ExOPD",
+        "Uni-OPD / G-OPD: Several domain teachers",
+        "Uni-OPD: Cross-modal",
         "vOPD: Value baseline, full vocabulary",
         "vOPD: Value baseline, top-k",
         "TIP: Entropy, top 50%",
@@ -458,7 +462,7 @@ def test_each_papers_setting_builds_its_config(row, cpu_config_kwargs):
         checks.check_arguments(config, [length_reward], "teacher")
     else:
         checks.check_arguments(config, None, "teacher")
-    assert ("vision-language" in row["needs"]) == config.visual_gradient_steering
+    assert ("a vision-language student and teacher" in row["needs"]) == config.visual_gradient_steering
 
 
 @pytest.mark.slow
