@@ -2,11 +2,11 @@
 the clamped token signal into globally whitened per-token advantages, and train with the clipped policy loss.
 
 Elsewhere, one concern per file: the teacher's loading and placement (`teacher.py`), several teachers and the
-cross-modal text view (`teachers.py`), a teacher on a vLLM server (`teacher_server.py`), the set-up checks
-(`checks.py`), Visual Gradient Steering (`steering.py`), the resumable data order and checkpoint checks (`resume.py`),
-the guard against batches without a valid token (`guards.py`), the head's completion-only projection
-(`completion_head.py`), the sampler's log-probs (`sampler_logps.py`), FSDP2 on CPU (`engines.py`), and the math
-(`functional.py`, `uniopd.py`, `vgs.py`).
+cross-modal text view (`teachers.py`), a teacher on a vLLM server (`teacher_server.py`), the set-up checks (`checks.py`),
+Visual Gradient Steering (`steering.py`), Uni-OPD's correctness-aware steps (`calibration.py`), the resumable data
+order and checkpoint checks (`resume.py`), the guard against batches without a valid token (`guards.py`), the head's
+completion-only projection (`completion_head.py`), the sampler's log-probs (`sampler_logps.py`), FSDP2 on CPU
+(`engines.py`), and the math (`functional.py`, `uniopd.py`, `vgs.py`).
 """
 
 import copy
@@ -21,11 +21,12 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, use_adapter
 
-from . import checks, engines, functional, sampler_logps, teacher_server, teachers, uniopd
+from . import checks, engines, functional, sampler_logps, teacher_server, teachers
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .guards import InvalidBatchGuard
 from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
+from .calibration import CalibrationMixin
 from .steering import SteeringMixin
 from .vgs import mixed_loss, policy_advantages
 from .teacher import (
@@ -62,7 +63,7 @@ def no_outcome_reward(completions: list, **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
-class GNDPOTrainer(TeachersMixin, SteeringMixin, GRPOTrainer):
+class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
     """
     Globally Normalized Distillation Policy Optimization.
 
@@ -436,60 +437,6 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, GRPOTrainer):
         counts = self.accelerator.reduce(torch.stack([(keep & valid).sum(), valid.sum()]).float(), "sum")
         metrics["gndpo/tip_kept_frac"].append((counts[0] / counts[1]).item() if counts[1] > 0 else float("nan"))
         return valid & keep
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._rewards_per_func = rewards  # (all processes' completions, reward functions): Uni-OPD's correctness
-        return rewards
-
-    def _gathered_responses(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
-        """Correctness and presence of every completion of the generation batch (all processes), and our rows."""
-        rewards = self._rewards_per_func
-        total = (rewards * self.reward_weights.to(rewards.device)).nansum(1)
-        present = self.accelerator.gather(valid.any(1)).bool() & ~torch.isnan(rewards).all(1)
-        local = slice(self.accelerator.process_index * len(valid), (self.accelerator.process_index + 1) * len(valid))
-        return (total >= self.args.correctness_threshold).cpu(), present.cpu(), local
-
-    def _balanced_responses(self, valid: torch.Tensor, metrics) -> torch.Tensor:
-        """Uni-OPD online balancing; every process draws the same responses to drop (same seed, same inputs)."""
-        correct, present, local = self._gathered_responses(valid)
-        # seeded by the step, so a resumed run draws what the uninterrupted one would have
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
-        group_size = self.num_generations if self.model.training else self.num_generations_eval
-        keep = uniopd.balance_classes(correct, present, group_size, self.args.balance_ratio, generator)
-        metrics["uniopd/correct_frac"].append((correct & present).sum().item() / max(present.sum().item(), 1))
-        metrics["uniopd/balance_dropped_frac"].append((present & ~keep).sum().item() / max(present.sum().item(), 1))
-        return keep[local].to(valid.device)
-
-    def _calibrate_margins(self, advantages: torch.Tensor, valid: torch.Tensor, metrics) -> torch.Tensor:
-        """Uni-OPD margin shift or mask on the normalized advantages, per prompt group or over the whole batch."""
-        correct, present, local = self._gathered_responses(valid)
-        if self.args.balance_ratio is None:  # else logged, before balancing, by `_balanced_responses`
-            metrics["uniopd/correct_frac"].append((correct & present).sum().item() / max(present.sum().item(), 1))
-        means, _ = uniopd.response_means(advantages, valid)
-        means = self.accelerator.gather(means.float()).cpu()
-        group_size = self.num_generations if self.model.training else self.num_generations_eval
-        group = group_size if self.args.margin_scope == "group" else len(means)
-        groups = (means, correct, present, group, self.args.margin_delta, self.args.margin_mode)
-        if self.args.margin_calibration == "shift":
-            shift, gap = uniopd.margin_shift(*groups, direction=self.args.margin_direction)
-            after = means + shift
-            advantages = advantages + shift[local].to(advantages)[:, None] * valid
-        else:
-            if self.args.margin_calibration == "group_mask":  # the paper: discard prompt groups below the margin
-                keep, gap = uniopd.margin_group_mask(*groups)
-            else:
-                keep, gap = uniopd.margin_mask(*groups, min_retain_ratio=self.args.margin_min_retain_ratio)
-            after, present = means, present & keep
-            advantages = advantages * keep[local].to(advantages)[:, None]
-        gap_after = uniopd.margin_gap(
-            after.view(-1, group), correct.view(-1, group), present.view(-1, group), self.args.margin_mode
-        )
-        eligible, kept = ~torch.isnan(gap), ~torch.isnan(gap_after)  # a discarded group has no margin after
-        metrics["uniopd/margin_before"].append(gap[eligible].mean().item() if eligible.any() else float("nan"))
-        metrics["uniopd/margin_after"].append(gap_after[kept].mean().item() if kept.any() else float("nan"))
-        metrics["uniopd/calibrated_group_frac"].append((gap < self.args.margin_delta).float().mean().item())
-        return advantages
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss: clipped policy gradient on the per-token advantages.
