@@ -180,5 +180,6 @@ class TeachersMixin:
         total = sums[:, 0].sum().clamp(min=1.0)
         for name, (count, kl, logp) in zip(self.teachers, sums, strict=True):
             metrics[f"gndpo/teacher/{name}/token_frac"].append((count / total).item())
-            metrics[f"gndpo/teacher/{name}/reverse_kl"].append((kl / count.clamp(min=1.0)).item())
-            metrics[f"gndpo/teacher/{name}/teacher_logp"].append((logp / count.clamp(min=1.0)).item())
+            # a teacher without valid tokens has nothing to average: NaN, which TRL's `log` leaves out (never 0)
+            metrics[f"gndpo/teacher/{name}/reverse_kl"].append((kl / count).item() if count > 0 else float("nan"))
+            metrics[f"gndpo/teacher/{name}/teacher_logp"].append((logp / count).item() if count > 0 else float("nan"))
