@@ -92,8 +92,12 @@ def qwen2_5_vl_shaped(device: str) -> dict:
     token = tokenizer.convert_tokens_to_ids
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                bos_token_id=token("<|endoftext|>"))  # fmt: skip
-    special = dict(image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
-                   vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"))  # fmt: skip
+    special = dict(
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+    )
     rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}
     models = {}
     for seed, role in enumerate(("student", "teacher")):

@@ -89,9 +89,9 @@ def main() -> None:
         feature = Image() if args.column == "image" else List(Image())
         column = images if args.column == "image" else [[image] for image in images]
         features = Features({"prompt": Value("string"), args.column: feature})
-        Dataset.from_dict({"prompt": ["Describe."] * args.images, args.column: column}, features=features).save_to_disk(
-            tmp
-        )
+        Dataset.from_dict(
+            {"prompt": ["Describe."] * args.images, args.column: column}, features=features
+        ).save_to_disk(tmp)
         del images
         print(f"{args.images} JPEGs of {args.side}x{args.side}: {size_mb:.0f} MB on disk")
         for mode in ("whole column", "check_rows"):

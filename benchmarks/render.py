@@ -12,10 +12,20 @@ import json
 import sys
 from pathlib import Path
 
-NAMES = {"gndpo": "GNDPOTrainer", "gndpo_sampler": "GNDPOTrainer, p_old from the sampler",
-         "distillation": "DistillationTrainer", "grpo": "GRPOTrainer (floor)", "gndpo_vgs": "GNDPOTrainer + VGS"}
-SHORT = {"gndpo": "GNDPO", "gndpo_sampler": "GNDPO with `old_logps_from_sampler`",
-         "distillation": "DistillationTrainer", "grpo": "GRPO floor", "gndpo_vgs": "GNDPO + VGS"}
+NAMES = {
+    "gndpo": "GNDPOTrainer",
+    "gndpo_sampler": "GNDPOTrainer, p_old from the sampler",
+    "distillation": "DistillationTrainer",
+    "grpo": "GRPOTrainer (floor)",
+    "gndpo_vgs": "GNDPOTrainer + VGS",
+}
+SHORT = {
+    "gndpo": "GNDPO",
+    "gndpo_sampler": "GNDPO with `old_logps_from_sampler`",
+    "distillation": "DistillationTrainer",
+    "grpo": "GRPO floor",
+    "gndpo_vgs": "GNDPO + VGS",
+}
 MIB = 2**20
 SUMMARY_ENTRIES = 9  # plus the line pointing to the README: at most ten lines
 
@@ -83,8 +93,10 @@ def plot(entry: dict, path: Path) -> None:
     left = [0.0] * len(trainers)
     for phase in phases:
         widths = [entry["main"][t]["phases_mean"].get(phase, 0.0) for t in trainers]
-        ax.barh([NAMES[t] for t in trainers], widths, left=left, label=phase, color=plt.cm.tab10(order.index(phase) % 10))
-        left = [a + b for a, b in zip(left, widths)]
+        ax.barh(
+            [NAMES[t] for t in trainers], widths, left=left, label=phase, color=plt.cm.tab10(order.index(phase) % 10)
+        )
+        left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.invert_yaxis()
     ax.set_xlabel("mean seconds per optimizer step")
     ax.legend(ncol=5, fontsize="small", loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
@@ -112,11 +124,20 @@ def render_entry(key: str, entry: dict, outdir: Path, stem: str) -> list[str]:
     rows = []
     for t, r in main.items():
         rounds = ", ".join(fmt(x["step_time_median"]) for x in r.get("rounds", []))
-        rows.append([NAMES[t], fmt(r["step_time_median"]), f"{r['step_time_median'] / main[reference]['step_time_median']:.2f}",
-                     rounds, fmt(r["completion_tokens_per_step"] / r["step_time_median"]),
-                     fmt(r["peak_rss_bytes"] / MIB), f"{r['peak_rss_bytes'] / main[reference]['peak_rss_bytes']:.2f}",
-                     fmt(r.get("teacher_scoring_passes_per_generation_batch")),
-                     fmt(r.get("teacher_forward_calls_per_generation_batch")), fmt(r.get("head_rows_per_step"))])  # fmt: skip
+        rows.append(
+            [
+                NAMES[t],
+                fmt(r["step_time_median"]),
+                f"{r['step_time_median'] / main[reference]['step_time_median']:.2f}",
+                rounds,
+                fmt(r["completion_tokens_per_step"] / r["step_time_median"]),
+                fmt(r["peak_rss_bytes"] / MIB),
+                f"{r['peak_rss_bytes'] / main[reference]['peak_rss_bytes']:.2f}",
+                fmt(r.get("teacher_scoring_passes_per_generation_batch")),
+                fmt(r.get("teacher_forward_calls_per_generation_batch")),
+                fmt(r.get("head_rows_per_step")),
+            ]
+        )
     lines += table(["trainer", "step median (s)", f"x {SHORT[reference]}", "per round (s)", "completion tok/s",
                     "peak RSS (MiB)", f"x {SHORT[reference]}", "teacher scoring passes / generation batch",
                     "teacher forwards / generation batch", "vocabulary-head rows / step"], rows)  # fmt: skip
@@ -169,7 +190,9 @@ def render(results: dict, outdir: Path, stem: str = "RESULTS") -> str:
         lines.append(f"- {described}; " + ", ".join(f"{k} {v}" for k, v in (versions or {}).items()))
     lines.append("")
     for key, entry in results.items():
-        lines += render_entry(key, entry, outdir, stem) if key in measured else [f"## `{key}`", "", "Not measured.", ""]
+        lines += (
+            render_entry(key, entry, outdir, stem) if key in measured else [f"## `{key}`", "", "Not measured.", ""]
+        )
     return "\n".join(lines + vocabulary_table(results))
 
 

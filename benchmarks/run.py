@@ -78,9 +78,17 @@ def combine_rounds(records: list[dict]) -> dict:
     combined["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in records)
     combined["batch_hashes"] = [r["batch_hashes"] for r in records]
     for key in ("student_fingerprint", "teacher_fingerprint"):
-        combined[key] = sorted({str(r[key]) for r in records}) if len({r[key] for r in records}) > 1 else records[0][key]
-    combined["rounds"] = [{"step_time_median": statistics.median(r["step_times"]), "peak_rss_bytes": r["peak_rss_bytes"],
-                           "other_processes_cpu_share": r["other_processes_cpu_share"]} for r in records]  # fmt: skip
+        combined[key] = (
+            sorted({str(r[key]) for r in records}) if len({r[key] for r in records}) > 1 else records[0][key]
+        )
+    combined["rounds"] = [
+        {
+            "step_time_median": statistics.median(r["step_times"]),
+            "peak_rss_bytes": r["peak_rss_bytes"],
+            "other_processes_cpu_share": r["other_processes_cpu_share"],
+        }
+        for r in records
+    ]
     return combined
 
 

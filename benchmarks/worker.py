@@ -1,8 +1,8 @@
 """Measure one trainer in this process: ``python benchmarks/worker.py SPEC.json OUT.json`` (started by `run.py`).
 
-The worker builds the models (`models.build`) and one trainer, wraps a few of the trainer's own methods on the
-instance to time them (library code is not modified), trains ``warmup + steps`` optimizer steps and writes one JSON
-record. Phases of an optimizer step (``on_step_begin`` to ``on_step_end``) are exclusive times, so they sum to the step:
+The worker builds the models (`models.build`) and one trainer, wraps a few of the trainer's own methods on the instance
+to time them (library code is not modified), trains ``warmup + steps`` optimizer steps and writes one JSON record.
+Phases of an optimizer step (``on_step_begin`` to ``on_step_end``) are exclusive times, so they sum to the step:
 
 * ``generation``: ``_generate`` (tokenizing the prompts and sampling the completions).
 * ``teacher``: GNDPO: ``_score_tokens`` minus the nested phases (the teacher's forward and log-prob head).
@@ -234,7 +234,11 @@ def instrument(trainer, probe: Probe) -> None:
         wrap("_get_per_token_logps_and_entropies", "student_scoring", before=no_grad_student)
     if hasattr(trainer, "_get_last_hidden_state"):  # DistillationTrainer: teacher backbone inside the loss
         unwrapped = trainer.accelerator.unwrap_model(teacher)
-        wrap("_get_last_hidden_state", "teacher", before=lambda model, *a: model is unwrapped and count("teacher_passes"))
+        wrap(
+            "_get_last_hidden_state",
+            "teacher",
+            before=lambda model, *a: model is unwrapped and count("teacher_passes"),
+        )
     trainer.accelerator.backward = probe.timed("backward", trainer.accelerator.backward)
     if teacher is not None:
         backbone = trainer.accelerator.unwrap_model(teacher).base_model
@@ -296,9 +300,8 @@ def environment(device) -> dict:
 
 def main(spec_path: str, out_path: str) -> None:
     import torch
-    from transformers.utils import logging
-
     from models import build
+    from transformers.utils import logging
 
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads"):

@@ -53,7 +53,12 @@ def run(out_dir: str, mode: str) -> None:
     records.clear()
     options = {"margin_calibration": "shift", "num_generations": 4, "max_steps": 3} if mode == "uniopd" else {}
     if mode == "papers":
-        options = {"margin_calibration": "group_mask", "margin_mode": "minmax", "margin_delta": 0.3, "num_generations": 4}
+        options = {
+            "margin_calibration": "group_mask",
+            "margin_mode": "minmax",
+            "margin_delta": 0.3,
+            "num_generations": 4,
+        }
         options.update(token_selection="entropy_sampling", value_baseline=True, value_baseline_top_k=8, max_steps=3)
     if mode == "vgs":
         options = {"visual_gradient_steering": True, "vgs_adaptive_gamma": True, "vgs_eta_measure_steps": 1}
@@ -94,7 +99,9 @@ def run(out_dir: str, mode: str) -> None:
         scores = score_tokens(batch, mode)
         ids = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
         names = [x.get("teacher") for x in trainer._scoring_inputs]
-        records.append({"function": "scores", "student": scores["student"], "teacher": scores["teacher"], "names": names, **ids})
+        records.append(
+            {"function": "scores", "student": scores["student"], "teacher": scores["teacher"], "names": names, **ids}
+        )
         return scores
 
     trainer._score_tokens = record_scores

@@ -140,7 +140,11 @@ def png(image: PIL.Image.Image) -> dict:
         ("image", None, r"1 have no image in column 'image' \(None or an empty list\), at rows 2\b"),
         ("images", [], r"1 have no image in column 'images' \(None or an empty list\), at rows 2\b"),
         ("images", [None], r"1 have no image in column 'images'.*at rows 2\b"),
-        ("image", {"bytes": truncated_jpeg(), "path": None}, r"1 images of column 'image' cannot be decoded, at rows 2 "),
+        (
+            "image",
+            {"bytes": truncated_jpeg(), "path": None},
+            r"1 images of column 'image' cannot be decoded, at rows 2 ",
+        ),
         ("image", png(PIL.Image.new("RGB", (402, 2))), r"aspect ratio over 200 .*, at rows 2 \(402x2\)"),
     ],
 )
@@ -223,7 +227,9 @@ def test_consecutive_batches_without_valid_tokens_stop_training(cpu_config_kwarg
     with pytest.raises(RuntimeError, match="2 consecutive generation batches had no valid completion token .every "):
         trainer.train()
     assert trainer.state.global_step == 1
-    trainer = build(cpu_config_kwargs, {"max_steps": 5, "max_invalid_generation_batches": 2}, teacher_model=nan_teacher())
+    trainer = build(
+        cpu_config_kwargs, {"max_steps": 5, "max_invalid_generation_batches": 2}, teacher_model=nan_teacher()
+    )
     with pytest.raises(RuntimeError, match="non-finite log-prob"):
         trainer.train()
     with pytest.raises(ValueError, match="max_invalid_generation_batches must be >= 1"):
@@ -251,9 +257,7 @@ def checkpoint(tmp_path_factory):
     from tiny_models import cpu_grpo_kwargs
 
     output = tmp_path_factory.mktemp("run")
-    config = GNDPOConfig(
-        **cpu_grpo_kwargs(output_dir=str(output), max_steps=1, save_strategy="steps", save_steps=1)
-    )
+    config = GNDPOConfig(**cpu_grpo_kwargs(output_dir=str(output), max_steps=1, save_strategy="steps", save_steps=1))
     trainer = GNDPOTrainer(
         model=make_text_model(seed=0),
         teacher_model=make_text_model(seed=1),
@@ -340,7 +344,10 @@ def swapped_tokenizer() -> Qwen2Tokenizer:
     a, b = list(vocab)[-2:]
     vocab[a], vocab[b] = vocab[b], vocab[a]
     return Qwen2Tokenizer(
-        vocab=vocab, merges=[tuple(m) for m in json.loads(merges_json)], eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        vocab=vocab,
+        merges=[tuple(m) for m in json.loads(merges_json)],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
     )
 
 

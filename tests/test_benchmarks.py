@@ -2,7 +2,8 @@
 
 The trainer comparison (GNDPO with and without `old_logps_from_sampler`, DistillationTrainer, GRPO) and the VGS
 comparison (GNDPO with VGS off and on) each run one fresh process per trainer on the tiny offline models, then render
-their tables and step-time PNGs; these tests fail if the harness stops running, stops giving every trainer the same work, or stops measuring what it reports.
+their tables and step-time PNGs; these tests fail if the harness stops running, stops giving every trainer the same
+work, or stops measuring what it reports.
 """
 
 import json

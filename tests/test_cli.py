@@ -144,7 +144,8 @@ def test_datasets_mixture_from_a_yaml_config(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text(
         f"model_name_or_path: student\nteacher_model_name_or_path: teacher\ndatasets:\n"
-        f"  - path: json\n    data_files: {tmp_path / 'a.jsonl'}\n  - path: json\n    data_files: {tmp_path / 'b.jsonl'}\n"
+        f"  - path: json\n    data_files: {tmp_path / 'a.jsonl'}\n"
+        f"  - path: json\n    data_files: {tmp_path / 'b.jsonl'}\n"
     )
     script_args, _, _, dataset_args = cli.parse(["--config", str(config), "--output_dir", str(tmp_path)])
     texts = [row["prompt"][0]["content"] for row in cli.load_datasets(script_args, dataset_args)["train"]]
@@ -158,7 +159,11 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--dataset_name", "data"], ["--teacher_model_name_or_path", "teacher"], ["--teacher_model_server_url", "http://t"]],
+    [
+        ["--dataset_name", "data"],
+        ["--teacher_model_name_or_path", "teacher"],
+        ["--teacher_model_server_url", "http://t"],
+    ],
     ids=["dataset", "teacher", "teacher_server"],
 )
 def test_dataset_or_teacher_without_a_student_is_refused_not_the_demo(flags, tmp_path, monkeypatch):

@@ -78,7 +78,9 @@ def test_the_head_projects_completion_rows_only(monkeypatch):
     rows = []
     apply = trl_utils._ChunkedLogProbFunction.apply
     monkeypatch.setattr(
-        trl_utils._ChunkedLogProbFunction, "apply", lambda hidden, *args: rows.append(len(hidden)) or apply(hidden, *args)
+        trl_utils._ChunkedLogProbFunction,
+        "apply",
+        lambda hidden, *args: rows.append(len(hidden)) or apply(hidden, *args),
     )
     reference, wrapped = pair(make_text_model(seed=0))
     ids, mask, completion = batch(reference.config.vocab_size, rows=3, prompt=20, completion=5)

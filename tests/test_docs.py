@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+
 from trl_gndpo import GNDPOConfig
 from trl_gndpo.trainer import _REWARD_METRICS, no_outcome_reward
 
@@ -168,7 +169,8 @@ def cells(row: str) -> int:
 
 @pytest.mark.parametrize("path", MARKDOWN_FILES, ids=relative_to_root)
 def test_tables_are_well_formed(path):
-    """A header, a separator and rows of the header's width; a blank line inside a table breaks it into rows of text."""
+    """A header, a separator and rows of the header's width; a blank line inside a table breaks it into rows of
+    text."""
     for block in table_blocks(path):
         assert len(block) >= 2 and re.fullmatch(r"\|(\s*:?-{3,}:?\s*\|)+", block[1]), f"not a table: {block[0]}"
         widths = {row: cells(row) for row in block}

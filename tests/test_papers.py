@@ -298,7 +298,9 @@ def text_records(trainer):
     def spy(inputs):
         batch = generate(inputs)
         student = trainer.accelerator.unwrap_model(trainer.model)
-        records.append((batch, completion_log_softmax(student, batch), completion_log_softmax(teacher_of(trainer), batch)))
+        records.append(
+            (batch, completion_log_softmax(student, batch), completion_log_softmax(teacher_of(trainer), batch))
+        )
         return batch
 
     trainer._generate_and_score_completions = spy
@@ -394,9 +396,7 @@ def test_uniopd_prompt_group_mask_end_to_end(cpu_config_kwargs):
                 margin = means[rows][good].min() - means[rows][bad].max()
                 expected_keep[rows] = bool(margin >= 0.3)
                 discarded += int(margin < 0.3)
-        torch.testing.assert_close(
-            batch["advantages"].double(), before * expected_keep[:, None], rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(batch["advantages"].double(), before * expected_keep[:, None], rtol=1e-4, atol=1e-4)
     assert discarded > 0, "some groups should fail the margin"
 
 

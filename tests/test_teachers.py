@@ -186,7 +186,8 @@ def test_text_teacher_scores_the_text_view_of_a_vision_student(lora, cpu_config_
 
 
 def test_vision_and_text_teachers_each_score_their_own_view(cpu_config_kwargs):
-    """Uni-OPD's mixed setting: a multimodal teacher sees its rows' images, a text teacher the text view of its rows."""
+    """Uni-OPD's mixed setting: a multimodal teacher sees its rows' images, a text teacher the text view of its
+    rows."""
     student, processor = make_vlm("qwen2_vl", seed=0)
     vision, text = make_vlm("qwen2_vl", seed=1, hidden_size=128)[0], make_text_model(seed=2, hidden_size=128)
     seen = {"vision": count_rows(vision), "text": count_rows(text)}
@@ -311,10 +312,26 @@ def test_command_line_flags(tmp_path):
     from trl_gndpo.cli import parse
 
     _, config, _, _ = parse(
-        ["--model_name_or_path", "student", "--dataset_name", "d", "--output_dir", str(tmp_path),
-         "--teacher_models", '{"math": "m", "code": "c"}', "--teacher_device", '{"code": "cpu"}',
-         "--teacher_column", "domain", "--reward_extrapolation", "1.25", "--reference_model_name_or_path", "base",
-         "--cross_modal_distillation", "true"]  # fmt: skip
+        [
+            "--model_name_or_path",
+            "student",
+            "--dataset_name",
+            "d",
+            "--output_dir",
+            str(tmp_path),
+            "--teacher_models",
+            '{"math": "m", "code": "c"}',
+            "--teacher_device",
+            '{"code": "cpu"}',
+            "--teacher_column",
+            "domain",
+            "--reward_extrapolation",
+            "1.25",
+            "--reference_model_name_or_path",
+            "base",
+            "--cross_modal_distillation",
+            "true",
+        ]  # fmt: skip
     )
     assert config.teacher_models == {"math": "m", "code": "c"} and config.teacher_device == {"code": "cpu"}
     assert config.teacher_column == "domain" and config.reference_model_name_or_path == "base"

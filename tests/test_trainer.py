@@ -331,7 +331,10 @@ def test_long_prompts_are_skipped_and_counted(cpu_config_kwargs):
     skipped = kept = 0
     for batch, _, _ in records:
         # each row's length from the dataset prompt it came from, tokenized here (not from the batch's mask)
-        prompts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
+        prompts = [
+            tuple(ids[mask.bool()].tolist())
+            for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)
+        ]
         too_long = torch.tensor([lengths[tokenized.index(ids)] > limit for ids in prompts])
         skipped, kept = skipped + too_long.sum().item(), kept + (~too_long).sum().item()
         assert (batch["loss_mask"][too_long] == 0).all() and (batch["advantages"][too_long] == 0).all()

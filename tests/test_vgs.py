@@ -21,7 +21,8 @@ def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 
 def reference(h_p, h_pt, h_q, h_qt, w_s, w_t, b_s=None, b_t=None):
-    """(l_Std, l_Vis, l_LP, VDS, log q*) from full float64 logits, by the definitions of docs/vgs.md (the VGS paper)."""
+    """(l_Std, l_Vis, l_LP, VDS, log q*) from full float64 logits, by the definitions of docs/vgs.md (the VGS
+    paper)."""
 
     def log_probs(h, w, b):
         return torch.log_softmax(h @ w.T + (0 if b is None else b), -1)

@@ -53,7 +53,8 @@ def check_arguments(args: GNDPOConfig, reward_funcs, teacher_model) -> None:
 
 
 def warn_if_checkpoints_split_generations(args: GNDPOConfig) -> None:
-    """GRPOTrainer does not save its generation buffer: a checkpoint inside a generation batch cannot resume exactly."""
+    """GRPOTrainer does not save its generation buffer: a checkpoint inside a generation batch cannot resume
+    exactly."""
     generate_every = args.steps_per_generation * args.num_iterations
     if (
         args.save_strategy == "steps"
@@ -137,11 +138,11 @@ _MAX_ASPECT_RATIO = 200
 def check_rows(dataset, name: str, max_rows: int | None = None) -> None:
     """Check the prompts and images of the first `max_rows` rows (all if None) before training.
 
-    A prompt must be a non-empty string or a non-empty conversation (a list of messages with a `role`, and some text
-    or an image). Every image of an `image` / `images` column must be present (not None, not an empty list), decode
-    (every byte is read; a truncated file passes PIL's `verify` but fails in the processor) and have an aspect ratio
-    of at most 200. Rows are read a slice at a time in Arrow form (images as encoded bytes), so memory holds one slice, never a
-    whole column. The error names every bad row (the first 10 of each kind) and its field.
+    A prompt must be a non-empty string or a non-empty conversation (a list of messages with a `role`, and some text or
+    an image). Every image of an `image` / `images` column must be present (not None, not an empty list), decode (every
+    byte is read; a truncated file passes PIL's `verify` but fails in the processor) and have an aspect ratio of at
+    most 200. Rows are read a slice at a time in Arrow form (images as encoded bytes), so memory holds one slice, never
+    a whole column. The error names every bad row (the first 10 of each kind) and its field.
     """
     if not isinstance(dataset, Dataset):
         return  # a stream: nothing stored to check up front

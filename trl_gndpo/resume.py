@@ -7,8 +7,7 @@ import os
 import torch
 from transformers import PreTrainedModel
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from transformers.utils import logging
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, logging
 from trl.trainer.utils import RepeatSampler
 
 logger = logging.get_logger(__name__)
@@ -57,8 +56,13 @@ def warn_missing_checkpoint_parts(trainer, checkpoint: str | None) -> None:
         return not os.path.isfile(os.path.join(checkpoint, name))
 
     if not trainer.is_deepspeed_enabled:
-        has_optimizer = not absent(OPTIMIZER_NAME) or not absent(OPTIMIZER_NAME_BIN) or any(
-            "optimizer" in entry and os.path.isdir(os.path.join(checkpoint, entry)) for entry in os.listdir(checkpoint)
+        has_optimizer = (
+            not absent(OPTIMIZER_NAME)
+            or not absent(OPTIMIZER_NAME_BIN)
+            or any(
+                "optimizer" in entry and os.path.isdir(os.path.join(checkpoint, entry))
+                for entry in os.listdir(checkpoint)
+            )
         )  # FSDP saves a folder
         files = [OPTIMIZER_NAME] * (not has_optimizer) + [SCHEDULER_NAME] * absent(SCHEDULER_NAME)
         if files:

@@ -154,7 +154,10 @@ def reverse_kl_per_token(student, student_states, teacher, teacher_states, top_k
     scale_and_cap = []
     for m in (student, teacher):
         config = m.config.get_text_config()
-        scale_and_cap += [getattr(config, "logit_scale", None) or 1.0, getattr(config, "final_logit_softcapping", None)]
+        scale_and_cap += [
+            getattr(config, "logit_scale", None) or 1.0,
+            getattr(config, "final_logit_softcapping", None),
+        ]
     if top_k is not None:
         s_scale, s_cap, t_scale, t_cap = scale_and_cap
         teacher_bias = heads[1].bias

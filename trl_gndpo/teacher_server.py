@@ -175,7 +175,10 @@ class TeacherServer:
         except Exception as error:
             raise self._error("tokenize a probe text (POST /tokenize)", error) from error
         if served != expected:
-            at = next((i for i, (a, b) in enumerate(zip(served, expected)) if a != b), min(len(served), len(expected)))
+            at = next(
+                (i for i, (a, b) in enumerate(zip(served, expected, strict=False)) if a != b),
+                min(len(served), len(expected)),
+            )
             raise TeacherServerError(
                 f"The teacher served at {self.url} ({self.client.model}) tokenizes differently from the student: a "
                 f"probe text gives {len(served)} ids there and {len(expected)} here, first differing at position {at} "
