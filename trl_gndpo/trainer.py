@@ -2,11 +2,11 @@
 the clamped token signal into globally whitened per-token advantages, and train with the clipped policy loss.
 
 Elsewhere, one concern per file: the teacher's loading and placement (`teacher.py`), several teachers and the
-cross-modal text view (`teachers.py`), a teacher on a vLLM server (`teacher_server.py`), the set-up checks (`checks.py`),
-Visual Gradient Steering (`steering.py`), Uni-OPD's correctness-aware steps (`calibration.py`), the resumable data
-order and checkpoint checks (`resume.py`), the guard against batches without a valid token (`guards.py`), the head's
-completion-only projection (`completion_head.py`), the sampler's log-probs (`sampler_logps.py`), FSDP2 on CPU
-(`engines.py`), and the math (`functional.py`, `uniopd.py`, `vgs.py`).
+cross-modal text view (`teachers.py`), a teacher on a vLLM server (`teacher_server.py`), the set-up checks
+(`checks.py`), Visual Gradient Steering (`steering.py`), Uni-OPD's correctness-aware steps (`calibration.py`), the
+resumable data order and checkpoint checks (`resume.py`), the guard against batches without a valid token
+(`guards.py`), the head's completion-only projection (`completion_head.py`), the sampler's log-probs
+(`sampler_logps.py`), FSDP2 on CPU (`engines.py`), and the math (`functional.py`, `uniopd.py`, `vgs.py`).
 """
 
 import copy
@@ -14,21 +14,20 @@ import textwrap
 from typing import Any
 
 import torch
-from transformers.utils import logging
 from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel
+from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, use_adapter
 
 from . import checks, engines, functional, sampler_logps, teacher_server, teachers
+from .calibration import CalibrationMixin
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .guards import InvalidBatchGuard
 from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
-from .calibration import CalibrationMixin
 from .steering import SteeringMixin
-from .vgs import mixed_loss, policy_advantages
 from .teacher import (
     capture_completion_states,
     load_teacher,
@@ -38,6 +37,7 @@ from .teacher import (
     reverse_kl_per_token,
 )
 from .teachers import TeachersMixin
+from .vgs import mixed_loss, policy_advantages
 
 logger = logging.get_logger(__name__)
 
@@ -151,7 +151,7 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
             reference_processing = load_teacher_processing_class(base_model, args)
             base_model = load_teacher(base_model, args, revision=False)
         reference_given = base_model is not None
-        peft = grpo_kwargs.get("peft_config") is not None or is_peft_model(model)
+        peft = grpo_kwargs.get("peft_config") is not None or (not isinstance(model, str) and is_peft_model(model))
         if not reference_given and args.reward_extrapolation != 1.0 and not peft:
             if isinstance(model, str):
                 base_model = create_model_from_path(model, **dict(args.model_init_kwargs or {}))
@@ -413,7 +413,9 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
         metrics["gndpo/advantage_std"].append(advantage_var.sqrt().item())
         metrics["gndpo/advantage_abs_max"].append(abs_max.item())
         if n_finite < n_mask:
-            logger.warning(f"GNDPO: {int(n_mask - n_finite)} completion tokens with a non-finite log-prob were masked.")
+            logger.warning(
+                f"GNDPO: {int(n_mask - n_finite)} completion tokens with a non-finite log-prob were masked."
+            )
 
     def _select_informative_tokens(self, entropy, divergence, valid, metrics) -> torch.Tensor:
         """TIP: keep the high-entropy share of tokens, and/or the high-divergence low-entropy ones (Q3), or draw the
@@ -510,7 +512,9 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
     def _global_mean(self, values: torch.Tensor) -> float:
         """Mean of `values` (any shape) over all processes' elements; NaN when there are none, which TRL's `log`
         leaves out of the average (a window with nothing to average logs None, not 0)."""
-        totals = self._reduce_sum(torch.stack([values.detach().float().sum(), values.new_tensor(values.numel()).float()]))
+        totals = self._reduce_sum(
+            torch.stack([values.detach().float().sum(), values.new_tensor(values.numel()).float()])
+        )
         return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
     def _logged_loss(self, loss: torch.Tensor, mode: str) -> float:
