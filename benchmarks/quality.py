@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --size smollm2 --json benchmarks/quality.json --markdown benchmarks/QUALITY.md
     python benchmarks/quality.py --render-only --json benchmarks/quality.json --markdown benchmarks/QUALITY.md
+    python benchmarks/quality.py --size smollm2 --resume ...  # run only what a cut-short run left out
 
 Methods, on identical models, prompts, completions per step, completion length and optimizer (full fine-tuning, no
 LoRA, for all): ``gndpo`` (GNDPOTrainer, global whitening), ``opd`` (the same trainer with
@@ -239,7 +240,8 @@ def choose_lrs(runs: list[dict], methods) -> dict:
     return chosen
 
 
-def measure(spec: dict, json_path: Path, markdown: Path | None, command: str) -> dict:
+def measure(spec: dict, json_path: Path, markdown: Path | None, command: str, resume: bool = False) -> dict:
+    """Run every phase; with `resume`, keep the runs already in `json_path` (same spec) and run only the others."""
     import torch
     from transformers.utils import logging
 
@@ -248,6 +250,17 @@ def measure(spec: dict, json_path: Path, markdown: Path | None, command: str) ->
         torch.set_num_threads(spec["threads"])
     results = {"spec": spec, "command": command, "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                "environment": environment(), "runs": [], "chosen_lr": {}, "finished": False}  # fmt: skip
+    if resume and json_path.exists():
+        previous = json.loads(json_path.read_text())
+        if {**previous["spec"], "cache_dir": None} != {**spec, "cache_dir": None}:
+            raise SystemExit(f"--resume: {json_path} was measured with another spec: {previous['spec']}")
+        results["runs"] = previous["runs"]
+        results["command"] = f"{previous['command']}; resumed with: {command}"
+    done = {(r["method"], r["lr"], r["seed"], r["phase"]) for r in results["runs"]}
+
+    def run(method, lr, seed, phase, stress=False):
+        if (method, lr, seed, phase) not in done:
+            add(run_one(method, spec, lr, seed, phase, stress))
 
     def add(record):
         results["runs"].append(record)
@@ -259,19 +272,19 @@ def measure(spec: dict, json_path: Path, markdown: Path | None, command: str) ->
 
     methods, first, stress_lr = spec["methods"], spec["seeds"][0], spec["stress_lr"]
     for method in methods:
-        add(run_one(method, spec, stress_lr, first, "sweep"))
+        run(method, stress_lr, first, "sweep")
     for seed in spec["stress_seeds"]:
         for method in (m for m in STRESS_METHODS if m in methods):
             if seed != first:
-                add(run_one(method, spec, stress_lr, seed, "stress-clean"))
-            add(run_one(method, spec, stress_lr, seed, "stress", stress=True))
+                run(method, stress_lr, seed, "stress-clean")
+            run(method, stress_lr, seed, "stress", stress=True)
     for lr in (x for x in spec["lrs"] if x != stress_lr):  # methods interleaved: a drift of the machine hits all alike
         for method in methods:
-            add(run_one(method, spec, lr, first, "sweep"))
+            run(method, lr, first, "sweep")
     results["chosen_lr"] = choose_lrs(results["runs"], methods)
     for seed in spec["seeds"][1:]:
         for method in methods:
-            add(run_one(method, spec, results["chosen_lr"][method], seed, "seeds"))
+            run(method, results["chosen_lr"][method], seed, "seeds")
     results["finished"] = True
     save(results, json_path, markdown)
     return results
@@ -492,6 +505,8 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "quality.json")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--render-only", action="store_true", help="render the JSON without measuring")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --json (measured with the same settings), run the missing ones")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--cache-dir", default=None, help="where the converted SmolLM2 models are kept")
     for key, value in SIZES["smollm2"].items():  # every size parameter can be overridden
@@ -512,7 +527,7 @@ def main(argv=None) -> dict | None:
     if spec["batch_size"] % spec["num_generations"]:
         parser.error("--batch-size must be a multiple of --num-generations")
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    return measure(spec, args.json, args.markdown, command)
+    return measure(spec, args.json, args.markdown, command, args.resume)
 
 
 if __name__ == "__main__":

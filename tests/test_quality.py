@@ -16,12 +16,15 @@ import quality  # noqa: E402
 LRS, SEEDS, STRESS_SEEDS = [1e-3, 1e-2], [0, 1], [0]
 
 
+def arguments(out: Path) -> list[str]:
+    return ["--size", "tiny", "--json", str(out / "quality.json"), "--markdown", str(out / "QUALITY.md"),
+            "--lrs", *map(str, LRS), "--seeds", *map(str, SEEDS), "--stress-seeds", *map(str, STRESS_SEEDS)]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
-    argv = ["--size", "tiny", "--json", str(out / "quality.json"), "--markdown", str(out / "QUALITY.md"),
-            "--lrs", *map(str, LRS), "--seeds", *map(str, SEEDS), "--stress-seeds", *map(str, STRESS_SEEDS)]  # fmt: skip
-    quality.main(argv)
+    quality.main(arguments(out))
     return out, json.loads((out / "quality.json").read_text())
 
 
@@ -109,3 +112,17 @@ def test_a_partial_json_renders(measured, tmp_path):
     # the best rate swept so far stands in for the chosen one; the method not yet run is in no table
     assert f"| {quality.METHODS['gndpo']} | {LRS[1]:g} | 1 |" in text
     assert f"| {quality.METHODS['distill_jsd']} |" not in text
+
+
+@pytest.mark.slow
+def test_resume_runs_only_what_is_missing(measured, tmp_path):
+    _, results = measured
+    kept = results["runs"][:-2]
+    (tmp_path / "quality.json").write_text(json.dumps(dict(results, runs=kept, finished=False)))
+    resumed = quality.main([*arguments(tmp_path), "--resume"])
+    assert resumed["finished"] and resumed["runs"][: len(kept)] == kept
+    key = lambda r: (r["phase"], r["method"], r["seed"], r["lr"])  # noqa: E731
+    assert [key(r) for r in resumed["runs"]] == [key(r) for r in results["runs"]]
+    assert "resumed with:" in resumed["command"]
+    with pytest.raises(SystemExit, match="another spec"):
+        quality.main([*arguments(tmp_path), "--resume", "--steps", "3"])
