@@ -61,7 +61,7 @@ SIZES = {
                  heldout_samples=1, lrs=[1e-3, 1e-2], seeds=[0, 1], stress_seeds=[0], stress_lr=None,
                  corrupt_fraction=0.1, corrupt_nats=20.0, threads=1),
     "smollm2": dict(batch_size=8, num_generations=2, completion_length=16, steps=12, eval_every=4, heldout_prompts=8,
-                    heldout_samples=2, lrs=[3e-5, 1e-4, 3e-4], seeds=[0, 1, 2], stress_seeds=[0], stress_lr=None,
+                    heldout_samples=2, lrs=[3e-5, 1e-4, 3e-4], seeds=[0, 1, 2], stress_seeds=[0, 1, 2], stress_lr=None,
                     corrupt_fraction=0.05, corrupt_nats=20.0, threads=1),
 }  # fmt: skip
 
@@ -241,7 +241,10 @@ def choose_lrs(runs: list[dict], methods) -> dict:
 
 
 def measure(spec: dict, json_path: Path, markdown: Path | None, command: str, resume: bool = False) -> dict:
-    """Run every phase; with `resume`, keep the runs already in `json_path` (same spec) and run only the others."""
+    """Run every phase; with `resume`, keep the runs already in `json_path` and run only the others.
+
+    A resumed spec may list other seeds or stress seeds (each record is keyed by its seed), nothing else may change.
+    """
     import torch
     from transformers.utils import logging
 
@@ -252,7 +255,8 @@ def measure(spec: dict, json_path: Path, markdown: Path | None, command: str, re
                "environment": environment(), "runs": [], "chosen_lr": {}, "finished": False}  # fmt: skip
     if resume and json_path.exists():
         previous = json.loads(json_path.read_text())
-        if {**previous["spec"], "cache_dir": None} != {**spec, "cache_dir": None}:
+        free = {"cache_dir": None, "seeds": None, "stress_seeds": None}
+        if {**previous["spec"], **free} != {**spec, **free}:
             raise SystemExit(f"--resume: {json_path} was measured with another spec: {previous['spec']}")
         results["runs"] = previous["runs"]
         results["command"] = f"{previous['command']}; resumed with: {command}"

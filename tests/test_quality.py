@@ -124,5 +124,10 @@ def test_resume_runs_only_what_is_missing(measured, tmp_path):
     key = lambda r: (r["phase"], r["method"], r["seed"], r["lr"])  # noqa: E731
     assert [key(r) for r in resumed["runs"]] == [key(r) for r in results["runs"]]
     assert "resumed with:" in resumed["command"]
+    # more stress seeds: only their clean and corrupted runs are added
+    more = quality.main([*arguments(tmp_path), "--resume", "--stress-seeds", "0", "1"])
+    assert [key(r) for r in more["runs"][len(resumed["runs"]) :]] == [
+        (phase, m, 1, more["spec"]["stress_lr"]) for m in quality.STRESS_METHODS for phase in ("stress-clean", "stress")
+    ]
     with pytest.raises(SystemExit, match="another spec"):
         quality.main([*arguments(tmp_path), "--resume", "--steps", "3"])
