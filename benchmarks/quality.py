@@ -445,7 +445,9 @@ def render(results: dict, outdir: Path, stem: str = "QUALITY", summary: str = ""
     lines += ["## Each method at its best learning rate", "",
               "Held-out reverse KL (nats/token): mean ± standard deviation over seeds (min to max). Gradient norms: "
               "every step of every seed pooled; the losses differ in scale, so compare the spread (p99, max over "
-              "the median) across methods rather than the level.", ""]  # fmt: skip
+              "the median) across methods rather than the level. Seconds are wall-clock time on the machine above, "
+              "evaluations excluded: work running beside the benchmark inflates them (the step median is the least "
+              "affected).", ""]  # fmt: skip
     lines += table(["method", "lr", "seeds", "KL at step 0", f"KL at step {spec['steps']}", "KL reduction (%)",
                     "step median (s)", "training seconds", "grad-norm median", "p99", "max", "max / median"], rows)  # fmt: skip
     names = plots(results, outdir, stem) if methods else []
@@ -457,7 +459,8 @@ def render(results: dict, outdir: Path, stem: str = "QUALITY", summary: str = ""
         lines += table(["method", *(f"step {s}" for s in steps)], curve)
     sweep = [[METHODS[r["method"]], f"{r['lr']:g}", fmt(r["initial_kl"]), fmt(r["final_kl"]), fmt(r["grad_norm"]["median"]),
               fmt(r["grad_norm"]["max"]), "yes" if results["chosen_lr"].get(r["method"]) == r["lr"] else ""]
-             for r in runs if r["phase"] == "sweep"]  # fmt: skip
+             for r in sorted((r for r in runs if r["phase"] == "sweep"),
+                             key=lambda r: (list(METHODS).index(r["method"]), r["lr"]))]  # fmt: skip
     lines += ["## Learning-rate sweep", "", f"Seed {spec['seeds'][0]}, held-out reverse KL (nats/token).", ""]
     lines += table(["method", "lr", "KL at step 0", f"KL at step {spec['steps']}", "grad-norm median", "grad-norm max",
                     "chosen"], sweep)  # fmt: skip
