@@ -394,9 +394,11 @@ def stress_runs(results: dict, method: str, stress: bool) -> list[dict]:
     stressed = [r for r in results["runs"] if r["method"] == method and r["stress"]]
     if stress:
         return stressed
-    pairs = {(r["seed"], r["lr"]) for r in stressed}
-    return [r for r in results["runs"] if r["method"] == method and not r["stress"] and (r["seed"], r["lr"]) in pairs
-            and r["phase"] in ("sweep", "stress-clean", "seeds")]
+    pairs, clean = {(r["seed"], r["lr"]) for r in stressed}, {}
+    for r in results["runs"]:  # one clean run per seed: a `seeds` run at the stress rate is also a stress-clean one
+        if r["method"] == method and not r["stress"] and (r["seed"], r["lr"]) in pairs:
+            clean.setdefault((r["seed"], r["lr"]), r)
+    return [clean[key] for key in sorted(clean)]
 
 
 def render(results: dict, outdir: Path, stem: str = "QUALITY", summary: str = "") -> str:
