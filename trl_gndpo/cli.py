@@ -188,7 +188,8 @@ def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> t
     """Distill SmolLM2-135M-Instruct into its layer-pruned copy; print the reverse KL before and after."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .demo import demo_prompts, prepare_models, reverse_kl_to_teacher
+    from .demo import demo_prompts, prepare_models
+    from .evaluation import heldout_reverse_kl
     from .trainer import GNDPOTrainer
 
     print(
@@ -201,12 +202,14 @@ def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> t
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     train_dataset, heldout = demo_prompts()
 
-    def heldout_reverse_kl(model) -> float:
-        return reverse_kl_to_teacher(
-            model, teacher, tokenizer, heldout, script_args.demo_eval_samples, training_args.max_completion_length
+    conversations = [[{"role": "user", "content": question}] for question in heldout]
+
+    def reverse_kl(model) -> float:
+        return heldout_reverse_kl(
+            model, teacher, tokenizer, conversations, script_args.demo_eval_samples, training_args.max_completion_length
         )
 
-    before = heldout_reverse_kl(student)
+    before = reverse_kl(student)
     print(f"Reverse KL to the teacher on {len(heldout)} held-out prompts before training: {before:.4f} nats/token")
     trainer = GNDPOTrainer(
         model=student,
@@ -217,7 +220,7 @@ def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> t
         teacher_processing_class=tokenizer,
     )
     trainer.train()
-    after = heldout_reverse_kl(trainer.model)
+    after = reverse_kl(trainer.model)
     print(
         f"Reverse KL to the teacher on {len(heldout)} held-out prompts: before {before:.4f}, after {after:.4f} "
         f"nats/token ({after - before:+.4f})."
