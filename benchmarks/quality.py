@@ -57,13 +57,39 @@ SUMMARY_START, SUMMARY_END = "<!-- summary: written by hand -->", "<!-- end of s
 # completion length, optimizer steps, evaluation interval, held-out prompts x samples, learning rates, seeds, and the
 # stress test's corruption.
 SIZES = {
-    "tiny": dict(batch_size=4, num_generations=2, completion_length=8, steps=2, eval_every=1, heldout_prompts=4,
-                 heldout_samples=1, lrs=[1e-3, 1e-2], seeds=[0, 1], stress_seeds=[0], stress_lr=None,
-                 corrupt_fraction=0.1, corrupt_nats=20.0, threads=1),
-    "smollm2": dict(batch_size=8, num_generations=2, completion_length=16, steps=12, eval_every=4, heldout_prompts=8,
-                    heldout_samples=2, lrs=[3e-5, 1e-4, 3e-4], seeds=[0, 1, 2], stress_seeds=[0, 1, 2], stress_lr=None,
-                    corrupt_fraction=0.05, corrupt_nats=20.0, threads=1),
-}  # fmt: skip
+    "tiny": dict(
+        batch_size=4,
+        num_generations=2,
+        completion_length=8,
+        steps=2,
+        eval_every=1,
+        heldout_prompts=4,
+        heldout_samples=1,
+        lrs=[1e-3, 1e-2],
+        seeds=[0, 1],
+        stress_seeds=[0],
+        stress_lr=None,
+        corrupt_fraction=0.1,
+        corrupt_nats=20.0,
+        threads=1,
+    ),
+    "smollm2": dict(
+        batch_size=8,
+        num_generations=2,
+        completion_length=16,
+        steps=12,
+        eval_every=4,
+        heldout_prompts=8,
+        heldout_samples=2,
+        lrs=[3e-5, 1e-4, 3e-4],
+        seeds=[0, 1, 2],
+        stress_seeds=[0, 1, 2],
+        stress_lr=None,
+        corrupt_fraction=0.05,
+        corrupt_nats=20.0,
+        threads=1,
+    ),
+}
 
 
 def build_models(spec: dict) -> dict:
@@ -71,9 +97,9 @@ def build_models(spec: dict) -> dict:
     import torch
 
     if spec["size"] == "smollm2":
+        from models import SMOLLM2_PRUNE_FRACTION
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from models import SMOLLM2_PRUNE_FRACTION
         from trl_gndpo.demo import demo_prompts, prepare_models
 
         teacher_dir, student_dir = prepare_models(spec.get("cache_dir"), SMOLLM2_PRUNE_FRACTION)
@@ -82,21 +108,33 @@ def build_models(spec: dict) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         train, heldout = demo_prompts()
         heldout = [[{"role": "user", "content": q}] for q in heldout]
-        description = (f"SmolLM2-135M-Instruct teacher ({teacher.config.num_hidden_layers} layers), student with "
-                       f"{student.config.num_hidden_layers} of its layers, vocabulary {student.config.vocab_size:,}, "
-                       "float32")  # fmt: skip
-        return dict(student=student, teacher=teacher, tokenizer=tokenizer, train=list(train["prompt"]),
-                    heldout=heldout[: spec["heldout_prompts"]], description=description)  # fmt: skip
+        description = (
+            f"SmolLM2-135M-Instruct teacher ({teacher.config.num_hidden_layers} layers), student with "
+            f"{student.config.num_hidden_layers} of its layers, vocabulary {student.config.vocab_size:,}, "
+            "float32"
+        )
+        return dict(
+            student=student,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            train=list(train["prompt"]),
+            heldout=heldout[: spec["heldout_prompts"]],
+            description=description,
+        )
     tests = Path(__file__).resolve().parent.parent / "tests"
     if str(tests) not in sys.path:
         sys.path.insert(0, str(tests))
     import tiny_models as tiny
 
     prompts = [row["prompt"] for row in tiny.make_text_dataset(64 + spec["heldout_prompts"])]
-    return dict(student=tiny.make_text_model("qwen2", seed=0),
-                teacher=tiny.make_text_model("qwen2", seed=1, hidden_size=128, num_hidden_layers=3),
-                tokenizer=tiny.make_tokenizer(), train=prompts[:64], heldout=prompts[64:],
-                description="tiny Qwen2: student hidden 64 x 2 layers, teacher hidden 128 x 3 layers, vocabulary 320")  # fmt: skip
+    return dict(
+        student=tiny.make_text_model("qwen2", seed=0),
+        teacher=tiny.make_text_model("qwen2", seed=1, hidden_size=128, num_hidden_layers=3),
+        tokenizer=tiny.make_tokenizer(),
+        train=prompts[:64],
+        heldout=prompts[64:],
+        description="tiny Qwen2: student hidden 64 x 2 layers, teacher hidden 128 x 3 layers, vocabulary 320",
+    )
 
 
 def corrupt_teacher(trainer, fraction: float, nats: float, seed: int) -> dict:
@@ -128,27 +166,56 @@ def make_trainer(method: str, spec: dict, built: dict, lr: float, seed: int, out
 
     prompts = built["train"]
     common = dict(
-        output_dir=output_dir, per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-        max_steps=spec["steps"], learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, seed=seed,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-        max_completion_length=spec["completion_length"], temperature=1.0, top_p=1.0, top_k=0, disable_dropout=True,
-        activation_checkpointing=False, use_cpu=True, bf16=False,
-    )  # fmt: skip
+        output_dir=output_dir,
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["steps"],
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        seed=seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        max_completion_length=spec["completion_length"],
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        disable_dropout=True,
+        activation_checkpointing=False,
+        use_cpu=True,
+        bf16=False,
+    )
     if method in ("gndpo", "opd"):
-        args = GNDPOConfig(**common, num_generations=spec["num_generations"],
-                           normalization_scope="global" if method == "gndpo" else "none")  # fmt: skip
-        return GNDPOTrainer(model=built["student"], teacher_model=built["teacher"], args=args,
-                            train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=built["tokenizer"],
-                            teacher_processing_class=built["tokenizer"])  # fmt: skip
+        args = GNDPOConfig(
+            **common,
+            num_generations=spec["num_generations"],
+            normalization_scope="global" if method == "gndpo" else "none",
+        )
+        return GNDPOTrainer(
+            model=built["student"],
+            teacher_model=built["teacher"],
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": prompts}),
+            processing_class=built["tokenizer"],
+            teacher_processing_class=built["tokenizer"],
+        )
     # DistillationTrainer samples one completion per dataset row: each prompt repeated num_generations times, so a step
     # sees the same prompts and completion count as GRPO-style grouping
     repeated = [p for p in prompts for _ in range(spec["num_generations"])]
     fields = {f.name for f in dataclasses.fields(DistillationConfig)}
-    args = DistillationConfig(**{k: v for k, v in common.items() if k in fields},
-                              beta=1.0 if method == "distill_rkl" else 0.5)  # fmt: skip
-    return DistillationTrainer(model=built["student"], teacher_model=built["teacher"], args=args,
-                               train_dataset=Dataset.from_dict({"prompt": repeated}),
-                               processing_class=built["tokenizer"])  # fmt: skip
+    args = DistillationConfig(
+        **{k: v for k, v in common.items() if k in fields}, beta=1.0 if method == "distill_rkl" else 0.5
+    )
+    return DistillationTrainer(
+        model=built["student"],
+        teacher_model=built["teacher"],
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": repeated}),
+        processing_class=built["tokenizer"],
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -175,9 +242,16 @@ def run_one(method: str, spec: dict, lr: float, seed: int, phase: str, stress: b
     built = build_models(spec)
     trainer = make_trainer(method, spec, built, lr, seed, tempfile.mkdtemp(prefix="gndpo-quality-"))
     counts = corrupt_teacher(trainer, spec["corrupt_fraction"], spec["corrupt_nats"], seed) if stress else None
-    evaluation = ReverseKLCallback(trainer, built["teacher"], built["heldout"], eval_steps=spec["eval_every"],
-                                   num_samples=spec["heldout_samples"], max_new_tokens=spec["completion_length"],
-                                   seed=1234, batch_size=16)  # fmt: skip
+    evaluation = ReverseKLCallback(
+        trainer,
+        built["teacher"],
+        built["heldout"],
+        eval_steps=spec["eval_every"],
+        num_samples=spec["heldout_samples"],
+        max_new_tokens=spec["completion_length"],
+        seed=1234,
+        batch_size=16,
+    )
 
     class StepClock(TrainerCallback):
         """Wall-clock seconds of each optimizer step, evaluations excluded (they run after on_step_end's clock)."""
@@ -198,17 +272,25 @@ def run_one(method: str, spec: dict, lr: float, seed: int, phase: str, stress: b
     trainer.train()
     wall = time.perf_counter() - began
     keys = ("grad_norm", "loss", "gndpo/clamped_frac", "gndpo/reverse_kl", "gndpo/advantage_abs_max")
-    steps = [{"step": e["step"], **{k: e.get(k) for k in keys}} for e in trainer.state.log_history
-             if "grad_norm" in e]  # fmt: skip
+    steps = [{"step": e["step"], **{k: e.get(k) for k in keys}} for e in trainer.state.log_history if "grad_norm" in e]
     history = evaluation.history
     record = {
-        "method": method, "lr": lr, "seed": seed, "phase": phase, "stress": stress,
-        "evals": history, "steps": steps, "step_seconds": clock.seconds,
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "phase": phase,
+        "stress": stress,
+        "evals": history,
+        "steps": steps,
+        "step_seconds": clock.seconds,
         "grad_norm": grad_stats([s["grad_norm"] for s in steps]),
-        "initial_kl": history[0]["reverse_kl"], "final_kl": history[-1]["reverse_kl"],
-        "train_seconds": history[-1]["train_seconds"], "wall_seconds": wall,
-        "corrupted_tokens": counts, "description": built["description"],
-    }  # fmt: skip
+        "initial_kl": history[0]["reverse_kl"],
+        "final_kl": history[-1]["reverse_kl"],
+        "train_seconds": history[-1]["train_seconds"],
+        "wall_seconds": wall,
+        "corrupted_tokens": counts,
+        "description": built["description"],
+    }
     del trainer, built
     return record
 
@@ -223,11 +305,21 @@ def environment() -> dict:
 
     import trl_gndpo
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine())  # fmt: skip
-    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-                         "trl_gndpo": trl_gndpo.__version__}}  # fmt: skip
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.machine(),
+    )
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "trl_gndpo": trl_gndpo.__version__,
+        },
+    }
 
 
 def choose_lrs(runs: list[dict], methods) -> dict:
@@ -251,8 +343,15 @@ def measure(spec: dict, json_path: Path, markdown: Path | None, command: str, re
     logging.set_verbosity_error()
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    results = {"spec": spec, "command": command, "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-               "environment": environment(), "runs": [], "chosen_lr": {}, "finished": False}  # fmt: skip
+    results = {
+        "spec": spec,
+        "command": command,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "runs": [],
+        "chosen_lr": {},
+        "finished": False,
+    }
     if resume and json_path.exists():
         previous = json.loads(json_path.read_text())
         free = {"cache_dir": None, "seeds": None, "stress_seeds": None}
@@ -268,10 +367,13 @@ def measure(spec: dict, json_path: Path, markdown: Path | None, command: str, re
 
     def add(record):
         results["runs"].append(record)
-        print(f"{record['phase']:>6} {record['method']:<12} lr {record['lr']:g} seed {record['seed']}"
-              f"{' stress' if record['stress'] else ''}: KL {record['initial_kl']:.4f} -> {record['final_kl']:.4f}, "
-              f"grad norm median {fmt(record['grad_norm']['median'])} max {fmt(record['grad_norm']['max'])}, "
-              f"{record['wall_seconds']:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"{record['phase']:>6} {record['method']:<12} lr {record['lr']:g} seed {record['seed']}"
+            f"{' stress' if record['stress'] else ''}: KL {record['initial_kl']:.4f} -> {record['final_kl']:.4f}, "
+            f"grad norm median {fmt(record['grad_norm']['median'])} max {fmt(record['grad_norm']['max'])}, "
+            f"{record['wall_seconds']:.0f} s",
+            flush=True,
+        )
         save(results, json_path, markdown)
 
     methods, first, stress_lr = spec["methods"], spec["seeds"][0], spec["stress_lr"]
@@ -315,7 +417,9 @@ def spread(values: list[float]) -> str:
         return "-"
     if len(values) == 1:
         return fmt(values[0])
-    return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))} ({fmt(min(values))} to {fmt(max(values))})"
+    return (
+        f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))} ({fmt(min(values))} to {fmt(max(values))})"
+    )
 
 
 def mean_curve(runs: list[dict], x: str) -> tuple[list[float], list[float], list[float]]:
@@ -338,8 +442,13 @@ def plots(results: dict, outdir: Path, stem: str) -> list[str]:
         for i, method in enumerate(methods):
             runs = main_runs(results, method)
             xs, ys, band = mean_curve(runs, x)
-            ax.plot(xs, ys, marker="o", color=plt.cm.tab10(i),
-                    label=f"{METHODS[method]}, lr {results['chosen_lr'][method]:g} ({len(runs)} seeds)")  # fmt: skip
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                color=plt.cm.tab10(i),
+                label=f"{METHODS[method]}, lr {results['chosen_lr'][method]:g} ({len(runs)} seeds)",
+            )
             ax.fill_between(xs, [b[0] for b in band], [b[1] for b in band], color=plt.cm.tab10(i), alpha=0.15)
         ax.set_xlabel(label)
         ax.set_ylabel("held-out reverse KL (nats/token)")
@@ -350,8 +459,11 @@ def plots(results: dict, outdir: Path, stem: str) -> list[str]:
         plt.close(fig)
         names.append(name)
     groups = [(METHODS[m], main_runs(results, m)) for m in methods]
-    groups += [(f"{METHODS[m]}, {label} teacher, lr {results['spec']['stress_lr']:g}", stress_runs(results, m, stress))
-               for m in STRESS_METHODS for stress, label in ((False, "clean"), (True, "corrupted"))]  # fmt: skip
+    groups += [
+        (f"{METHODS[m]}, {label} teacher, lr {results['spec']['stress_lr']:g}", stress_runs(results, m, stress))
+        for m in STRESS_METHODS
+        for stress, label in ((False, "clean"), (True, "corrupted"))
+    ]
     groups = [(label, [s["grad_norm"] for r in runs for s in r["steps"]]) for label, runs in groups if runs]
     fig, ax = plt.subplots(figsize=(7, 1 + 0.6 * len(groups)))
     ax.boxplot([g[1] for g in groups], orientation="horizontal", whis=(0, 100))
@@ -408,30 +520,47 @@ def render(results: dict, outdir: Path, stem: str = "QUALITY", summary: str = ""
     if not results["chosen_lr"]:  # a partial file: the best rate among those swept so far
         results = dict(results, chosen_lr=choose_lrs(runs, spec["methods"]))
     env = results["environment"]
-    lines = ["# Quality: GNDPO vs plain OPD vs TRL's DistillationTrainer", "",
-             "<!-- Generated by benchmarks/quality.py from benchmarks/quality.json, except the summary between the "
-             "markers: do not edit the rest. -->", "", "## Summary", "", SUMMARY_START,
-             summary.strip() or "(not written yet)", SUMMARY_END, ""]  # fmt: skip
+    lines = [
+        "# Quality: GNDPO vs plain OPD vs TRL's DistillationTrainer",
+        "",
+        "<!-- Generated by benchmarks/quality.py from benchmarks/quality.json, except the summary between the "
+        "markers: do not edit the rest. -->",
+        "",
+        "## Summary",
+        "",
+        SUMMARY_START,
+        summary.strip() or "(not written yet)",
+        SUMMARY_END,
+        "",
+    ]
     status = "finished" if results.get("finished") else f"INCOMPLETE: {len(runs)} runs recorded so far"
     first = runs[0]["description"] if runs else "-"
     lines += [
-        "## Set-up", "",
-        f"Command: `{results['command']}` (started {results['started']}, {status}).", "",
+        "## Set-up",
+        "",
+        f"Command: `{results['command']}` (started {results['started']}, {status}).",
+        "",
         f"Models: {first}. Machine: {env['cpu']}, {env['cpu_cores']} cores, {env['torch_threads']} torch threads; "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".", "",
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        + ".",
+        "",
         f"Work per optimizer step, identical for every method: {spec['batch_size']} sampled completions of at most "
         f"{spec['completion_length']} tokens ({spec['batch_size'] // spec['num_generations']} prompts x "
-        f"{spec['num_generations']}), temperature 1, no top-p/top-k, one micro-step, AdamW at a constant rate, no weight "
+        f"{spec['num_generations']}), temperature 1, no top-p/top-k, one micro-step, AdamW at a constant rate, "
+        "no weight "
         f"decay, gradient clipping at 1 (TRL's default), full fine-tuning (no LoRA), {spec['steps']} steps. Held-out "
         f"evaluation every {spec['eval_every']} steps: {spec['heldout_prompts']} prompts never trained on x "
         f"{spec['heldout_samples']} samples of at most {spec['completion_length']} tokens, seed fixed, exact reverse "
-        "KL(student || teacher) over the full vocabulary per sampled token (`trl_gndpo.ReverseKLCallback`).", "",
+        "KL(student || teacher) over the full vocabulary per sampled token (`trl_gndpo.ReverseKLCallback`).",
+        "",
         f"Learning rates swept on seed {spec['seeds'][0]}: {', '.join(f'{x:g}' for x in spec['lrs'])}; each method's "
         f"rate is the one with the lowest final held-out KL there, then run on seeds "
         f"{', '.join(map(str, spec['seeds'][1:])) or '-'} (the sweep's run is reused as the first seed)."
-        + ("" if complete_sweep else " THE SWEEP IS NOT COMPLETE: the rates below are the best of those swept so far."),
+        + (
+            "" if complete_sweep else " THE SWEEP IS NOT COMPLETE: the rates below are the best of those swept so far."
+        ),
         "",
-    ]  # fmt: skip
+    ]
     methods = [m for m in spec["methods"] if main_runs(results, m)]
     rows = []
     for m in methods:
@@ -439,19 +568,49 @@ def render(results: dict, outdir: Path, stem: str = "QUALITY", summary: str = ""
         norms = [s["grad_norm"] for r in rs for s in r["steps"]]
         g = grad_stats(norms)
         step_s = statistics.median(s for r in rs for s in r["step_seconds"])
-        rows.append([METHODS[m], f"{results['chosen_lr'][m]:g}", len(rs), spread([r["initial_kl"] for r in rs]),
-                     spread([r["final_kl"] for r in rs]),
-                     spread([100 * (1 - r["final_kl"] / r["initial_kl"]) for r in rs]), fmt(step_s),
-                     spread([r["train_seconds"] for r in rs]), fmt(g["median"]), fmt(g["p99"]), fmt(g["max"]),
-                     fmt(g["max"] / g["median"]) if g["median"] else "-"])  # fmt: skip
-    lines += ["## Each method at its best learning rate", "",
-              "Held-out reverse KL (nats/token): mean ± standard deviation over seeds (min to max). Gradient norms: "
-              "every step of every seed pooled; the losses differ in scale, so compare the spread (p99, max over "
-              "the median) across methods rather than the level. Seconds are wall-clock time on the machine above, "
-              "evaluations excluded: work running beside the benchmark inflates them (the step median is the least "
-              "affected).", ""]  # fmt: skip
-    lines += table(["method", "lr", "seeds", "KL at step 0", f"KL at step {spec['steps']}", "KL reduction (%)",
-                    "step median (s)", "training seconds", "grad-norm median", "p99", "max", "max / median"], rows)  # fmt: skip
+        rows.append(
+            [
+                METHODS[m],
+                f"{results['chosen_lr'][m]:g}",
+                len(rs),
+                spread([r["initial_kl"] for r in rs]),
+                spread([r["final_kl"] for r in rs]),
+                spread([100 * (1 - r["final_kl"] / r["initial_kl"]) for r in rs]),
+                fmt(step_s),
+                spread([r["train_seconds"] for r in rs]),
+                fmt(g["median"]),
+                fmt(g["p99"]),
+                fmt(g["max"]),
+                fmt(g["max"] / g["median"]) if g["median"] else "-",
+            ]
+        )
+    lines += [
+        "## Each method at its best learning rate",
+        "",
+        "Held-out reverse KL (nats/token): mean ± standard deviation over seeds (min to max). Gradient norms: "
+        "every step of every seed pooled; the losses differ in scale, so compare the spread (p99, max over "
+        "the median) across methods rather than the level. Seconds are wall-clock time on the machine above, "
+        "evaluations excluded: work running beside the benchmark inflates them (the step median is the least "
+        "affected).",
+        "",
+    ]
+    lines += table(
+        [
+            "method",
+            "lr",
+            "seeds",
+            "KL at step 0",
+            f"KL at step {spec['steps']}",
+            "KL reduction (%)",
+            "step median (s)",
+            "training seconds",
+            "grad-norm median",
+            "p99",
+            "max",
+            "max / median",
+        ],
+        rows,
+    )
     names = plots(results, outdir, stem) if methods else []
     lines += [f"![{n}]({n})" for n in names if "kl-" in n] + [""]
     if methods:
@@ -459,18 +618,35 @@ def render(results: dict, outdir: Path, stem: str = "QUALITY", summary: str = ""
         curve = [[METHODS[m], *(fmt(y) for y in mean_curve(main_runs(results, m), "step")[1])] for m in methods]
         lines += ["Mean held-out reverse KL over seeds at each evaluation:", ""]
         lines += table(["method", *(f"step {s}" for s in steps)], curve)
-    sweep = [[METHODS[r["method"]], f"{r['lr']:g}", fmt(r["initial_kl"]), fmt(r["final_kl"]), fmt(r["grad_norm"]["median"]),
-              fmt(r["grad_norm"]["max"]), "yes" if results["chosen_lr"].get(r["method"]) == r["lr"] else ""]
-             for r in sorted((r for r in runs if r["phase"] == "sweep"),
-                             key=lambda r: (list(METHODS).index(r["method"]), r["lr"]))]  # fmt: skip
+    sweep = [
+        [
+            METHODS[r["method"]],
+            f"{r['lr']:g}",
+            fmt(r["initial_kl"]),
+            fmt(r["final_kl"]),
+            fmt(r["grad_norm"]["median"]),
+            fmt(r["grad_norm"]["max"]),
+            "yes" if results["chosen_lr"].get(r["method"]) == r["lr"] else "",
+        ]
+        for r in sorted(
+            (r for r in runs if r["phase"] == "sweep"), key=lambda r: (list(METHODS).index(r["method"]), r["lr"])
+        )
+    ]
     lines += ["## Learning-rate sweep", "", f"Seed {spec['seeds'][0]}, held-out reverse KL (nats/token).", ""]
-    lines += table(["method", "lr", "KL at step 0", f"KL at step {spec['steps']}", "grad-norm median", "grad-norm max",
-                    "chosen"], sweep)  # fmt: skip
-    lines += ["## Stability stress test: a corrupted teacher", "",
-              f"GNDPO and plain OPD at the same rate, {spec['stress_lr']:g}; on {100 * spec['corrupt_fraction']:g}% of the completion "
-              f"tokens (drawn at random) the teacher's log-prob is lowered by {spec['corrupt_nats']:g} nats before the "
-              "token signal is computed (which then clamps it at -5); the held-out evaluation uses the true teacher. "
-              "Each stressed run is set beside the clean run of the same method, rate and seed.", ""]  # fmt: skip
+    lines += table(
+        ["method", "lr", "KL at step 0", f"KL at step {spec['steps']}", "grad-norm median", "grad-norm max", "chosen"],
+        sweep,
+    )
+    lines += [
+        "## Stability stress test: a corrupted teacher",
+        "",
+        f"GNDPO and plain OPD at the same rate, {spec['stress_lr']:g}; "
+        f"on {100 * spec['corrupt_fraction']:g}% of the completion "
+        f"tokens (drawn at random) the teacher's log-prob is lowered by {spec['corrupt_nats']:g} nats before the "
+        "token signal is computed (which then clamps it at -5); the held-out evaluation uses the true teacher. "
+        "Each stressed run is set beside the clean run of the same method, rate and seed.",
+        "",
+    ]
     rows = []
     for m in STRESS_METHODS:
         for stress in (False, True):
@@ -478,16 +654,45 @@ def render(results: dict, outdir: Path, stem: str = "QUALITY", summary: str = ""
             if not rs:
                 continue
             g = grad_stats([s["grad_norm"] for r in rs for s in r["steps"]])
-            clamped = [s["gndpo/clamped_frac"] for r in rs for s in r["steps"] if s.get("gndpo/clamped_frac") is not None]
+            clamped = [
+                s["gndpo/clamped_frac"] for r in rs for s in r["steps"] if s.get("gndpo/clamped_frac") is not None
+            ]
             corrupted = [r["corrupted_tokens"] for r in rs if r["corrupted_tokens"]]
-            share = (sum(c["corrupted"] for c in corrupted) / max(sum(c["tokens"] for c in corrupted), 1)) if corrupted else 0
-            rows.append([METHODS[m], "corrupted" if stress else "clean", ", ".join(str(r["seed"]) for r in rs),
-                         f"{100 * share:.1f}", spread([r["final_kl"] for r in rs]), fmt(g["median"]), fmt(g["p99"]),
-                         fmt(g["max"]), fmt(g["max"] / g["median"]) if g["median"] else "-",
-                         fmt(statistics.mean(clamped)) if clamped else "-"])  # fmt: skip
+            share = (
+                (sum(c["corrupted"] for c in corrupted) / max(sum(c["tokens"] for c in corrupted), 1))
+                if corrupted
+                else 0
+            )
+            rows.append(
+                [
+                    METHODS[m],
+                    "corrupted" if stress else "clean",
+                    ", ".join(str(r["seed"]) for r in rs),
+                    f"{100 * share:.1f}",
+                    spread([r["final_kl"] for r in rs]),
+                    fmt(g["median"]),
+                    fmt(g["p99"]),
+                    fmt(g["max"]),
+                    fmt(g["max"] / g["median"]) if g["median"] else "-",
+                    fmt(statistics.mean(clamped)) if clamped else "-",
+                ]
+            )
     if rows:
-        lines += table(["method", "teacher", "seeds", "tokens corrupted (%)", f"KL at step {spec['steps']}",
-                        "grad-norm median", "p99", "max", "max / median", "clamped fraction (mean)"], rows)  # fmt: skip
+        lines += table(
+            [
+                "method",
+                "teacher",
+                "seeds",
+                "tokens corrupted (%)",
+                f"KL at step {spec['steps']}",
+                "grad-norm median",
+                "p99",
+                "max",
+                "max / median",
+                "clamped fraction (mean)",
+            ],
+            rows,
+        )
     else:
         lines += ["Not measured yet.", ""]
     lines += [f"![{n}]({n})" for n in names if "kl-" not in n] + [""]
@@ -514,8 +719,11 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "quality.json")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--render-only", action="store_true", help="render the JSON without measuring")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the runs already in --json (measured with the same settings), run the missing ones")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in --json (measured with the same settings), run the missing ones",
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--cache-dir", default=None, help="where the converted SmolLM2 models are kept")
     for key, value in SIZES["smollm2"].items():  # every size parameter can be overridden

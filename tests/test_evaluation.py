@@ -5,9 +5,9 @@ import copy
 
 import pytest
 import torch
+from tiny_models import make_text_dataset, make_text_model, make_tokenizer
 from trl import DistillationConfig, DistillationTrainer
 
-from tiny_models import make_text_dataset, make_text_model, make_tokenizer
 from trl_gndpo import GNDPOConfig, GNDPOTrainer, ReverseKLCallback, heldout_reverse_kl
 from trl_gndpo.evaluation import reverse_kl_sum, sample_completions
 
@@ -24,7 +24,8 @@ def reference_kl(student, teacher, samples) -> tuple[float, int]:
     """Full logits in float64, log-softmax over the whole vocabulary, KL summed over the masked completion tokens."""
     start = samples["prompt_length"]
     logps = [
-        copy.deepcopy(m).double()(samples["input_ids"], attention_mask=samples["attention_mask"])
+        copy.deepcopy(m)
+        .double()(samples["input_ids"], attention_mask=samples["attention_mask"])
         .logits[:, start - 1 : -1]
         .log_softmax(-1)
         for m in (student, teacher)
@@ -46,7 +47,9 @@ def favour_eos(model, tokenizer, weight: float = 3.0):
 def test_reverse_kl_sum_matches_float64_reference(seed):
     student, teacher, tokenizer = pair(seed)
     favour_eos(student, tokenizer)
-    samples = sample_completions(student, tokenizer, PROMPTS, num_samples=2, max_new_tokens=12, seed=seed, batch_size=5)
+    samples = sample_completions(
+        student, tokenizer, PROMPTS, num_samples=2, max_new_tokens=12, seed=seed, batch_size=5
+    )
     total, count = reverse_kl_sum(student, teacher, samples, batch_size=3)
     expected_total, expected_count = reference_kl(student, teacher, samples)
     assert count == expected_count > 0
@@ -60,7 +63,7 @@ def test_completion_mask_stops_at_the_first_end_of_sequence():
     samples = sample_completions(student, tokenizer, PROMPTS, num_samples=3, max_new_tokens=16, seed=0, batch_size=4)
     completions = samples["input_ids"][:, samples["prompt_length"] :]
     stopped = 0
-    for ids, mask in zip(completions.tolist(), samples["completion_mask"].tolist()):
+    for ids, mask in zip(completions.tolist(), samples["completion_mask"].tolist(), strict=True):
         end = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
         stopped += end < len(ids)
         assert mask == [1] * end + [0] * (len(ids) - end)

@@ -17,8 +17,20 @@ LRS, SEEDS, STRESS_SEEDS = [1e-3, 1e-2], [0, 1], [0]
 
 
 def arguments(out: Path) -> list[str]:
-    return ["--size", "tiny", "--json", str(out / "quality.json"), "--markdown", str(out / "QUALITY.md"),
-            "--lrs", *map(str, LRS), "--seeds", *map(str, SEEDS), "--stress-seeds", *map(str, STRESS_SEEDS)]  # fmt: skip
+    return [
+        "--size",
+        "tiny",
+        "--json",
+        str(out / "quality.json"),
+        "--markdown",
+        str(out / "QUALITY.md"),
+        "--lrs",
+        *map(str, LRS),
+        "--seeds",
+        *map(str, SEEDS),
+        "--stress-seeds",
+        *map(str, STRESS_SEEDS),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +139,9 @@ def test_resume_runs_only_what_is_missing(measured, tmp_path):
     # more stress seeds: only their clean and corrupted runs are added
     more = quality.main([*arguments(tmp_path), "--resume", "--stress-seeds", "0", "1"])
     assert [key(r) for r in more["runs"][len(resumed["runs"]) :]] == [
-        (phase, m, 1, more["spec"]["stress_lr"]) for m in quality.STRESS_METHODS for phase in ("stress-clean", "stress")
+        (phase, m, 1, more["spec"]["stress_lr"])
+        for m in quality.STRESS_METHODS
+        for phase in ("stress-clean", "stress")
     ]
     with pytest.raises(SystemExit, match="another spec"):
         quality.main([*arguments(tmp_path), "--resume", "--steps", "3"])

@@ -206,7 +206,12 @@ def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> t
 
     def reverse_kl(model) -> float:
         return heldout_reverse_kl(
-            model, teacher, tokenizer, conversations, script_args.demo_eval_samples, training_args.max_completion_length
+            model,
+            teacher,
+            tokenizer,
+            conversations,
+            script_args.demo_eval_samples,
+            training_args.max_completion_length,
         )
 
     before = reverse_kl(student)

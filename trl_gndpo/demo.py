@@ -77,4 +77,3 @@ def demo_prompts() -> tuple[Dataset, list[str]]:
     data = json.loads(resources.files("trl_gndpo").joinpath("data/demo_prompts.json").read_text())
     train = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in data["train"]]})
     return train, data["heldout"]
-

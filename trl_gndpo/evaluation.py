@@ -22,9 +22,14 @@ def _tokenizer(processing_class):
 
 @torch.no_grad()
 def sample_completions(
-    student, processing_class, prompts: Sequence, num_samples: int = 1, max_new_tokens: int = 32, seed: int = 0,
+    student,
+    processing_class,
+    prompts: Sequence,
+    num_samples: int = 1,
+    max_new_tokens: int = 32,
+    seed: int = 0,
     batch_size: int = 8,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+) -> dict[str, torch.Tensor]:
     """Sample `num_samples` completions per prompt from `student` at temperature 1 (no top-p / top-k), seeded.
 
     `prompts`: conversations (lists of messages, given the chat template's generation prompt) or plain strings.
@@ -47,8 +52,15 @@ def sample_completions(
     inputs = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                              eos_token_id=eos, pad_token_id=pad)  # fmt: skip
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
     devices = [device] if device.type == "cuda" else []
     sequences = []
     with torch.random.fork_rng(devices=devices):
@@ -56,8 +68,11 @@ def sample_completions(
         for start in range(0, len(rows), batch_size):
             chunk = {k: v[start : start + batch_size] for k, v in inputs.items()}
             out = student.generate(**chunk, generation_config=config)
-            sequences.append(torch.nn.functional.pad(out, (0, inputs["input_ids"].size(1) + max_new_tokens - out.size(1)),
-                                                     value=pad))  # fmt: skip
+            sequences.append(
+                torch.nn.functional.pad(
+                    out, (0, inputs["input_ids"].size(1) + max_new_tokens - out.size(1)), value=pad
+                )
+            )
     prompt_length = inputs["input_ids"].size(1)
     input_ids = torch.cat(sequences)
     is_eos = input_ids[:, prompt_length:] == eos
@@ -76,7 +91,7 @@ def reverse_kl_sum(student, teacher, samples: dict, batch_size: int = 8) -> tupl
     r"""Sum over the masked completion tokens of the exact reverse KL, and the number of those tokens.
 
     .. math:: \sum_{i,t} m_{i,t}\, \mathrm{KL}\big(p(\cdot \mid y_{i,<t}) \,\|\, q(\cdot \mid y_{i,<t})\big)
-              = \sum_{i,t} m_{i,t} \sum_{v} p(v \mid y_{i,<t}) \big(\log p(v \mid y_{i,<t}) - \log q(v \mid y_{i,<t})\big)
+          = \sum_{i,t} m_{i,t} \sum_{v} p(v \mid y_{i,<t}) (\log p(v \mid y_{i,<t}) - \log q(v \mid y_{i,<t}))
 
     `p` the student, `q` the teacher, both at temperature 1, over the student's vocabulary rows (a teacher may pad
     its head further); `samples` as `sample_completions` returns them.
@@ -95,9 +110,15 @@ def reverse_kl_sum(student, teacher, samples: dict, batch_size: int = 8) -> tupl
 
 
 def heldout_reverse_kl(
-    student, teacher, processing_class, prompts: Sequence, num_samples: int = 1, max_new_tokens: int = 32,
-    seed: int = 0, batch_size: int = 8,
-) -> float:  # fmt: skip
+    student,
+    teacher,
+    processing_class,
+    prompts: Sequence,
+    num_samples: int = 1,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> float:
     r"""Exact reverse KL to the teacher per token, averaged over the student's own sampled completion tokens.
 
     .. math:: \frac{1}{N} \sum_{i,t} \mathrm{KL}\big(p(\cdot \mid y_{i,<t}) \,\|\, q(\cdot \mid y_{i,<t})\big),
@@ -125,12 +146,12 @@ class ReverseKLCallback(TrainerCallback):
     ```
 
     At the start of training (step 0, unless `at_start=False`), every `eval_steps` steps and at the last step, the
-    student samples `num_samples` completions of at most `max_new_tokens` tokens for each held-out prompt with the fixed
-    `seed` (the same draws at every evaluation for an unchanged student), and the mean per-token KL(student || teacher)
-    over the full vocabulary is logged as `eval/reverse_kl`, with `eval/reverse_kl_tokens` (the tokens it averages).
-    With several processes, the prompts are split between them and the sums reduced. `history` keeps one record per
-    evaluation: `step`, `reverse_kl`, `tokens`, and `train_seconds` (wall-clock seconds of training since it began,
-    without the time spent in these evaluations).
+    student samples `num_samples` completions of at most `max_new_tokens` tokens for each held-out prompt with the
+    fixed `seed` (the same draws at every evaluation for an unchanged student), and the mean per-token KL(student ||
+    teacher) over the full vocabulary is logged as `eval/reverse_kl`, with `eval/reverse_kl_tokens` (the tokens it
+    averages). With several processes, the prompts are split between them and the sums reduced. `history` keeps one
+    record per evaluation: `step`, `reverse_kl`, `tokens`, and `train_seconds` (wall-clock seconds of training since it
+    began, without the time spent in these evaluations).
 
     Args:
         trainer: the trainer the callback is attached to (its model is the student; its log receives the values).
@@ -144,9 +165,17 @@ class ReverseKLCallback(TrainerCallback):
     """
 
     def __init__(
-        self, trainer: Trainer, teacher=None, prompts: Sequence = (), eval_steps: int = 50, num_samples: int = 1,
-        max_new_tokens: int = 32, seed: int = 0, batch_size: int = 8, at_start: bool = True,
-    ):  # fmt: skip
+        self,
+        trainer: Trainer,
+        teacher=None,
+        prompts: Sequence = (),
+        eval_steps: int = 50,
+        num_samples: int = 1,
+        max_new_tokens: int = 32,
+        seed: int = 0,
+        batch_size: int = 8,
+        at_start: bool = True,
+    ):
         if hasattr(prompts, "column_names"):
             prompts = list(prompts["prompt"])
         if not prompts:
@@ -155,7 +184,9 @@ class ReverseKLCallback(TrainerCallback):
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}.")
         teacher = teacher if teacher is not None else getattr(trainer, "teacher_model", None)
         if teacher is None:
-            raise ValueError("ReverseKLCallback needs a teacher: pass `teacher=` (the trainer has no `teacher_model`).")
+            raise ValueError(
+                "ReverseKLCallback needs a teacher: pass `teacher=` (the trainer has no `teacher_model`)."
+            )
         self.trainer, self.teacher, self.prompts = trainer, teacher, list(prompts)
         self.eval_steps, self.at_start = eval_steps, at_start
         self.sampling = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
@@ -176,8 +207,15 @@ class ReverseKLCallback(TrainerCallback):
                 try:
                     if prompts:
                         s = self.sampling
-                        samples = sample_completions(student, trainer.processing_class, prompts, s["num_samples"],
-                                                     s["max_new_tokens"], s["seed"], s["batch_size"])  # fmt: skip
+                        samples = sample_completions(
+                            student,
+                            trainer.processing_class,
+                            prompts,
+                            s["num_samples"],
+                            s["max_new_tokens"],
+                            s["seed"],
+                            s["batch_size"],
+                        )
                         total, count = reverse_kl_sum(student, teacher, samples, s["batch_size"])
                     else:
                         total, count = 0.0, 0
@@ -185,8 +223,12 @@ class ReverseKLCallback(TrainerCallback):
                     student.train(modes[0]), teacher.train(modes[1])
         sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
         total, count = sums[0].item(), int(sums[1].item())
-        record = {"step": step, "reverse_kl": total / max(count, 1), "tokens": count,
-                  "train_seconds": (began - self._start - self._eval_seconds) if self._start is not None else 0.0}  # fmt: skip
+        record = {
+            "step": step,
+            "reverse_kl": total / max(count, 1),
+            "tokens": count,
+            "train_seconds": (began - self._start - self._eval_seconds) if self._start is not None else 0.0,
+        }
         self.history.append(record)
         # The base class's log: a subclass's `log` (GRPOTrainer's, DistillationTrainer's) would flush the metrics it
         # is accumulating for the step into this entry. Logging clears `should_log`, which the step's own log needs.
