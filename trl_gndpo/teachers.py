@@ -44,6 +44,22 @@ def is_text_only(model) -> bool:
     return getattr(model.config, "vision_config", None) is None
 
 
+def text_only(args, teachers: dict, is_vlm: bool) -> set[str]:
+    """The text-only teachers of a vision-language student (cross-modal distillation), checked against the options."""
+    names = {name for name, teacher in teachers.items() if is_vlm and is_text_only(teacher)}
+    if names and args.visual_gradient_steering:
+        raise ValueError(
+            "visual_gradient_steering needs the teacher's image view; a text-only teacher (cross-modal "
+            "distillation) has none: set visual_gradient_steering=False or use a vision-language teacher."
+        )
+    if args.cross_modal_distillation and not names:
+        raise ValueError(
+            "cross_modal_distillation is set but no teacher is a text-only model for a vision-language student: "
+            "drop the option, or give a text-only teacher."
+        )
+    return names
+
+
 def device_of(args, name: str):
     """The device `teacher_device` asks for this teacher (None: the training device, or `teacher_offload`)."""
     return args.teacher_device.get(name) if isinstance(args.teacher_device, dict) else args.teacher_device

@@ -183,17 +183,7 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
                 self._is_vlm,
                 text_view=args.cross_modal_distillation,
             )
-        self._text_teachers = {n for n, t in teacher_models.items() if self._is_vlm and teachers.is_text_only(t)}
-        if self._text_teachers and args.visual_gradient_steering:
-            raise ValueError(
-                "visual_gradient_steering needs the teacher's image view; a text-only teacher (cross-modal "
-                "distillation) has none: set visual_gradient_steering=False or use a vision-language teacher."
-            )
-        if args.cross_modal_distillation and not self._text_teachers:
-            raise ValueError(
-                "cross_modal_distillation is set but no teacher is a text-only model for a vision-language student: "
-                "drop the option, or give a text-only teacher."
-            )
+        self._text_teachers = teachers.text_only(args, teacher_models, self._is_vlm)
         if reference_given:
             checks.check_teacher(args, student, base_model, self.processing_class, reference_processing, self._is_vlm)
         teacher_model = next(iter(teacher_models.values()), None)
