@@ -748,13 +748,20 @@ class GNDPOConfig(GRPOConfig):
                 "GNDPO uses that re-score: set vllm_importance_sampling_correction=False to take log p_old from "
                 "vLLM, or old_logps_from_sampler=False."
             )
-        if self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations):
+        if self.rescores_each_generation:
             warnings.warn(
                 f"old_logps_from_sampler has no effect with num_iterations={self.num_iterations} and "
                 f"steps_per_generation={self.steps_per_generation}: TRL re-scores each generation batch for its "
                 "importance ratio, and GNDPO uses that re-score as log p_old.",
                 stacklevel=3,
             )
+
+    @property
+    def rescores_each_generation(self) -> bool:
+        """Whether GRPOTrainer re-scores each generation batch with the student for its importance ratio (stored as
+        `old_per_token_logps`): TRL's condition, `gradient_accumulation_steps` not a multiple of `steps_per_generation
+        x num_iterations` (vLLM's importance-sampling correction aside)."""
+        return self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) != 0
 
     def _check_teacher_server(self) -> None:
         """A served teacher replaces the local one and gives only the sampled tokens' log-probs."""

@@ -166,20 +166,24 @@ class TeachersMixin:
             if rows is not None:
                 ids, mask = ids[rows], mask[rows]
                 extra = select_rows(extra, rows.tolist())
-            with (
-                capture_completion_states(teacher, completion_length, want_states) as teacher_states,
-                placed(teacher, self._teacher_offload_to) as device,
-            ):
-                moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
-                scored, _, _ = self._get_per_token_logps_and_entropies(
-                    teacher, ids.to(device), mask.to(device), completion_length, **moved
-                )
+            with capture_completion_states(teacher, completion_length, want_states) as teacher_states:
+                scored = self._placed_log_probs(teacher, self._teacher_offload_to, ids, mask, completion_length, extra)
             if rows is None:
-                logps = scored.to(self.accelerator.device).float()
+                logps = scored.float()
             else:
-                logps[rows] = scored.to(self.accelerator.device).float()
+                logps[rows] = scored.float()
             states += teacher_states
         return logps, states
+
+    def _placed_log_probs(self, model, offload_to, input_ids, attention_mask, completion_length, model_inputs):
+        """Log-probs of the sampled tokens under a frozen scoring model (a teacher, or G-OPD's reference) on the
+        device it is placed on (`placed`), returned on the training device."""
+        with placed(model, offload_to) as device:
+            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()}
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids.to(device), attention_mask.to(device), completion_length, **moved
+            )
+        return logps.to(self.accelerator.device)
 
     def _log_teacher_statistics(self, metrics, inputs, valid, scores) -> None:
         """`gndpo/teacher/<name>/`: each teacher's share of the valid tokens, mean log-prob and sampled-token reverse

@@ -32,7 +32,6 @@ from .teacher import (
     capture_completion_states,
     load_teacher,
     load_teacher_processing_class,
-    placed,
     prepare_scoring_model,
     reverse_kl_per_token,
 )
@@ -224,8 +223,7 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         # Record only where TRL neither returns them (vLLM) nor re-scores the batch itself (then its re-score is used).
-        rescored = self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations)
-        if not self.args.old_logps_from_sampler or self.use_vllm or rescored:
+        if not self.args.old_logps_from_sampler or self.use_vllm or self.args.rescores_each_generation:
             return super()._generate_single_turn(*args)
         student = self.accelerator.unwrap_model(self.model_wrapped)
         student = student.get_base_model() if is_peft_model(student) else student
@@ -339,12 +337,9 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
                 with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None):
                     scores["base"], _, _ = log_probs(self.model)
             else:  # on the teacher's device when the reference is placed like the teacher
-                with placed(self.base_model, self._base_offload_to) as device:
-                    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()}
-                    base, _, _ = self._get_per_token_logps_and_entropies(
-                        self.base_model, input_ids.to(device), attention_mask.to(device), completion_length, **moved
-                    )
-                scores["base"] = base.to(self.accelerator.device)
+                scores["base"] = self._placed_log_probs(
+                    self.base_model, self._base_offload_to, input_ids, attention_mask, completion_length, model_inputs
+                )
         if want_kl:
             mask = batch["completion_mask"].bool()
             kl = reverse_kl_per_token(
