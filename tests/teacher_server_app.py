@@ -1,19 +1,19 @@
 """A stand-in for `vllm serve TEACHER` in tests: the HTTP endpoints TRL's `VLLMClient` and `trl_gndpo.teacher_server`
 use, answered by a transformers model on CPU.
 
-    python tests/teacher_server_app.py MODEL_DIR [--port N] [--api-key KEY]   # prints its port (127.0.0.1), serves
+    python tests/teacher_server_app.py MODEL_DIR [--port N]     # prints the port it listens on (127.0.0.1), serves
 
 Served as vLLM's OpenAI-compatible server answers them: `GET /health`, `GET /v1/models`, `POST /tokenize`
 (`{"tokens": [...]}`) and `POST /v1/completions` with token-id prompts and `prompt_logprobs=k`: each choice carries
 `prompt_logprobs`, `None` for the first position, then per position a dict `{token_id: {"logprob", "rank",
 "decoded_token"}}` with the prompt's token and the top k. Ids outside the model's vocabulary or k above 20 (vLLM's
-default `--max-logprobs`) get a 400. With `--api-key`, routes under `/v1` answer 401 `{"error": "Unauthorized"}` unless
-the request carries `Authorization: Bearer KEY`, as `vllm serve --api-key` does (it does not check /health or
-/tokenize). Test controls, not part of vLLM: `POST /_test/configure` sets `delay` (seconds
+default `--max-logprobs`) get a 400. Test controls, not part of vLLM: `POST /_test/configure` sets `delay` (seconds
 before answering a completion), `skip_token` (a token id whose log-prob is left out), `vocab_limit` (ids at or above it
 are out of vocabulary), `tokenizer_dir` (another tokenizer for /tokenize) and `fault` (a broken reply to completion
 requests: `"positive_logprob"`, `"extra_logprob"` one more prompt log-prob than tokens, `"error_200"` an error body
-with status 200); `GET /_test/requests` lists what the completion requests asked for.
+with status 200) and `api_key` (then routes under `/v1` answer 401 `{"error": "Unauthorized"}` unless the request
+carries `Authorization: Bearer KEY`, as `vllm serve --api-key KEY` does; it does not check /health or /tokenize);
+`GET /_test/requests` lists what the completion requests asked for.
 """
 
 import argparse
@@ -35,7 +35,7 @@ class Teacher:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.vocab_limit = self.model.config.vocab_size
-        self.delay, self.skip_token, self.fault = 0.0, None, None
+        self.delay, self.skip_token, self.fault, self.api_key = 0.0, None, None, None
         self.requests = []
         self.lock = threading.Lock()  # one forward at a time, like one GPU
 
@@ -97,7 +97,7 @@ def error(message: str) -> dict:
     return {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
 
 
-def make_handler(teacher: Teacher, api_key: str | None = None):
+def make_handler(teacher: Teacher):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -114,9 +114,9 @@ def make_handler(teacher: Teacher, api_key: str | None = None):
                 pass
 
         def unauthorized(self) -> bool:
-            if api_key is None or not self.path.startswith("/v1"):
+            if teacher.api_key is None or not self.path.startswith("/v1"):
                 return False
-            if self.headers.get("Authorization") == f"Bearer {api_key}":
+            if self.headers.get("Authorization") == f"Bearer {teacher.api_key}":
                 return False
             self.send(401, {"error": "Unauthorized"})
             return True
@@ -144,7 +144,7 @@ def make_handler(teacher: Teacher, api_key: str | None = None):
                 ids = ids["input_ids"]
                 return self.send(200, {"count": len(ids), "max_model_len": 512, "tokens": ids, "token_strs": None})
             if self.path == "/_test/configure":
-                for key in ("delay", "skip_token", "fault"):
+                for key in ("delay", "skip_token", "fault", "api_key"):
                     if key in body:
                         setattr(teacher, key, body[key])
                 if "vocab_limit" in body:
@@ -163,11 +163,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--api-key")
     options = parser.parse_args()
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", options.port), make_handler(Teacher(options.model_dir), options.api_key)
-    )
+    server = ThreadingHTTPServer(("127.0.0.1", options.port), make_handler(Teacher(options.model_dir)))
     server.daemon_threads = True
     print(server.server_address[1], flush=True)
     server.serve_forever()

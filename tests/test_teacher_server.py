@@ -1,7 +1,8 @@
 """A teacher served over HTTP (`teacher_model_server_url`): the same advantages as the local teacher, training end to
 end, two processes, and the failures (server down, other tokenizer, smaller vocabulary, slow server, a token the
-server does not score). The server is tests/teacher_server_app.py, a stand-in for `vllm serve` speaking the contract
-TRL's `VLLMClient` uses, backed by the tiny teacher."""
+server does not score, a /health that never answers, broken replies, a restart mid-run, a server down for good), the
+URLs refused and the API key (sent, and written nowhere). The server is tests/teacher_server_app.py, a stand-in for
+`vllm serve` speaking the contract TRL's `VLLMClient` uses, backed by the tiny teacher."""
 
 import logging
 import math
@@ -118,10 +119,9 @@ def teacher_dir(tmp_path_factory):
     return save_tiny(make_teacher(), make_tokenizer(), tmp_path_factory.mktemp("served-teacher"))
 
 
-def start_server(directory, port: int = 0, api_key: str | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(directory, port: int = 0) -> tuple[subprocess.Popen, str]:
     """tests/teacher_server_app.py serving `directory` on `port` (0: any free one), once it listens."""
     command = [sys.executable, str(TESTS / "teacher_server_app.py"), str(directory), "--port", str(port)]
-    command += ["--api-key", api_key] if api_key else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     return process, f"http://127.0.0.1:{int(process.stdout.readline())}"
@@ -360,6 +360,7 @@ def test_a_health_check_that_never_answers_times_out():
     assert f"Cannot reach the teacher server at {url} (teacher_model_server_url) within 1 s" in str(outcome[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fault, message",
     [
@@ -380,16 +381,17 @@ def test_a_broken_reply_is_a_clear_error_with_the_server_s_message(server, fault
         configure(server, fault=None)
 
 
-@pytest.fixture(scope="module")
-def keyed_server(teacher_dir):
-    """The tiny teacher served with `--api-key SECRET`, as `vllm serve --api-key` runs; yields its URL."""
-    process, url = start_server(teacher_dir, api_key=SECRET)
+@pytest.fixture
+def keyed_server(server):
+    """The served teacher wanting `Authorization: Bearer SECRET`, as `vllm serve --api-key SECRET` does."""
+    configure(server, api_key=SECRET)
     try:
-        yield url
+        yield server
     finally:
-        stop(process)
+        configure(server, api_key=None)
 
 
+@pytest.mark.slow
 def test_a_server_with_a_key_refuses_requests_without_it_and_gets_it_from_the_config_or_environment(
     keyed_server, cpu_config_kwargs, monkeypatch
 ):
