@@ -20,9 +20,10 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from . import checks, fsdp2_on_cpu, functional, sampler_logps, teacher_server, teachers, uniopd_batch
+from . import checks, functional, sampler_logps, teacher_server, teachers, uniopd_batch
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
+from .fsdp2_on_cpu import select_fsdp2_on_cpu
 from .hidden_states import capture_completion_states, reverse_kl_per_token, vocabulary_head
 from .invalid_batches import InvalidBatchGuard
 from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
@@ -161,9 +162,7 @@ class GNDPOTrainer(GRPOTrainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        if fsdp2_on_cpu.select_fsdp2_on_cpu(
-            self.accelerator, self.args.fsdp_plugin_args
-        ):  # accelerate drops it on CPU
+        if select_fsdp2_on_cpu(self.accelerator, self.args.fsdp_plugin_args):  # accelerate drops it on CPU
             self.is_fsdp_enabled = True
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
