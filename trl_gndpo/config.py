@@ -794,6 +794,13 @@ class GNDPOConfig(GRPOConfig):
             )
 
     @property
+    def teacher_temperature(self) -> float:
+        """The temperature the teacher scores at: 1 (GNDPO's reference code: its teacher's logits are not divided by
+        the temperature), or the sampling temperature under G-OPD's `reward_extrapolation != 1` (G-OPD's code scores
+        its teacher, the student and both base models at the rollout temperature)."""
+        return 1.0 if self.reward_extrapolation == 1.0 else self.temperature
+
+    @property
     def rescores_each_generation(self) -> bool:
         """Whether GRPOTrainer re-scores each generation batch with the student for its importance ratio (stored as
         `old_per_token_logps`): TRL's condition, `gradient_accumulation_steps` not a multiple of `steps_per_generation
@@ -811,6 +818,12 @@ class GNDPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.teacher_model_server_url is None:
             return
+        if self.teacher_temperature != 1.0:
+            raise ValueError(
+                f"reward_extrapolation={self.reward_extrapolation} scores the teacher at the sampling temperature "
+                f"({self.temperature}), as G-OPD's code does, but a teacher server returns log-probs at temperature 1: "
+                "set temperature=1.0, or use a local teacher instead of teacher_model_server_url."
+            )
         local = ("teacher_model_name_or_path", "teacher_models", "teacher_model_revision", "teacher_model_init_kwargs")
         local += ("teacher_device", "teacher_offload", "cross_modal_distillation")
         given = [name for name in local if getattr(self, name)]
