@@ -616,3 +616,22 @@ def test_g_opd_rows_aggregate_like_its_code():
     """G-OPD's `token-mean` runs on micro-batches of one sequence in its scripts: sequence-mean-token-mean."""
     rows = [r for r in paper_rows() if r["paper"] == "ExOPD / G-OPD"]
     assert len(rows) == 3 and all(r["config"].get("loss_type") == "grpo" for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hinted"),
+    [({}, True), ({"vgs_eta": 0.36}, True), ({"vgs_eta_measure_steps": 2}, False), ({"vgs_eta": 1.0}, False)],
+)
+def test_a_fixed_vgs_eta_gets_a_one_time_hint_to_measure_it(overrides, hinted, cpu_config_kwargs, caplog):
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    with caplog.at_level(logging.WARNING):
+        GNDPOTrainer(
+            model=student,
+            teacher_model=make_vlm("qwen2_vl", seed=1)[0],
+            args=GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, **overrides)),
+            train_dataset=mixed_dataset(),
+            processing_class=processor,
+        )
+    assert caplog.text.count("set vgs_eta_measure_steps") == (1 if hinted else 0)
+    if hinted:
+        assert "one pair only" in caplog.text and f"vgs_eta={overrides.get('vgs_eta', 0.41)}" in caplog.text

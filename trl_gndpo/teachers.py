@@ -8,9 +8,12 @@ whitening do not change: the teachers' log-probs are put back in row order befor
 
 import torch
 from datasets import Dataset
+from transformers.utils import logging
 from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
 from .teacher import capture_completion_states, load_teacher, load_teacher_processing_class, placed
+
+logger = logging.get_logger(__name__)
 
 # The name of the only teacher when one is given (metrics and `teacher_device` use names only with several).
 SINGLE = "teacher"
@@ -58,6 +61,11 @@ def text_only(args, teachers: dict, is_vlm: bool) -> set[str]:
             "drop the option, or give a text-only teacher."
         )
     return names
+
+
+def has_images(row: dict) -> bool:
+    """Whether a dataset row carries images (TRL's `image` or `images` column)."""
+    return row.get("image") is not None or bool(row.get("images"))
 
 
 def device_of(args, name: str):
@@ -141,8 +149,8 @@ class TeachersMixin:
         return route(inputs, self.args.teacher_column, list(self.teachers)).to(self.accelerator.device)
 
     def _score_teachers(self, batch, inputs, input_ids, attention_mask, model_inputs, want_states):
-        """Log-probs of the sampled tokens under each row's teacher (temperature 1), in row order, and the teachers'
-        completion hidden states when `want_states` (a single teacher). Text-only teachers of a vision-language
+        """Log-probs of the sampled tokens under each row's teacher (at `args.teacher_temperature`), in row order, and
+        the teachers' completion hidden states when `want_states` (a single teacher). Text-only teachers of a vision-language
         student read the text view of their rows; the others read exactly the student's inputs."""
         completion_length = batch["completion_ids"].size(1)
         routes = self._teacher_routes(inputs)
@@ -184,6 +192,28 @@ class TeachersMixin:
                 model, input_ids.to(device), attention_mask.to(device), completion_length, **moved
             )
         return logps.to(self.accelerator.device)
+
+    def _log_text_view_images(self, metrics, inputs) -> None:
+        """`gndpo/teacher/text_view_image_frac`: the share of the generation batch's image rows (all processes) that
+        a text-only teacher scored on their text view, which is not Uni-OPD's cross-modal setting (text teachers get
+        text-domain rows); a warning the first time it is not 0."""
+        if not self._text_teachers:
+            return
+        routes = self._teacher_routes(inputs)
+        names = list(self.teachers)
+        text = [names[i] in self._text_teachers for i in ([0] * len(inputs) if routes is None else routes.tolist())]
+        images = [has_images(x) for x in inputs]
+        counts = torch.tensor([sum(t and i for t, i in zip(text, images, strict=True)), sum(images)], dtype=torch.float64)
+        scored, total = self._reduce_sum(counts.to(self.accelerator.device)).tolist()
+        metrics["gndpo/teacher/text_view_image_frac"].append(scored / total if total else 0.0)
+        if scored and not self._warned_text_view_images:
+            self._warned_text_view_images = True
+            logger.warning(
+                f"{scored:g} of {total:g} image rows were scored by a text-only teacher on their text view (images "
+                "removed): that teacher cannot see the image, and Uni-OPD's cross-modal setting sends text teachers "
+                "text-domain rows only. Route image rows to a vision-language teacher (teacher_models with "
+                "teacher_column) unless this is what you want; gndpo/teacher/text_view_image_frac logs the share."
+            )
 
     def _log_teacher_statistics(self, metrics, inputs, valid, scores) -> None:
         """`gndpo/teacher/<name>/`: each teacher's share of the valid tokens, mean log-prob and sampled-token reverse

@@ -167,6 +167,7 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
         )
         checks.warn_if_checkpoints_split_generations(args)
         checks.warn_if_rollout_feeds_several_steps(args)
+        checks.hint_fixed_vgs_eta(args)
         student = self.accelerator.unwrap_model(self.model)
         self.teacher_server = None
         if args.teacher_model_server_url is not None:  # a served teacher: nothing to load, check or place here
@@ -183,6 +184,7 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
                 text_view=args.cross_modal_distillation,
             )
         self._text_teachers = teachers.text_only(args, teacher_models, self._is_vlm)
+        self._warned_text_view_images = False
         if reference_given:
             checks.check_teacher(args, student, base_model, self.processing_class, reference_processing, self._is_vlm)
         teacher_model = next(iter(teacher_models.values()), None)
@@ -193,7 +195,9 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
         self._invalid_batches = InvalidBatchGuard(args.max_invalid_generation_batches)
         self._teacher_offload_to = self.accelerator.device if args.teacher_offload else None
         self.teachers = {
-            name: prepare_scoring_model(self, t, 1.0, placed=True, device=teachers.device_of(args, name))
+            name: prepare_scoring_model(
+                self, t, args.teacher_temperature, placed=True, device=teachers.device_of(args, name)
+            )
             for name, t in teacher_models.items()
         }
         self.teacher_model = next(iter(self.teachers.values()), None)  # the teacher, the first of several, or None
@@ -292,6 +296,7 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
 
         self._log_token_statistics(metrics, mask, finite, valid, scores, signal, (mean, var), advantages)
         self._log_teacher_statistics(metrics, inputs, valid, scores)
+        self._log_text_view_images(metrics, inputs)
         return batch
 
     @torch.no_grad()
