@@ -266,8 +266,8 @@ class GNDPOConfig(GRPOConfig):
             Fixed loss scale `eta`. The paper measures `eta = ||grad L_Std|| / ||grad L_Std + gamma grad L_Vis||`
             once, keeps it fixed, and reports 0.41 for its 2B and 0.36 for its 4B Qwen3-VL student (Qwen3-VL-8B
             teacher, `gamma = 2`); the default is the 2B value, measured for that one pair only. For another pair,
-            measure it with `vgs_eta_measure_steps` (the trainer logs a one-time hint when a fixed `eta` is used). `1.0` is the paper's "no normalization" ablation, in which `gamma` also scales
-            the step size.
+            measure it with `vgs_eta_measure_steps` (the trainer logs a one-time hint when a fixed `eta` is used).
+            `1.0` is the paper's "no normalization" ablation, in which `gamma` also scales the step size.
         vgs_eta_measure_steps (`int`, *optional*, defaults to `0`):
             If > 0, measure `eta` from the gradient norms (over the trainable parameters, two extra backward passes
             per micro-step) during the first this-many optimizer steps, use the running mean meanwhile, then keep
@@ -821,8 +821,8 @@ class GNDPOConfig(GRPOConfig):
         if self.teacher_temperature != 1.0:
             raise ValueError(
                 f"reward_extrapolation={self.reward_extrapolation} scores the teacher at the sampling temperature "
-                f"({self.temperature}), as G-OPD's code does, but a teacher server returns log-probs at temperature 1: "
-                "set temperature=1.0, or use a local teacher instead of teacher_model_server_url."
+                f"({self.temperature}), as G-OPD's code does, but a teacher server returns log-probs at temperature "
+                "1: set temperature=1.0, or use a local teacher instead of teacher_model_server_url."
             )
         local = ("teacher_model_name_or_path", "teacher_models", "teacher_model_revision", "teacher_model_init_kwargs")
         local += ("teacher_device", "teacher_offload", "cross_modal_distillation")

@@ -150,8 +150,8 @@ class TeachersMixin:
 
     def _score_teachers(self, batch, inputs, input_ids, attention_mask, model_inputs, want_states):
         """Log-probs of the sampled tokens under each row's teacher (at `args.teacher_temperature`), in row order, and
-        the teachers' completion hidden states when `want_states` (a single teacher). Text-only teachers of a vision-language
-        student read the text view of their rows; the others read exactly the student's inputs."""
+        the teachers' completion hidden states when `want_states` (a single teacher). Text-only teachers of a
+        vision-language student read the text view of their rows; the others read exactly the student's inputs."""
         completion_length = batch["completion_ids"].size(1)
         routes = self._teacher_routes(inputs)
         logps = torch.zeros(batch["completion_ids"].shape, device=self.accelerator.device)
@@ -203,7 +203,9 @@ class TeachersMixin:
         names = list(self.teachers)
         text = [names[i] in self._text_teachers for i in ([0] * len(inputs) if routes is None else routes.tolist())]
         images = [has_images(x) for x in inputs]
-        counts = torch.tensor([sum(t and i for t, i in zip(text, images, strict=True)), sum(images)], dtype=torch.float64)
+        counts = torch.tensor(
+            [sum(t and i for t, i in zip(text, images, strict=True)), sum(images)], dtype=torch.float64
+        )
         scored, total = self._reduce_sum(counts.to(self.accelerator.device)).tolist()
         metrics["gndpo/teacher/text_view_image_frac"].append(scored / total if total else 0.0)
         if scored and not self._warned_text_view_images:
