@@ -113,7 +113,9 @@ class GNDPOConfig(GRPOConfig):
             Allow a text-only teacher for a vision-language student (Uni-OPD's cross-modal setting): a text-only
             teacher scores the text view of each sample (the conversation with its images removed, built like VGS's
             text view), while the student trains on the image view. Vision-language teachers still see the images.
-            The teacher must share the student's tokenizer.
+            The teacher must share the student's tokenizer. Uni-OPD's cross-modal setting gives its text teachers
+            text-domain rows; an image row scored by a text-only teacher (which cannot see the image) is counted in
+            `gndpo/teacher/text_view_image_frac`, with a warning the first time.
 
         > Parameters that control the GNDPO token signal
 
@@ -357,7 +359,8 @@ class GNDPOConfig(GRPOConfig):
         default=False,
         metadata={
             "help": "Allow a text-only teacher for a vision-language student: it scores the text view of each "
-            "sample (images removed) while the student trains on the image view (Uni-OPD cross-modal)."
+            "sample (images removed) while the student trains on the image view. Uni-OPD's cross-modal setting "
+            "gives text teachers text-domain rows; image rows they score are counted and warned about."
         },
     )
 
