@@ -287,11 +287,11 @@ class GNDPOTrainer(GRPOTrainer):
         `inputs`: the rows behind `batch` (teacher routing, text views).
 
         `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
-        temperature, or the sampler's own with `old_logps_from_sampler`; teacher at temperature 1, each row by its own
-        teacher, on the text view for a text-only teacher, or from the teacher server). With the estimators that need
-        them: `entropy` (student, TIP), `base` (the reference of ExOPD: the initial student or the given reference
-        model), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden states at the
-        completion positions, in its own dtype, VGS).
+        temperature, or the sampler's own with `old_logps_from_sampler`; teacher at `args.teacher_temperature`, each
+        row by its own teacher, on the text view for a text-only teacher, or from the teacher server). With the
+        estimators that need them: `entropy` (student, TIP), `base` (the reference of ExOPD: the initial student or
+        the given reference model), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden
+        states at the completion positions, in its own dtype, VGS).
         """
         completion_length = batch["completion_ids"].size(1)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
