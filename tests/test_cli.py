@@ -15,6 +15,7 @@ from datasets import IterableDataset
 from tiny_models import make_text_model, make_tokenizer, save_tiny
 
 from trl_gndpo import cli, demo
+from trl_gndpo.paper import PAPER
 
 
 def test_console_script_points_to_main():
@@ -136,6 +137,9 @@ def test_train_streams_a_local_dataset_and_pushes_with_its_name(tmp_path, monkey
     repo, message, card = hub.uploads[-1]
     assert (repo, message) == ("someone/tiny-gndpo", "End of training")
     assert str(tmp_path / "data") in card, "the model card names the dataset"
+    tags = re.search(r"^tags:\n((?:- .*\n)+)", card, re.M).group(1).split()
+    assert {"trl", "gndpo", "distillation"} <= set(tags), tags  # listed with TRL's distillation models
+    assert PAPER["citation"] in card and "arxiv.org/abs/2606.09091" in card
 
 
 def test_datasets_mixture_from_a_yaml_config(tmp_path):

@@ -193,3 +193,13 @@ def test_every_logged_metric_is_documented():
     text = (DOCS / "metrics.md").read_text()
     missing = sorted(key for key in gndpo_keys | logged_keys | dropped_keys if f"`{key}`" not in text)
     assert not missing, f"docs/metrics.md does not mention {missing}"
+
+
+def test_the_citation_is_the_one_the_model_card_uses():
+    """docs/index.md quotes the BibTeX entry that `GNDPOTrainer._paper` puts in every model card, character for
+    character; a change to one fails here until the other gets it too."""
+    from trl_gndpo import GNDPOTrainer
+
+    blocks = re.findall(r"```bibtex\n(.*?)\n```", (DOCS / "index.md").read_text(), re.S)
+    assert blocks == [GNDPOTrainer._paper["citation"]]
+    assert GNDPOTrainer._paper["id"] in blocks[0] and GNDPOTrainer._paper["title"] in blocks[0]

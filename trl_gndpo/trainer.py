@@ -10,7 +10,6 @@ resumable data order and checkpoint checks (`resume.py`), the guard against batc
 """
 
 import copy
-import textwrap
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from .calibration import CalibrationMixin
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .guards import InvalidBatchGuard
+from .paper import PAPER
 from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
 from .steering import SteeringMixin
 from .teacher import (
@@ -95,19 +95,9 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
             `peft_config`, `callbacks`, `optimizers`, `quantization_config`, ...).
     """
 
-    _tag_names = ["trl", "gndpo"]
+    _tag_names = ["trl", "gndpo", "distillation"]  # "distillation": listed with TRL's distillation models
     _name = "GNDPO"
-    _paper = {
-        "title": "Stabilizing On-Policy Distillation for MLLM Reasoning with Global Normalization",
-        "id": "2606.09091",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @article{gndpo2026,
-                title        = {{Stabilizing On-Policy Distillation for MLLM Reasoning with Global Normalization}},
-                year         = 2026,
-                eprint       = {arXiv:2606.09091},
-            }"""),
-    }
+    _paper = PAPER  # trl_gndpo/paper.py, also quoted by docs/index.md
 
     def __init__(
         self,
