@@ -14,6 +14,15 @@ from .teacher import capture_completion_states, load_teacher, load_teacher_proce
 
 # The name of the only teacher when one is given (metrics and `teacher_device` use names only with several).
 SINGLE = "teacher"
+# The routing columns looked for without `teacher_column`: TRL's async distillation's name, then this package's first.
+ROUTING_COLUMNS = ("teacher_id", "teacher")
+
+
+def routing_column(args, columns) -> str:
+    """The column that names each sample's teacher: `teacher_column`, else the first of `ROUTING_COLUMNS` present."""
+    if args.teacher_column is not None:
+        return args.teacher_column
+    return next((column for column in ROUTING_COLUMNS if column in columns), ROUTING_COLUMNS[0])
 
 
 def named(teacher_model) -> dict:
@@ -89,15 +98,16 @@ def check_setup(args, trainer, names: list[str], datasets: list) -> None:
         columns = getattr(dataset, "column_names", None)
         if columns is None:
             continue
-        if args.teacher_column not in columns:
+        column = routing_column(args, columns)
+        if column not in columns:
             raise ValueError(
-                f"With several teachers ({names}) each sample names its teacher in the column "
-                f"{args.teacher_column!r} (`teacher_column`), which the dataset lacks; it has {columns}."
+                f"With several teachers ({names}) each sample names its teacher in the column {column!r} "
+                f"(`teacher_column`), which the dataset lacks; it has {columns}."
             )
         if not isinstance(dataset, Dataset):
             continue  # a stream: its rows are checked as they are scored
-        values = set(dataset[args.teacher_column])
-        route([{args.teacher_column: value} for value in values], args.teacher_column, names)
+        values = set(dataset[column])
+        route([{column: value} for value in values], column, names)
 
 
 def route(inputs: list[dict], column: str, names: list[str]) -> torch.Tensor:
@@ -138,7 +148,8 @@ class TeachersMixin:
         """Each local row's teacher index, or None with a single teacher (or a served one)."""
         if len(self.teachers) <= 1:
             return None
-        return route(inputs, self.args.teacher_column, list(self.teachers)).to(self.accelerator.device)
+        column = routing_column(self.args, inputs[0])
+        return route(inputs, column, list(self.teachers)).to(self.accelerator.device)
 
     def _score_teachers(self, batch, inputs, input_ids, attention_mask, model_inputs, want_states):
         """Log-probs of the sampled tokens under each row's teacher (temperature 1), in row order, and the teachers'
