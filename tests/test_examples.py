@@ -356,16 +356,20 @@ def launch(argv: list[str], monkeypatch):
     return launcher, args, {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
 
 
-EXPECTED_YAML = {
-    "ddp.yaml": ("multi_gpu_launcher", DistributedType.MULTI_GPU),
+EXPECTED_YAML = {  # named as TRL names the configs it ships (trl/accelerate_configs)
+    "multi_gpu.yaml": ("multi_gpu_launcher", DistributedType.MULTI_GPU),
     "zero2.yaml": ("deepspeed_launcher", DistributedType.DEEPSPEED),
     "zero3.yaml": ("deepspeed_launcher", DistributedType.DEEPSPEED),
-    "fsdp.yaml": ("multi_gpu_launcher", DistributedType.FSDP),
+    "fsdp2.yaml": ("multi_gpu_launcher", DistributedType.FSDP),
 }
 
 
 def test_every_accelerate_config_is_tested():
+    import importlib.resources
+
     assert sorted(p.name for p in (EXAMPLES / "accelerate").iterdir()) == sorted(EXPECTED_YAML)
+    shipped = {p.name for p in importlib.resources.files("trl.accelerate_configs").iterdir()}
+    assert set(EXPECTED_YAML) <= shipped, "each config carries the name of TRL's config for the same engine"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_YAML))
@@ -387,7 +391,7 @@ def test_accelerate_config(name, monkeypatch):
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     for key, value in env.items():  # the worker processes build accelerate's plugins from this environment
         monkeypatch.setenv(key, value)
-    if name == "ddp.yaml":
+    if name == "multi_gpu.yaml":
         assert "ACCELERATE_USE_DEEPSPEED" not in env and "ACCELERATE_USE_FSDP" not in env
     elif name.startswith("zero"):
         plugin = DeepSpeedPlugin()
@@ -436,9 +440,13 @@ def test_readme_launch_line(command, checkpoints, geometry3k, tmp_path, monkeypa
         assert (ROOT / words[-1]).is_file() and words[-1].startswith("examples/")
         return
     if "--config" in words:  # a YAML recipe of the CLI: its values parse and validate (test_cli.py covers the rest)
-        if words[0] == "accelerate":
-            assert launch(words[2:], monkeypatch)[1].training_script == "trl_gndpo"
-        _, config, model_args, _ = cli.parse(["--config", words[-1], "--output_dir", str(tmp_path)])
+        assert words[0] == "trl-gndpo", command
+        launch_args, training_args = cli.split_launch_args(words[1:])
+        if "--accelerate_config" in words:  # resolved by TRL to a config file that accelerate reads
+            assert launch_args[0] == "--config_file" and load_config_from_file(launch_args[1]).num_processes == 8
+        else:
+            assert launch_args == []
+        _, config, model_args, _ = cli.parse(training_args + ["--output_dir", str(tmp_path)])
         assert model_args.model_name_or_path and config.teacher_model_name_or_path
         return
     assert words[:2] == ["accelerate", "launch"], command

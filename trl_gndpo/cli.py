@@ -2,12 +2,19 @@
 
     trl-gndpo --model_name_or_path STUDENT --teacher_model_name_or_path TEACHER --dataset_name DATASET [...]
     trl-gndpo --config recipe.yaml            # e.g. examples/recipes/*.yaml; a `datasets:` list is a mixture
+    trl-gndpo --accelerate_config zero3 --num_processes 8 [...]   # several processes, through `accelerate launch`
     trl-gndpo                                 # nothing given: the embedded offline demo (SmolLM2-135M-Instruct, CPU)
 
 Every `GNDPOConfig`, `trl.ModelConfig` (`--use_peft`, `--lora_r`, `--load_in_4bit`, ...), `trl.ScriptArguments`
 (`--dataset_name`, `--dataset_streaming`, ...) and `trl.DatasetMixtureConfig` (`datasets`, `streaming`) field is a
 flag; `--config` reads them from YAML. The run follows `trl grpo` (trl/scripts/grpo.py): load, train, save, push to
 the Hub with `--push_to_hub`.
+
+Launching follows `trl grpo` too, with TRL's own functions: the flags (and `--config` keys) that are no training
+option are `accelerate launch` options (`--num_processes`, `--mixed_precision`, `--main_process_port`, ...);
+`--accelerate_config NAME|PATH` is a config file, or the name of one TRL ships (`multi_gpu`, `single_gpu`, `zero1`,
+`zero2`, `zero3`, `fsdp1`, `fsdp2`). With any of them, `accelerate launch` runs `trl_gndpo/scripts/gndpo.py` with the
+training options in every process; without, the run stays in this process.
 """
 
 import importlib
@@ -15,6 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers.utils import logging
@@ -87,12 +95,41 @@ def make_parser() -> TrlParser:
     return parser
 
 
-def parse(argv: Sequence[str] | None = None) -> Arguments:
+# What `accelerate launch` runs in every process (TRL's launcher runs trl/scripts/<command>.py the same way).
+LAUNCH_SCRIPT = Path(__file__).parent / "scripts" / "gndpo.py"
+
+
+def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`(accelerate launch arguments, training arguments)`, split as `trl grpo` splits them: what the parser does not
+    know, on the command line or as a `--config` key, is for `accelerate launch`, with `--accelerate_config
+    NAME|PATH` turned into `--config_file` by TRL's resolver. Both empty of launcher options: no launch."""
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from trl.cli.commands.training import _subtract_subsequence
+
+    argv = list(argv)
+    *_, config_remaining, cli_remaining = make_parser().parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
+    return launch_args, _subtract_subsequence(argv, cli_remaining)
+
+
+def launch(launch_args: list[str], training_args: list[str]) -> None:
+    """`accelerate launch LAUNCH_ARGS trl_gndpo/scripts/gndpo.py TRAINING_ARGS`, through TRL's launcher. It looks
+    scripts up in trl/scripts; an absolute path, as here, replaces that folder (`Path.joinpath`)."""
+    from trl.cli.accelerate_launcher import launch_training_script
+
+    launch_training_script(str(LAUNCH_SCRIPT), launch_args, training_args)
+
+
+def parse(argv: Sequence[str] | None = None, fail_with_unknown_args: bool = True) -> Arguments:
     """Parse flags and `--config`; when no student, dataset or teacher is named, parse again over the demo's defaults.
-    A dataset or teacher without a student is an error, not the demo."""
+    A dataset or teacher without a student is an error, not the demo. `fail_with_unknown_args=False` ignores `--config`
+    keys that are no training option (`accelerate launch` options, in a launched process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
+    options = {"fail_with_unknown_args": fail_with_unknown_args}
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv, **options)
     if model_args.model_name_or_path is None:
         given = {
             "--dataset_name": script_args.dataset_name,
@@ -108,7 +145,7 @@ def parse(argv: Sequence[str] | None = None) -> Arguments:
                 "of them to run the embedded demo."
             )
         parser.set_defaults_with_config(**DEMO_DEFAULTS)
-        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
+        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv, **options)
     return script_args, training_args, model_args, dataset_args
 
 
@@ -185,11 +222,12 @@ def train(
 
 
 def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> tuple[float, float]:
-    """Distill SmolLM2-135M-Instruct into its layer-pruned copy; print the reverse KL before and after."""
+    """Distill SmolLM2-135M-Instruct into its layer-pruned copy; print the held-out reverse KL before and after, and
+    where its curve (measured every quarter of the run by `ReverseKLCallback`) is drawn."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .demo import demo_prompts, prepare_models
-    from .evaluation import heldout_reverse_kl
+    from .evaluation import ReverseKLCallback
     from .trainer import GNDPOTrainer
 
     print(
@@ -201,21 +239,6 @@ def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> t
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     train_dataset, heldout = demo_prompts()
-
-    conversations = [[{"role": "user", "content": question}] for question in heldout]
-
-    def reverse_kl(model) -> float:
-        return heldout_reverse_kl(
-            model,
-            teacher,
-            tokenizer,
-            conversations,
-            script_args.demo_eval_samples,
-            training_args.max_completion_length,
-        )
-
-    before = reverse_kl(student)
-    print(f"Reverse KL to the teacher on {len(heldout)} held-out prompts before training: {before:.4f} nats/token")
     trainer = GNDPOTrainer(
         model=student,
         teacher_model=teacher,
@@ -224,26 +247,42 @@ def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> t
         processing_class=tokenizer,
         teacher_processing_class=tokenizer,
     )
+    heldout_kl = ReverseKLCallback(
+        trainer,
+        prompts=[[{"role": "user", "content": question}] for question in heldout],
+        eval_steps=max(1, training_args.max_steps // 4),
+        num_samples=script_args.demo_eval_samples,
+        max_new_tokens=training_args.max_completion_length,
+        plot=True,
+    )
+    trainer.add_callback(heldout_kl)
     trainer.train()
-    after = reverse_kl(trainer.model)
+    before, after = heldout_kl.history[0]["reverse_kl"], heldout_kl.history[-1]["reverse_kl"]
     print(
         f"Reverse KL to the teacher on {len(heldout)} held-out prompts: before {before:.4f}, after {after:.4f} "
         f"nats/token ({after - before:+.4f})."
     )
+    print(f"Held-out reverse KL against the step, plotted in {heldout_kl.plot_path}")
     return before, after
 
 
-def run(argv: Sequence[str] | None = None):
-    """Parse and run: the trainer of a real run, or the demo's (before, after) reverse KL."""
-    script_args, training_args, model_args, dataset_args = parse(argv)
+def run(argv: Sequence[str] | None = None, fail_with_unknown_args: bool = True):
+    """Parse and run in this process: the trainer of a real run, or the demo's (before, after) reverse KL."""
+    script_args, training_args, model_args, dataset_args = parse(argv, fail_with_unknown_args)
     if model_args.model_name_or_path is None:
         return run_demo(script_args, training_args)
     return train(script_args, training_args, model_args, dataset_args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: returns nothing, so the exit status is 0 on success."""
-    run(argv)
+    """Console entry point: with launcher options, `accelerate launch` the run; else run it here. Returns nothing, so
+    the exit status is 0 on success."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    launch_args, training_args = split_launch_args(argv)
+    if launch_args:
+        launch(launch_args, training_args)
+    else:
+        run(training_args)
 
 
 if __name__ == "__main__":
