@@ -339,8 +339,8 @@ def test_two_cpu_processes_through_the_accelerate_config_flag(tmp_path):
         port = s.getsockname()[1]
     config = Path(__file__).parents[1] / "examples" / "accelerate" / "multi_gpu.yaml"
     command = [sys.executable, "-m", "trl_gndpo", "--accelerate_config", str(config), "--num_processes", "2",
-               "--mixed_precision", "no", "--main_process_port", str(port),
-               "--model_name_or_path", str(tmp_path / "student"), "--teacher_model_name_or_path", str(tmp_path / "teacher"),
+               "--mixed_precision", "no", "--main_process_port", str(port), "--model_name_or_path",
+               str(tmp_path / "student"), "--teacher_model_name_or_path", str(tmp_path / "teacher"),
                "--dataset_name", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
                "--bf16", "false", "--max_steps", "1", "--per_device_train_batch_size", "2", "--num_generations", "2",
                "--max_completion_length", "4", "--report_to", "none", "--activation_checkpointing", "false",
