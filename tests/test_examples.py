@@ -108,6 +108,11 @@ def cpu_overrides(tmp_path, **overrides) -> dict:
     return cpu_grpo_kwargs(output_dir=str(tmp_path / "output"), max_steps=1, **overrides)
 
 
+def parse(example, argv: list[str]) -> tuple:
+    """An example's flags, parsed as its `__main__` does (TRL's script structure: `make_parser()`)."""
+    return example.make_parser().parse_args_and_config(argv)
+
+
 def as_flags(kwargs: dict) -> list[str]:
     return [item for key, value in kwargs.items() for item in (f"--{key}", str(value))]
 
@@ -300,6 +305,72 @@ def test_single_gpu_defaults_are_a_valid_gpu_recipe(name, monkeypatch):
         assert student.bnb_4bit_use_double_quant
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl_lora", "qlora"])
+def test_single_gpu_flags_default_to_the_recipe(name):
+    """`python examples/<name>.py` with no flag trains the recipe; flags replace single fields, as in TRL's scripts."""
+    example = load_example(name)
+    script_args, args = parse(example, ["--use_cpu", "--bf16", "false"])
+    assert (script_args.dataset_name, script_args.dataset_train_split) == ("hiyouga/geometry3k", "train[:1024]")
+    expected = GNDPOConfig(**{**example.RECIPE, "use_cpu": True, "bf16": False})
+    assert args.to_dict() == expected.to_dict()
+    _, args = parse(example, ["--use_cpu", "--bf16", "false", "--max_steps", "10", "--resume_from_checkpoint", "c"])
+    assert (args.max_steps, args.resume_from_checkpoint, args.num_generations) == (10, "c", expected.num_generations)
+
+
+@pytest.mark.slow
+def test_lora_script_resumes_and_pushes_with_the_dataset_name(checkpoints, geometry3k, tmp_path, monkeypatch):
+    """`main()` as `python examples/qwen2_5_vl_lora.py --resume_from_checkpoint ... --push_to_hub` runs it (fake Hub):
+    the run continues from the checkpoint's step, the card names the dataset, the adapter is merged."""
+    import transformers.trainer
+    from test_cli import FakeHub
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    lora = load_example("qwen2_5_vl_lora")
+    student, teacher = checkpoints
+    flags = ["--dataset_name", geometry3k, "--dataset_train_split", "train", "--save_strategy", "steps"]
+    flags += [
+        "--save_steps",
+        "1",
+        *as_flags({k: v for k, v in cpu_overrides(tmp_path).items() if k != "save_strategy"}),
+    ]
+    first = lora.main(*parse(lora, flags), student=student, teacher=teacher)
+    assert first.state.global_step == 1 and hub.uploads == []
+    checkpoint = str(tmp_path / "output" / "checkpoint-1")
+    resumed_flags = flags + ["--max_steps", "2", "--resume_from_checkpoint", checkpoint]
+    resumed_flags += ["--push_to_hub", "--hub_model_id", "someone/tiny-vl-gndpo"]
+    trainer = lora.main(*parse(lora, resumed_flags), student=student, teacher=teacher)
+    steps = [entry["step"] for entry in trainer.state.log_history if "gndpo/reverse_kl" in entry]
+    assert trainer.state.global_step == 2 and steps == [1, 2], "step 1 comes from the checkpoint, step 2 is trained"
+    repo, message, card = hub.uploads[-1]
+    assert (repo, message) == ("someone/tiny-vl-gndpo", "End of training") and geometry3k in card
+    assert (tmp_path / "output" / "merged" / "model.safetensors").exists()
+
+
+def test_multi_gpu_main_pushes_with_the_dataset_name(checkpoints, geometry3k, tmp_path, monkeypatch):
+    import transformers.trainer
+    from test_cli import FakeHub
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    multi_gpu = load_example("multi_gpu")
+    student, teacher = checkpoints
+    argv = ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", geometry3k]
+    argv += [
+        "--use_peft",
+        "--lora_target_modules",
+        "q_proj",
+        "v_proj",
+        "--push_to_hub",
+        "--hub_model_id",
+        "someone/vl",
+    ]
+    trainer = multi_gpu.main(*parse(multi_gpu, argv + as_flags(cpu_overrides(tmp_path))))
+    assert trainer.state.global_step == 1 and (tmp_path / "output" / "adapter_model.safetensors").exists()
+    repo, _, card = hub.uploads[-1]
+    assert repo == "someone/vl" and geometry3k in card
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # multi_gpu.py
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,7 +380,7 @@ def test_multi_gpu_parses_and_builds_lora(checkpoints, geometry3k, tmp_path):
     target = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
     argv = ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", geometry3k]
     argv += ["--use_peft", "--lora_target_modules", target, "--teacher_model_init_kwargs", '{"dtype": "bfloat16"}']
-    script_args, args, model_args = multi_gpu.parse_args(argv + as_flags(cpu_overrides(tmp_path)))
+    script_args, args, model_args = parse(multi_gpu, argv + as_flags(cpu_overrides(tmp_path)))
     assert isinstance(args, GNDPOConfig) and args.teacher_model_name_or_path == teacher and args.max_steps == 1
     assert args.teacher_model_init_kwargs == {"dtype": "bfloat16"}  # JSON on the command line
     assert (model_args.dtype, model_args.lora_dropout, model_args.lora_target_modules) == ("bfloat16", 0.0, target)
@@ -326,14 +397,14 @@ def test_multi_gpu_parses_and_builds_lora(checkpoints, geometry3k, tmp_path):
 
 def test_multi_gpu_defaults_and_4bit_student(checkpoints, geometry3k, tmp_path):
     multi_gpu = load_example("multi_gpu")
-    script_args, args, model_args = multi_gpu.parse_args(["--model_name_or_path", "m", "--use_cpu"])
+    script_args, args, model_args = parse(multi_gpu, ["--model_name_or_path", "m", "--use_cpu"])
     assert script_args.dataset_name == "hiyouga/geometry3k" and not model_args.use_peft  # full fine-tune by default
     assert not model_args.load_in_4bit and args.teacher_model_name_or_path is None
 
     student, teacher = checkpoints
     argv = ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", geometry3k]
     argv += ["--load_in_4bit", "--use_peft", "--lora_target_modules", "q_proj", "v_proj"]
-    trainer = multi_gpu.build_trainer(*multi_gpu.parse_args(argv + as_flags(cpu_overrides(tmp_path))))
+    trainer = multi_gpu.build_trainer(*parse(multi_gpu, argv + as_flags(cpu_overrides(tmp_path))))
     base = trainer.model.get_base_model()
     assert base.is_loaded_in_4bit and isinstance(base.model.language_model.layers[0].mlp.up_proj, Linear4bit)
     assert {name.rsplit(".", 1)[-1] for name in lora_modules(trainer.model)} == {"q_proj", "v_proj"}
@@ -453,7 +524,7 @@ def test_readme_launch_line(command, checkpoints, geometry3k, tmp_path, monkeypa
     launcher, args, _ = launch(words[2:], monkeypatch)
     assert Path(args.training_script) == Path("examples/multi_gpu.py")
     multi_gpu = load_example("multi_gpu")
-    script_args, config, model_args = multi_gpu.parse_args(args.training_script_args + ["--use_cpu"])  # no GPU here
+    script_args, config, model_args = parse(multi_gpu, args.training_script_args + ["--use_cpu"])  # no GPU here
     assert model_args.model_name_or_path.startswith("Qwen/Qwen2.5-VL-")
     assert config.teacher_model_name_or_path.startswith("Qwen/Qwen2.5-VL-")
     assert config.output_dir and script_args.dataset_name == "hiyouga/geometry3k"
@@ -466,7 +537,7 @@ def test_readme_launch_line(command, checkpoints, geometry3k, tmp_path, monkeypa
     cpu = {k: v for k, v in cpu_overrides(tmp_path).items() if not k.startswith(("per_device", "gradient_acc"))}
     argv = args.training_script_args + ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher]
     argv += ["--dataset_name", geometry3k, "--use_vllm", "false", *as_flags(cpu)]
-    trainer = multi_gpu.build_trainer(*multi_gpu.parse_args(argv))
+    trainer = multi_gpu.build_trainer(*parse(multi_gpu, argv))
     assert isinstance(trainer, GNDPOTrainer) and not trainer.use_vllm
     assert isinstance(trainer.model, PeftModel) == ("--use_peft" in words)
     if "--use_peft" in words:
