@@ -23,9 +23,7 @@ README's vLLM colocate line is parsed and must select vLLM in colocate mode, the
 `use_vllm` forced off, so vLLM generation itself is not tested here.
 """
 
-import ast
 import configparser
-import difflib
 import importlib.util
 import json
 import math
@@ -176,19 +174,6 @@ def test_lora_script_trains_a_language_model_adapter(checkpoints, geometry3k, tm
     train_one_step(trainer)
 
 
-def script_statements(path: Path) -> list[ast.stmt]:
-    """The script's statements, docstring dropped and the `if __name__ == "__main__":` block unwrapped."""
-    statements = []
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-            continue
-        if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'":
-            statements.extend(node.body)
-        else:
-            statements.append(node)
-    return statements
-
-
 def notebook_code_cells() -> tuple[list[str], list[str]]:
     """(install cells, other code cells) as source strings, after checking the nbformat 4 structure."""
     notebook = json.loads(NOTEBOOK.read_text())
@@ -203,50 +188,113 @@ def notebook_code_cells() -> tuple[list[str], list[str]]:
     return install, code
 
 
-def test_notebook_installs_this_repository():
+def test_notebook_installs_the_package_as_trls_notebooks_do():
+    """`%pip install "trl-gndpo[quantization]" trackio`: the package by its distribution name (no clone), with
+    extras that setup.cfg defines, and the tracker it logs to."""
     install, _ = notebook_code_cells()
     assert len(install) == 1
     commands = [line for line in install[0].splitlines() if line and not line.startswith("#")]
     assert len(commands) == 1 and commands[0].startswith("%pip install")
-    target = (EXAMPLES / commands[0].split()[-1]).resolve()  # relative to the notebook's folder
+    requirements = [word.strip('"') for word in commands[0].split()[2:] if not word.startswith("-")]
     setup = configparser.ConfigParser()
-    setup.read(target / "setup.cfg")
-    assert setup["metadata"]["name"] == "trl-gndpo"
+    setup.read(ROOT / "setup.cfg")
+    package = re.fullmatch(r"([\w-]+)\[([\w,]+)\]", requirements[0])
+    assert package and package[1] == setup["metadata"]["name"], requirements
+    assert set(package[2].split(",")) <= set(setup["options.extras_require"]) and "quantization" in package[2]
+    assert "trackio" in requirements[1:]
 
 
-def test_notebook_is_the_script_and_runs(checkpoints, geometry3k, tmp_path, capsys):
+def run_notebook(checkpoints, geometry3k, tmp_path, monkeypatch, push: bool) -> dict:
+    """Every code cell but the install one, in order, in one namespace: the tiny models bound to `build_trainer`'s
+    defaults, the local Geometry3K to `load_prompts`, and `PUSH_TO_HUB` set to `push` (a fake Hub receives it)."""
+    import transformers.trainer
+    from test_cli import FakeHub
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    pushed = []
+    for owner in ("transformers.PreTrainedModel", "transformers.ProcessorMixin"):  # each has its own copy of it
+        monkeypatch.setattr(f"{owner}.push_to_hub", lambda self, repo, **kw: pushed.append(repo))
     _, cells = notebook_code_cells()
+    namespace = {"__name__": "__main__", "trainers": []}
     for i, source in enumerate(cells):
-        compile(source, f"{NOTEBOOK.name} code cell {i}", "exec")
-    notebook = [ast.unparse(s) for s in ast.parse("\n".join(cells)).body]
-    script = [ast.unparse(s) for s in script_statements(EXAMPLES / "qwen2_5_vl_lora.py")]
-    assert notebook == script, "the notebook and qwen2_5_vl_lora.py differ:\n" + "\n".join(
-        difflib.unified_diff(script, notebook, "qwen2_5_vl_lora.py", NOTEBOOK.name, lineterm="")
-    )
-
-    namespace = {"__name__": "__main__"}
-    for source in cells:
-        exec(compile(source, NOTEBOOK.name, "exec"), namespace)
+        exec(compile(source, f"{NOTEBOOK.name} code cell {i}", "exec"), namespace)
+        if "PUSH_TO_HUB" in namespace and "defaults" not in namespace:
+            namespace["defaults"] = {
+                "PUSH_TO_HUB": namespace["PUSH_TO_HUB"],
+                "HUB_MODEL_ID": namespace["HUB_MODEL_ID"],
+            }
+            namespace.update(PUSH_TO_HUB=push, HUB_MODEL_ID="someone/tiny-vl-qlora" if push else None)
+        load = namespace.get("load_prompts")
+        if load is not None and not hasattr(load, "tiny"):
+            namespace["load_prompts"] = lambda name=None, split=None, load=load: load(geometry3k, "train")
+            namespace["load_prompts"].tiny = True
         build = namespace.get("build_trainer")
         if build is not None and not hasattr(build, "tiny"):  # bind the tiny models as soon as it is defined
             student, teacher = checkpoints
-            dataset = namespace["load_prompts"](geometry3k, "train")
 
-            def tiny_build(build=build, student=student, teacher=teacher, dataset=dataset):
-                return build(student, teacher, dataset=dataset, **cpu_overrides(tmp_path))
+            def tiny_build(build=build, student=student, teacher=teacher):
+                overrides = cpu_overrides(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+                trainer = build(student, teacher, dataset=namespace["load_prompts"](), **overrides)
+                namespace["trainers"].append(trainer)
+                return trainer
 
             tiny_build.tiny = True
             namespace["build_trainer"] = tiny_build
-    trainer = namespace["trainer"]
-    assert trainer.state.global_step == 1
+    namespace["hub"], namespace["pushed"] = hub, pushed
+    return namespace
+
+
+@pytest.mark.slow
+def test_notebook_runs_with_tiny_models(checkpoints, geometry3k, tmp_path, monkeypatch, capsys):
+    namespace = run_notebook(checkpoints, geometry3k, tmp_path, monkeypatch, push=False)
+    assert namespace["defaults"] == {"PUSH_TO_HUB": False, "HUB_MODEL_ID": None}, "the notebook pushes on request only"
+    (trainer,) = namespace["trainers"]
+    assert trainer.state.global_step == 1 and namespace["hub"].uploads == [] and namespace["pushed"] == []
+    assert trainer.model.get_base_model().is_loaded_in_4bit  # QLoRA student
+    assert trainer.accelerator.unwrap_model(trainer.teacher_model).is_loaded_in_4bit  # 4-bit teacher
+    check_language_model_lora(trainer.model)
     assert (tmp_path / "output" / "adapter_model.safetensors").exists()  # the notebook's save_model()
-    # The merged student loads without peft and carries the trained adapter in the language model only.
+    # The held-out evaluation ran before and after the step, printed and plotted
+    out = capsys.readouterr().out
+    assert re.search(r"^step +0 +held-out reverse KL \d+\.\d{4}", out, re.M)
+    assert re.search(r"^step +1 +held-out reverse KL \d+\.\d{4}", out, re.M)
+    assert f"curve: {tmp_path / 'output' / 'reverse_kl.png'}" in out
+    assert (tmp_path / "output" / "reverse_kl.png").exists()
+    # The merged student (bf16 base + adapter) loads without peft and differs in the language model's projections only
     merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "output" / "merged").state_dict()
-    initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(student).state_dict()
+    initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoints[0]).state_dict()
     assert merged.keys() == initial.keys()
     changed = {name for name in merged if not torch.equal(merged[name], initial[name].to(merged[name].dtype))}
     assert changed and all(".language_model." in name and name.endswith("_proj.weight") for name in changed), changed
-    assert re.search(r"^step +1 +reverse KL -?\d+\.\d{4} .*advantage std \d\.\d\d$", capsys.readouterr().out, re.M)
+
+
+@pytest.mark.slow
+def test_notebook_pushes_when_asked(checkpoints, geometry3k, tmp_path, monkeypatch):
+    namespace = run_notebook(checkpoints, geometry3k, tmp_path, monkeypatch, push=True)
+    repo, message, card = namespace["hub"].uploads[-1]
+    assert (repo, message) == ("someone/tiny-vl-qlora", "End of training") and geometry3k in card
+    assert namespace["pushed"] == ["someone/tiny-vl-qlora-merged"] * 2  # the merged model and its processor
+
+
+def test_notebook_defaults_fit_the_stated_budget():
+    """The notebook's config, as written, is a valid GPU config for QLoRA on one 16 GB GPU: 4-bit student and teacher,
+    trackio, a small generation batch; the markdown states the budget."""
+    _, cells = notebook_code_cells()
+    namespace = {}
+    for source in cells:
+        if "CONFIG = dict(" in source:
+            source = source[: source.index("def build_trainer")]
+            exec("PUSH_TO_HUB, HUB_MODEL_ID = False, None\n" + source, namespace)
+    config = namespace["CONFIG"]
+    assert config["report_to"] == "trackio" and config["push_to_hub"] is False
+    quantization = BitsAndBytesConfig(**namespace["QUANTIZATION"])
+    assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "nf4"
+    assert config["teacher_model_init_kwargs"]["quantization_config"] is namespace["QUANTIZATION"]
+    args = GNDPOConfig(**config, use_cpu=True)
+    assert args.generation_batch_size == 16 and args.steps_per_generation == args.gradient_accumulation_steps
+    text = NOTEBOOK.read_text()
+    assert "16 GB" in text and "about 13 GB" in text
 
 
 # --------------------------------------------------------------------------------------------------------------------
