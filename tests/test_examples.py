@@ -273,7 +273,8 @@ def test_notebook_runs_with_tiny_models(checkpoints, geometry3k, tmp_path, monke
 def test_notebook_pushes_when_asked(checkpoints, geometry3k, tmp_path, monkeypatch):
     namespace = run_notebook(checkpoints, geometry3k, tmp_path, monkeypatch, push=True)
     repo, message, card = namespace["hub"].uploads[-1]
-    assert (repo, message) == ("someone/tiny-vl-qlora", "End of training") and geometry3k in card
+    assert (repo, message) == ("someone/tiny-vl-qlora", "End of training")
+    assert "datasets: hiyouga/geometry3k" in card  # push_to_hub(dataset_name=DATASET) names the Hub dataset
     assert namespace["pushed"] == ["someone/tiny-vl-qlora-merged"] * 2  # the merged model and its processor
 
 
