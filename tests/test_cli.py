@@ -156,6 +156,25 @@ def test_datasets_mixture_from_a_yaml_config(tmp_path):
     assert sorted(texts) == ["Count to 0.", "Count to 1.", "Count to 2.", "Spell to 0.", "Spell to 1."]
 
 
+def test_prompt_and_image_columns_map_another_layout(tmp_path):
+    """`--prompt_column` / `--image_column`: plain-text questions become TRL's conversational `prompt` (without the
+    `<image>` placeholder), a single image per row becomes an `images` list; other columns stay."""
+    from datasets import Dataset, DatasetDict
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8))
+    split = Dataset.from_dict(
+        {"question": ["<image>What is x?", "Why?"], "picture": [image, image], "answer": ["1", "2"]}
+    )
+    mapped = cli.map_columns(DatasetDict(train=split), "question", "picture")["train"]
+    assert sorted(mapped.column_names) == ["answer", "images", "prompt", "question"]
+    assert mapped[0]["prompt"] == [{"role": "user", "content": "What is x?"}]
+    assert len(mapped[1]["images"]) == 1 and mapped[1]["images"][0].size == (8, 8)
+    assert cli.map_columns(DatasetDict(train=split), None, None)["train"] is split
+    with pytest.raises(ValueError, match=r"name \['problem'\], which the 'train' split lacks"):
+        cli.map_columns(DatasetDict(train=split), "problem", None)
+
+
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--dataset_name .* is required with --model_name_or_path"):
         cli.main(["--model_name_or_path", "student", "--output_dir", str(tmp_path)])
@@ -192,6 +211,7 @@ def test_recipe_parses_into_a_real_run(recipe, tmp_path):
     assert model_args.model_name_or_path and training_args.teacher_model_name_or_path
     assert script_args.dataset_name or dataset_args.datasets
     assert training_args.max_steps == -1, "a recipe is a real run: the demo's defaults must not apply"
+    assert training_args.report_to == ["trackio"], "one tracking convention, TRL's"
 
 
 @pytest.fixture(scope="module")

@@ -49,11 +49,24 @@ class GNDPOScriptArguments(ScriptArguments):
         reward_funcs (`list[str]`, *optional*):
             Outcome rewards, logged and used by the Uni-OPD options: names from `trl.rewards` (e.g.
             `accuracy_reward`, `think_format_reward`) or dotted import paths (`my_lib.rewards.my_reward`).
+        prompt_column (`str`, *optional*):
+            A dataset without TRL's conversational `prompt` column: the column of plain-text questions that becomes
+            it, each a one-turn user message (an `<image>` placeholder in the text is dropped: TRL places the images).
+        image_column (`str`, *optional*):
+            The dataset column holding each row's image or list of images, given to the trainer as TRL's `images`
+            column (a list per row).
     """
 
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={"help": "Outcome rewards: names from `trl.rewards` (e.g. accuracy_reward) or dotted import paths."},
+    )
+    prompt_column: str | None = field(
+        default=None,
+        metadata={"help": "Column of plain-text questions turned into the conversational `prompt` column."},
+    )
+    image_column: str | None = field(
+        default=None, metadata={"help": "Column of each row's image(s), given as TRL's `images` column."}
     )
 
     demo_cache_dir: str | None = field(
@@ -165,22 +178,54 @@ def load_reward_func(name: str):
 
 
 def load_datasets(script_args: GNDPOScriptArguments, dataset_args: DatasetMixtureConfig):
-    """The dataset splits, as `trl grpo` loads them: the `datasets` mixture if given, else `--dataset_name`."""
+    """The dataset splits, as `trl grpo` loads them: the `datasets` mixture if given, else `--dataset_name`; then
+    `--prompt_column` / `--image_column` map another layout to TRL's `prompt` and `images` columns."""
     from datasets import load_dataset
     from trl import get_dataset
 
     if dataset_args.datasets:
         if script_args.dataset_name:
             logger.warning("Both `datasets` and `dataset_name` are given: the `datasets` mixture is used.")
-        return get_dataset(dataset_args)
-    if script_args.dataset_name is None:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name is None:
         raise ValueError(
             "--dataset_name (or a `datasets` mixture in --config) is required with --model_name_or_path (omit "
             "both to run the demo)."
         )
-    return load_dataset(
-        script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
-    )
+    else:
+        dataset = load_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    return map_columns(dataset, script_args.prompt_column, script_args.image_column)
+
+
+def map_columns(dataset, prompt_column: str | None, image_column: str | None):
+    """Every split with the `prompt` conversation made from `prompt_column` and the `images` list from `image_column`
+    (each left alone when not given); a named column that a split lacks is an error."""
+    if prompt_column is None and image_column is None:
+        return dataset
+    for name, split in dataset.items():
+        missing = [
+            c for c in (prompt_column, image_column) if c and split.column_names and c not in split.column_names
+        ]
+        if missing:
+            raise ValueError(
+                f"--prompt_column / --image_column name {missing}, which the {name!r} split lacks; it has "
+                f"{split.column_names}."
+            )
+
+    def to_trl_columns(row: dict) -> dict:
+        columns = {}
+        if prompt_column:
+            question = row[prompt_column].replace("<image>", "").strip()
+            columns["prompt"] = [{"role": "user", "content": question}]
+        if image_column:
+            images = row[image_column]
+            columns["images"] = images if isinstance(images, list) else [images]
+        return columns
+
+    drop = [image_column] if image_column not in (None, "images") else []
+    return dataset.map(to_trl_columns, remove_columns=drop or None)
 
 
 def train(
