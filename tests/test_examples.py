@@ -549,7 +549,8 @@ def test_readme_lists_every_example_and_config():
 def command_id(command: str) -> str:
     """`zero3.yaml` (the accelerate config) or `qlora.py`, plus `-vllm` or `-vgs`: a failing line is easy to find."""
     words = shlex.split(command)
-    target = words[words.index("--config_file") + 1] if "--config_file" in words else words[-1]
+    flag = next((f for f in ("--config_file", "--accelerate_config", "--config") if f in words), None)
+    target = words[words.index(flag) + 1] if flag else words[-1]
     return Path(target).name + ("-vllm" if "--use_vllm" in words else "") + ("-vgs" if "--vgs_eta" in words else "")
 
 
@@ -574,17 +575,25 @@ def test_vlm_recipe_trains_on_geometry3k_as_the_hub_serves_it(checkpoints, geome
 def test_readme_launch_line(command, checkpoints, geometry3k, tmp_path, monkeypatch):
     words = shlex.split(command)
     if words[0] in ("python", "jupyter"):
-        assert (ROOT / words[-1]).is_file() and words[-1].startswith("examples/")
+        script = next(w for w in words if w.startswith("examples/"))
+        assert (ROOT / script).is_file()
+        if script.endswith(".py"):  # its flags parse with the script's own parser (TRL's script structure)
+            flags = words[words.index(script) + 1 :]
+            _, args = parse(load_example(Path(script).stem), flags + ["--use_cpu", "--bf16", "false"])
+            assert args.resume_from_checkpoint == (flags[1] if "--resume_from_checkpoint" in flags else None)
+            assert args.push_to_hub == ("--push_to_hub" in flags)
         return
-    if "--config" in words:  # a YAML recipe of the CLI: its values parse and validate (test_cli.py covers the rest)
-        assert words[0] == "trl-gndpo", command
+    if words[0] == "trl-gndpo":  # the CLI: launch options resolve, values parse and validate (and test_cli.py)
         launch_args, training_args = cli.split_launch_args(words[1:])
         if "--accelerate_config" in words:  # resolved by TRL to a config file that accelerate reads
             assert launch_args[0] == "--config_file" and load_config_from_file(launch_args[1]).num_processes == 8
         else:
             assert launch_args == []
-        _, config, model_args, _ = cli.parse(training_args + ["--output_dir", str(tmp_path)])
+        script_args, config, model_args, _ = cli.parse(training_args + ["--output_dir", str(tmp_path)])
         assert model_args.model_name_or_path and config.teacher_model_name_or_path
+        if "--config" not in words:  # the full command line: its dataset mapping and the reference batch
+            assert (script_args.prompt_column, script_args.image_column) == ("problem", "images")
+            assert config.generation_batch_size * 8 // config.num_generations == 32
         return
     assert words[:2] == ["accelerate", "launch"], command
     launcher, args, _ = launch(words[2:], monkeypatch)
