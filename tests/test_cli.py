@@ -39,6 +39,10 @@ def test_help_lists_the_gndpo_options(capsys):
         "--load_in_4bit",
         "--dataset_name",
         "--demo_prune_fraction",
+        "--prompt_column",
+        "--image_column",
+        "--accelerate_config NAME|PATH",
+        "--num_processes",
     ):
         assert flag in text, flag
 

@@ -103,6 +103,11 @@ Arguments = tuple[GNDPOScriptArguments, GNDPOConfig, ModelConfig, DatasetMixture
 def make_parser() -> TrlParser:
     parser = TrlParser((GNDPOScriptArguments, GNDPOConfig, ModelConfig, DatasetMixtureConfig), prog="trl-gndpo")
     parser.description = __doc__.split("\n\n")[0]
+    parser.epilog = (
+        "Several processes, as with `trl grpo`: --accelerate_config NAME|PATH (a config TRL ships: multi_gpu, "
+        "single_gpu, zero1, zero2, zero3, fsdp1, fsdp2; or a file) and any other `accelerate launch` option "
+        "(--num_processes N, --mixed_precision, --main_process_port, ...) launch the run through accelerate."
+    )
     if not torch.cuda.is_available():  # TRL defaults to bf16, which fails on a CPU-only machine
         parser.set_defaults_with_config(use_cpu=True, bf16=False)
     return parser
