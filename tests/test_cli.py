@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from concurrent.futures import Future
@@ -377,3 +378,32 @@ def test_two_cpu_processes_through_the_accelerate_config_flag(tmp_path):
     assert ranks == {"rank0": "2 gloo", "rank1": "2 gloo"}, ranks
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert f"Model saved to {tmp_path / 'out'}." in result.stdout
+
+
+DOCUMENTED = [Path(__file__).parents[1] / "README.md", *sorted((Path(__file__).parents[1] / "docs").glob("*.md"))]
+
+
+def documented_commands() -> list[str]:
+    """Every `trl-gndpo ...` line in the bash blocks of the README and docs/, continuation lines joined."""
+    commands = []
+    for path in DOCUMENTED:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                if line.startswith("trl-gndpo ") and "STUDENT" not in line:  # placeholders are not commands
+                    commands.append(line.split("  #")[0].strip())
+    return commands
+
+
+@pytest.mark.parametrize("command", documented_commands())
+def test_documented_command_lines_resolve_and_parse(command, tmp_path, monkeypatch):
+    """Each documented command: its launcher options resolve (TRL's config names or existing files, run from the
+    repository root) and its training options parse and validate."""
+    words = shlex.split(command)
+    monkeypatch.chdir(Path(__file__).parents[1])
+    launch_args, training_args = cli.split_launch_args(words[1:])
+    if "--accelerate_config" in words:
+        assert launch_args[0] == "--config_file" and Path(launch_args[1]).is_file()
+    else:
+        assert launch_args == []
+    _, config, model_args, _ = cli.parse(training_args + ["--output_dir", str(tmp_path)])
+    assert model_args.model_name_or_path and (config.teacher_model_name_or_path or config.teacher_models)
