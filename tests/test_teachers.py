@@ -17,9 +17,9 @@ from trl_gndpo import GNDPOConfig, GNDPOTrainer
 LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
 
-def routed_dataset(values) -> Dataset:
+def routed_dataset(values, column="teacher") -> Dataset:
     dataset = make_text_dataset(8)
-    return dataset.add_column("teacher", [values[i % len(values)] for i in range(len(dataset))])
+    return dataset.add_column(column, [values[i % len(values)] for i in range(len(dataset))])
 
 
 def record(trainer, extra=None) -> list[dict]:
@@ -51,24 +51,27 @@ def count_rows(model) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("values", "device"), [(["math", "code"], None), ([1, 0, 0], {"code": "cpu"})], ids=["names", "indices"]
+    ("values", "device", "column"),
+    [(["math", "code"], None, "teacher_id"), ([1, 0, 0], {"code": "cpu"}, "teacher")],
+    ids=["names-in-trl-teacher_id", "indices-in-teacher"],
 )
-def test_each_sample_is_scored_by_its_own_teacher(values, device, cpu_config_kwargs):
+def test_each_sample_is_scored_by_its_own_teacher(values, device, column, cpu_config_kwargs):
+    """Routed by TRL's `teacher_id` column or by this package's earlier `teacher` column, without `teacher_column`."""
     math, code = make_text_model(seed=1, hidden_size=128), make_text_model(seed=2, num_hidden_layers=3)
     seen = {"math": count_rows(math), "code": count_rows(code)}
     trainer = GNDPOTrainer(
         model=make_text_model(seed=0),
         teacher_model={"math": math, "code": code},
         args=GNDPOConfig(**cpu_config_kwargs(max_steps=3, teacher_device=device)),
-        train_dataset=routed_dataset(values),
+        train_dataset=routed_dataset(values, column),
         processing_class=make_tokenizer(),
     )
     records = record(trainer, {"math": math, "code": code})
     trainer.train()
     routed = {"math": 0, "code": 0}
-    assert any(len({str(x["teacher"]) for x in r["inputs"]}) == 2 for r in records), "a batch mixes both teachers"
+    assert any(len({str(x[column]) for x in r["inputs"]}) == 2 for r in records), "a batch mixes both teachers"
     for r in records:
-        names = [v if isinstance(v, str) else ["math", "code"][v] for v in (x["teacher"] for x in r["inputs"])]
+        names = [v if isinstance(v, str) else ["math", "code"][v] for v in (x[column] for x in r["inputs"])]
         for name in names:
             routed[name] += 1
         q = torch.stack([r[name][i] for i, name in enumerate(names)])
@@ -115,7 +118,10 @@ def test_two_copies_of_one_teacher_train_like_that_teacher_alone(lora, cpu_confi
 @pytest.mark.parametrize(
     ("overrides", "dataset", "message"),
     [
-        ({}, make_text_dataset(8), "column 'teacher'"),
+        ({}, make_text_dataset(8), "column 'teacher_id'"),  # TRL's name is the one asked for
+        ({"teacher_column": "domain"}, routed_dataset(["a", "b"]), "column 'domain'"),
+        # with both columns, TRL's `teacher_id` routes (here to an unknown teacher), not `teacher`
+        ({}, routed_dataset(["a", "x"], "teacher_id").add_column("teacher", ["a"] * 8), "'teacher_id' is 'x'"),
         ({}, routed_dataset(["a", "x"]), "names none of the teachers"),
         ({}, routed_dataset([0, 2]), "names none of the teachers"),
         ({"value_baseline": True}, routed_dataset(["a", "b"]), "several teachers"),

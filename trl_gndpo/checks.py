@@ -218,15 +218,16 @@ def check_routing(args: GNDPOConfig, trainer, names: list[str], datasets: list) 
         columns = getattr(dataset, "column_names", None)
         if columns is None:
             continue
-        if args.teacher_column not in columns:
+        column = teachers.routing_column(args.teacher_column, columns)  # `teacher_id` (TRL's name) or `teacher`
+        if column not in columns:
             raise ValueError(
-                f"With several teachers ({names}) each sample names its teacher in the column "
-                f"{args.teacher_column!r} (`teacher_column`), which the dataset lacks; it has {columns}."
+                f"With several teachers ({names}) each sample names its teacher in the column {column!r} "
+                f"(`teacher_column`), which the dataset lacks; it has {columns}."
             )
         if not isinstance(dataset, Dataset):
             continue  # a stream: its rows are checked as they are scored
-        values = set(dataset[args.teacher_column])
-        teachers.route([{args.teacher_column: value} for value in values], args.teacher_column, names)
+        values = set(dataset[column])
+        teachers.route([{column: value} for value in values], column, names)
 
 
 def check_cross_modal(args: GNDPOConfig, models: dict, is_vlm: bool) -> None:

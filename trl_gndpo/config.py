@@ -96,9 +96,10 @@ class GNDPOConfig(GRPOConfig):
             scored by the teacher its `teacher_column` names; every teacher scores only its samples, once per
             generation batch. Alternative to `teacher_model_name_or_path`. Not with DeepSpeed ZeRO-3 or FSDP,
             `value_baseline` or `visual_gradient_steering`.
-        teacher_column (`str`, *optional*, defaults to `"teacher"`):
+        teacher_column (`str`, *optional*):
             With several teachers, the dataset column that routes each sample: a teacher's name, or its index in
-            `teacher_models` (0-based, in the order given).
+            `teacher_models` (0-based, in the order given). Defaults to `"teacher_id"` (the column TRL's async
+            distillation routes by) or, in a dataset without it, `"teacher"` (this package's earlier default).
         teacher_device (`str` or `dict[str, str]`, *optional*):
             Keep the teacher on this device (e.g. `"cuda:1"`, or `"cpu"`) instead of the training device; its inputs
             are moved there for scoring and its log-probs moved back. With several teachers, a dict teacher name ->
@@ -347,9 +348,12 @@ class GNDPOConfig(GRPOConfig):
             "teacher its `teacher_column` names. Alternative to `teacher_model_name_or_path`."
         },
     )
-    teacher_column: str = field(
-        default="teacher",
-        metadata={"help": "With several teachers, the dataset column holding each sample's teacher name or index."},
+    teacher_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "With several teachers, the dataset column holding each sample's teacher name or index; "
+            "defaults to `teacher_id` (TRL's name) or, without it, `teacher`."
+        },
     )
     teacher_device: dict[str, str] | str | None = field(
         default=None,
@@ -757,8 +761,10 @@ class GNDPOConfig(GRPOConfig):
             )
         if self.beta != 0.0:
             raise ValueError(
-                f"GNDPO has no KL-to-reference term (the teacher's token signal takes its place): set beta=0.0, "
-                f"got {self.beta}."
+                f"beta={self.beta}: in GNDPO `beta` is GRPO's KL coefficient (a KL penalty to a reference model), "
+                f"which GNDPO replaces by the teacher's token signal, so it must be 0 (set beta=0.0); in TRL's "
+                f"DistillationConfig `beta` picks the divergence instead (0 forward KL, 1 reverse KL, 0.5 JSD), and "
+                f"GNDPO's signal is always the reverse KL."
             )
         for name, default in _UNSUPPORTED_GRPO_OPTIONS.items():
             if getattr(self, name) != default:

@@ -17,6 +17,16 @@ logger = logging.get_logger(__name__)
 
 # The name of the only teacher when one is given (metrics and `teacher_device` use names only with several).
 SINGLE = "teacher"
+# The routing columns looked for without `teacher_column`: TRL's async distillation's name, then this package's first.
+ROUTING_COLUMNS = ("teacher_id", "teacher")
+
+
+def routing_column(column: str | None, columns) -> str:
+    """The column that names each sample's teacher: `column` (`teacher_column`) if given, else the first of
+    `ROUTING_COLUMNS` among `columns`."""
+    if column is not None:
+        return column
+    return next((column for column in ROUTING_COLUMNS if column in columns), ROUTING_COLUMNS[0])
 
 
 def named(teacher_model) -> dict:
@@ -121,7 +131,8 @@ class Teachers:
         """Each local row's teacher index, or None with a single teacher (or a served one)."""
         if len(self.models) <= 1:
             return None
-        return route(inputs, self.column, list(self.models)).to(self.accelerator.device)
+        column = routing_column(self.column, inputs[0])
+        return route(inputs, column, list(self.models)).to(self.accelerator.device)
 
     def score(self, batch, inputs, input_ids, attention_mask, model_inputs, want_states):
         """Log-probs of the sampled tokens under each row's teacher (at `args.teacher_temperature`, set when the

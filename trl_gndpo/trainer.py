@@ -8,7 +8,6 @@ owns which concern, and how a generation batch flows through them: docs/architec
 """
 
 import os
-import textwrap
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from .config import GNDPOConfig
 from .fsdp2_on_cpu import select_fsdp2_on_cpu
 from .hidden_states import capture_completion_states, reverse_kl_per_token, vocabulary_head
 from .invalid_batches import InvalidBatchGuard
+from .paper import PAPER
 from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
 from .scoring_models import load_reference, placed_log_probs, prepare_scoring_model
 from .text_view import TextView
@@ -81,19 +81,9 @@ class GNDPOTrainer(GRPOTrainer):
             `peft_config`, `callbacks`, `optimizers`, `quantization_config`, ...).
     """
 
-    _tag_names = ["trl", "gndpo"]
+    _tag_names = ["trl", "gndpo", "distillation"]  # "distillation": listed with TRL's distillation models
     _name = "GNDPO"
-    _paper = {
-        "title": "Stabilizing On-Policy Distillation for MLLM Reasoning with Global Normalization",
-        "id": "2606.09091",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @article{gndpo2026,
-                title        = {{Stabilizing On-Policy Distillation for MLLM Reasoning with Global Normalization}},
-                year         = 2026,
-                eprint       = {arXiv:2606.09091},
-            }"""),
-    }
+    _paper = PAPER  # trl_gndpo/paper.py, also quoted by docs/index.md
 
     def __init__(
         self,
