@@ -529,8 +529,11 @@ def test_a_server_down_for_good_stops_the_run_and_its_last_checkpoint_resumes_ex
 
     monkeypatch.setattr(TeacherServer, "score", score)
     stopped = rf"{url} failed to score \d+ sequences: the server stayed unreachable for \d+ s .*retry_timeout=1\)"
-    with pytest.raises(TeacherServerError, match=stopped + ".*resume from the last checkpoint"):
-        train_against(url, tmp_path, teacher_model_server_retry_timeout=1)
+    try:
+        with pytest.raises(TeacherServerError, match=stopped + ".*resume from the last checkpoint"):
+            train_against(url, tmp_path, teacher_model_server_retry_timeout=1)
+    finally:
+        stop(process)  # already stopped unless the run failed before its third step
     assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     monkeypatch.setattr(TeacherServer, "score", original)
     process, _ = start_server(teacher_dir, port=int(url.rsplit(":", 1)[1]))  # the server is back
