@@ -1,11 +1,18 @@
 """Configuration of the GNDPO trainer."""
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import GRPOConfig
+
+from .teacher_server import url_problem
+
+# Fields holding secrets: kept out of to_dict()/to_json_string() and str() (shown as `<NAME>`, transformers' convention
+# for `hub_token`), out of repr() (`repr=False`) and out of pickles such as each checkpoint's training_args.bin (None).
+_SECRET_FIELDS = ("teacher_model_server_api_key",)
 
 # GRPO loss options whose behaviour GNDPO's loss does not implement; each must stay at its default.
 _UNSUPPORTED_GRPO_OPTIONS = {
@@ -116,6 +123,17 @@ class GNDPOConfig(GRPOConfig):
             Sequences per scoring request.
         teacher_model_server_max_concurrent_requests (`int`, *optional*, defaults to `4`):
             Scoring requests in flight at once, per process.
+        teacher_model_server_api_key (`str`, *optional*):
+            Key of a teacher server started with `vllm serve --api-key KEY`, sent as `Authorization: Bearer KEY`.
+            When not set, the `TEACHER_MODEL_SERVER_API_KEY` environment variable is read instead (the safer way: the
+            key then never enters the arguments). A key set here is left out of `to_dict()`/`to_json_string()`,
+            `str()`/`repr()` and the pickled `training_args.bin` of every checkpoint, like `hub_token`: give it again
+            (or the environment variable) when resuming.
+        teacher_model_server_retry_timeout (`float`, *optional*, defaults to `300.0`):
+            Seconds to keep retrying a request to the teacher server while it is down or restarting (refused or
+            dropped connections, HTTP 502/503/504), with back-off; training waits meanwhile and continues unchanged
+            once it answers. A server down for longer stops training with an error naming it, and the run resumes
+            exactly from its last checkpoint. 0 retries nothing.
         cross_modal_distillation (`bool`, *optional*, defaults to `False`):
             Allow a text-only teacher for a vision-language student (Uni-OPD's cross-modal setting): a text-only
             teacher scores the text view of each sample (the conversation with its images removed, built like VGS's
@@ -364,6 +382,21 @@ class GNDPOConfig(GRPOConfig):
     )
     teacher_model_server_max_concurrent_requests: int = field(
         default=4, metadata={"help": "Requests to the teacher server in flight at once, per process."}
+    )
+    teacher_model_server_api_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "Key of a teacher server started with `vllm serve --api-key`, sent as `Authorization: Bearer`; "
+            "if unset, read from the TEACHER_MODEL_SERVER_API_KEY environment variable. Never saved or logged."
+        },
+    )
+    teacher_model_server_retry_timeout: float = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds to keep retrying a request while the teacher server is down or restarting, before "
+            "training stops with an error."
+        },
     )
     cross_modal_distillation: bool = field(
         default=False,
@@ -809,12 +842,36 @@ class GNDPOConfig(GRPOConfig):
         x num_iterations` (vLLM's importance-sampling correction aside)."""
         return self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) != 0
 
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.update({name: f"<{name.upper()}>" for name in _SECRET_FIELDS if d.get(name) is not None})
+        return d
+
+    def __str__(self) -> str:
+        redacted = copy.copy(self)  # through __getstate__: no secrets
+        for name in _SECRET_FIELDS:
+            if getattr(self, name) is not None:
+                setattr(redacted, name, f"<{name.upper()}>")
+        return GRPOConfig.__str__(redacted)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, **{name: None for name in _SECRET_FIELDS}}
+
     def _check_teacher_server(self) -> None:
         """A served teacher replaces the local one and gives only the sampled tokens' log-probs."""
         if self.teacher_model_server_url is not None and not self.teacher_model_server_url.strip():
             raise ValueError("teacher_model_server_url is empty: give the server's base URL, or None.")
+        if self.teacher_model_server_url is not None and url_problem(self.teacher_model_server_url) is not None:
+            raise ValueError(f"teacher_model_server_url {url_problem(self.teacher_model_server_url)}.")
+        if self.teacher_model_server_api_key is not None and self.teacher_model_server_url is None:
+            raise ValueError(
+                "teacher_model_server_api_key is set without teacher_model_server_url: set both, or neither."
+            )
         if not (math.isfinite(self.teacher_model_server_timeout) and self.teacher_model_server_timeout > 0):
             raise ValueError(f"teacher_model_server_timeout must be > 0, got {self.teacher_model_server_timeout}.")
+        retry = self.teacher_model_server_retry_timeout
+        if not (math.isfinite(retry) and retry >= 0):
+            raise ValueError(f"teacher_model_server_retry_timeout must be a finite number >= 0, got {retry}.")
         for name in ("teacher_model_server_chunk_size", "teacher_model_server_max_concurrent_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
