@@ -66,7 +66,7 @@ def with_row(dataset: Dataset, column: str, row: int, value) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Dataset size (item 3)
+# Dataset size
 
 
 def test_empty_training_dataset(cpu_config_kwargs):
@@ -87,7 +87,7 @@ def test_empty_eval_dataset(cpu_config_kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Prompts (item 4)
+# Prompts
 
 _CONVERSATION = [{"role": "user", "content": "What is 1 + 1?"}]
 
@@ -114,7 +114,7 @@ def test_unusable_prompts(prompts, detail, cpu_config_kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Images (items 4 and 5)
+# Images
 
 
 def truncated_jpeg() -> bytes:
@@ -198,7 +198,7 @@ def test_max_checked_rows_reaches_the_check(cpu_config_kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Generation batches without a valid token (item 8)
+# Generation batches without a valid token
 
 
 def nan_teacher():
@@ -249,7 +249,7 @@ def test_invalid_batch_guard_counts_consecutive_batches():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints (item 2)
+# Checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +334,7 @@ def test_vgs_eta_checkpoint_missing_or_corrupt(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Teacher tokenizer (item 7)
+# Teacher tokenizer
 
 
 def swapped_tokenizer() -> Qwen2Tokenizer:

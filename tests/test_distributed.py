@@ -1,46 +1,15 @@
 """Two processes (gloo on CPU): global whitening, Uni-OPD group margins and VGS see the whole generation batch.
 
-One launch (conftest.py's `two_process_runs`, slow) serves these tests and tests/test_papers.py's."""
-
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
+One launch (conftest.py's `two_process_runs`, slow) serves these tests and tests/test_teacher_server.py's."""
 
 import pytest
 import torch
-from test_trainer import reference_logps
+from helpers import calls, reference_logps
 from tiny_models import make_text_model, make_vlm
 
 from trl_gndpo import uniopd as U
 
-TESTS = Path(__file__).parent
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:  # torchrun's static rendezvous hangs on --master_port 0
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-MODES = ("whitening", "uniopd", "vgs", "teachers", "papers")  # "papers": tests/test_papers.py
-
-
-def run_two_processes(out: Path, *modes: str) -> dict[str, list]:
-    """The modes of distributed_run.py, in one two-process launch: {mode: [rank 0's records, rank 1's]}."""
-    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(TESTS / "distributed_run.py"), str(out), *modes]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {mode: [torch.load(out / f"{mode}-rank{r}.pt") for r in range(2)] for mode in modes}
-
-
-def calls(records, name):
-    return [r for r in records if r["function"] == name]
 
 
 def test_two_processes_share_the_statistics_of_the_concatenated_batch(two_process_runs):

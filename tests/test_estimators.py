@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
+from helpers import completion_log_softmax, reference_logps, whiten
 from peft import LoraConfig
-from test_trainer import IMAGE_KEYS, reference_logps
 from tiny_models import make_text_dataset, make_text_model, make_tokenizer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
@@ -42,17 +42,7 @@ def test_extrapolation_and_baseline_match_reference(lam):
 
 def reference_entropy_and_kl(student, teacher, batch):
     """Full-vocabulary student entropy and KL(p || q) per completion position, from plain logits in float64."""
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    extra = {k: batch[k] for k in IMAGE_KEYS if k in batch}
-    length = batch["completion_ids"].size(1)
-    with torch.no_grad():
-        p, q = (
-            m(input_ids=ids, attention_mask=attention_mask, **extra)
-            .logits.double()[:, -length - 1 : -1]
-            .log_softmax(-1)
-            for m in (student, teacher)
-        )
+    p, q = (completion_log_softmax(m, batch) for m in (student, teacher))
     return -(p.exp() * p).sum(-1), (p.exp() * (p - q)).sum(-1)
 
 
@@ -86,11 +76,6 @@ def train_and_record(config_kwargs, peft_config=None, **overrides):
     trainer._generate_and_score_completions = spy
     trainer.train()
     return trainer, records
-
-
-def whiten(signal, mask):
-    values = signal[mask]
-    return (signal - values.mean()) / torch.sqrt(values.var() + 1e-8) * mask
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -9,28 +9,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    calls,
+    changed,
+    completion_log_softmax,
+    length_reward,
+    mixed_dataset,
+    parity_reward,
+    record_batches,
+    record_references,
+    snapshot,
+    text_trainer,
+    whiten,
+)
 from peft import LoraConfig
-from test_distributed import calls
-from test_trainer import changed, snapshot
-from test_vgs_trainer import mixed_dataset, record_batches
 from tiny_models import make_text_dataset, make_text_model, make_tokenizer, make_vlm
 from trl import GRPOTrainer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer, checks, vgs
 from trl_gndpo import functional as F
 from trl_gndpo import uniopd as U
-
-
-def text_trainer(cpu_config_kwargs, reward_funcs=None, **overrides):
-    return GNDPOTrainer(
-        model=make_text_model(seed=0),
-        teacher_model=make_text_model(seed=1),
-        reward_funcs=reward_funcs,
-        args=GNDPOConfig(**cpu_config_kwargs(**overrides)),
-        train_dataset=make_text_dataset(),
-        processing_class=make_tokenizer(),
-        teacher_processing_class=make_tokenizer(),
-    )
 
 
 @pytest.mark.parametrize(
@@ -117,10 +115,6 @@ def test_grpo_plus_vgs_needs_outcome_rewards(cpu_config_kwargs):
             train_dataset=mixed_dataset(),
             processing_class=processor,
         )
-
-
-def length_reward(completions, **kwargs):
-    return [float(len(str(c))) for c in completions]
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -254,15 +248,6 @@ def test_prompt_group_mask_by_hand():
 # The same options end to end on tiny text models, against float64 references from plain logits.
 
 
-def completion_log_softmax(model, batch):
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    length = batch["completion_ids"].size(1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention_mask).logits.double()
-    return logits[:, -length - 1 : -1].log_softmax(-1)
-
-
 @pytest.mark.parametrize("lora", [False, True])
 def test_vopd_top_k_baseline_end_to_end(lora, cpu_config_kwargs):
     peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False) if lora else None
@@ -275,7 +260,7 @@ def test_vopd_top_k_baseline_end_to_end(lora, cpu_config_kwargs):
         processing_class=make_tokenizer(),
         peft_config=peft_config,
     )
-    records = text_records(trainer)
+    records = record_references(trainer, full=True)
     trainer.train()
     for batch, p, q in records:
         mask = batch["completion_mask"].bool()
@@ -291,34 +276,9 @@ def test_vopd_top_k_baseline_end_to_end(lora, cpu_config_kwargs):
         )
 
 
-def text_records(trainer):
-    """Each generation batch with the student's and teacher's full float64 log-softmax at generation time."""
-    records, generate = [], trainer._generate_and_score_completions
-
-    def spy(inputs):
-        batch = generate(inputs)
-        student = trainer.accelerator.unwrap_model(trainer.model)
-        records.append(
-            (batch, completion_log_softmax(student, batch), completion_log_softmax(teacher_of(trainer), batch))
-        )
-        return batch
-
-    trainer._generate_and_score_completions = spy
-    return records
-
-
-def teacher_of(trainer):
-    return trainer.accelerator.unwrap_model(trainer.teacher_model)
-
-
-def whiten(signal, mask):
-    values = signal[mask]
-    return (signal - values.mean()) / torch.sqrt(values.var() + 1e-8) * mask
-
-
 def test_tip_q3_only_keeps_low_entropy_high_divergence_tokens(cpu_config_kwargs):
     trainer = text_trainer(cpu_config_kwargs, token_selection="q3", token_selection_ratio=0.5)
-    records = text_records(trainer)
+    records = record_references(trainer, full=True)
     trainer.train()
     for batch, p, q in records:
         mask = batch["completion_mask"].bool()
@@ -337,7 +297,7 @@ def test_tip_entropy_sampling_draws_the_share_by_entropy(cpu_config_kwargs):
     trainer = text_trainer(
         cpu_config_kwargs, token_selection="entropy_sampling", token_selection_ratio=0.5, max_steps=4
     )
-    records = text_records(trainer)
+    records = record_references(trainer, full=True)
     trainer.train()
     kept_entropy, dropped_entropy = [], []
     for batch, p, q in records:
@@ -353,10 +313,6 @@ def test_tip_entropy_sampling_draws_the_share_by_entropy(cpu_config_kwargs):
     # student's entropies are nearly uniform, so the bias towards entropy is checked on the keys, above)
     kept_entropy, dropped_entropy = torch.cat(kept_entropy), torch.cat(dropped_entropy)
     assert dropped_entropy.max() > kept_entropy.min()
-
-
-def parity_reward(completions, **kwargs):
-    return [float(len(str(c)) % 2 == 0) for c in completions]
 
 
 def test_uniopd_prompt_group_mask_end_to_end(cpu_config_kwargs):
@@ -375,7 +331,10 @@ def test_uniopd_prompt_group_mask_end_to_end(cpu_config_kwargs):
     def spy(inputs):
         batch = generate(inputs)
         student = trainer.accelerator.unwrap_model(trainer.model)
-        p, q = completion_log_softmax(student, batch), completion_log_softmax(teacher_of(trainer), batch)
+        p, q = (
+            completion_log_softmax(student, batch),
+            completion_log_softmax(trainer.accelerator.unwrap_model(trainer.teacher_model), batch),
+        )
         records.append((batch, p, q, trainer._rewards_per_func[:, 0] >= 0.5))
         return batch
 

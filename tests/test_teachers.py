@@ -6,10 +6,8 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from helpers import reference_logps, unpadded, whiten, without_vision_spans
 from peft import LoraConfig
-from test_estimators import whiten
-from test_trainer import reference_logps
-from test_vgs_trainer import unpadded, without_vision_spans
 from tiny_models import make_image_dataset, make_text_dataset, make_text_model, make_tokenizer, make_vlm
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import parity_reward
 from tiny_models import make_text_dataset, make_text_model, make_tokenizer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
@@ -114,11 +115,6 @@ def test_difficulty_balanced_indices():
 
 # ----------------------------------------------------------------------------------------------------------------
 # End to end: a rule reward on tiny models
-
-
-def parity_reward(completions, **kwargs):
-    """'Correct' when the completion text has an even number of characters: a mix within most groups."""
-    return [float(len(str(c)) % 2 == 0) for c in completions]
 
 
 def train_recording(cpu_config_kwargs, **overrides):

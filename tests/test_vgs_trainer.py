@@ -10,23 +10,11 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
+from helpers import IMAGE_KEYS, changed, mixed_dataset, record_batches, snapshot, unpadded, without_vision_spans
 from peft import LoraConfig
-from test_trainer import IMAGE_KEYS, changed, snapshot
-from tiny_models import VLM_FAMILIES, make_image, make_text_dataset, make_text_model, make_tokenizer, make_vlm
+from tiny_models import VLM_FAMILIES, make_text_dataset, make_text_model, make_tokenizer, make_vlm
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
-
-QUESTIONS = ["Colour?", "What colour is the square in this small picture, and where is it?", "Describe it briefly."]
-
-
-def mixed_dataset(n: int = 8) -> Dataset:
-    """Image prompts of different lengths, one with a system prompt."""
-    prompts = []
-    for i in range(n):
-        turn = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-        prompts.append(([{"role": "system", "content": "Answer in one word."}] if i % 4 == 1 else []) + turn)
-    return Dataset.from_dict({"prompt": prompts, "image": [make_image(i) for i in range(n)]})
 
 
 def build(family, cpu_config_kwargs, peft_config=None, **overrides):
@@ -43,32 +31,6 @@ def build(family, cpu_config_kwargs, peft_config=None, **overrides):
         peft_config=peft_config,
     )
     return trainer, teacher, processor
-
-
-def record_batches(trainer) -> list[dict]:
-    """Keep every generation batch the trainer hands to its loss."""
-    batches, generate = [], trainer._generate_and_score_completions
-
-    def spy(inputs):
-        batches.append(generate(inputs))
-        return batches[-1]
-
-    trainer._generate_and_score_completions = spy
-    return batches
-
-
-def unpadded(ids, mask):
-    return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
-
-
-def without_vision_spans(ids: list[int], start: int, end: int) -> list[int]:
-    out, inside = [], False
-    for token in ids:
-        inside = inside or token == start
-        if not inside:
-            out.append(token)
-        inside = inside and token != end
-    return out
 
 
 def kl(log_a, log_b):
