@@ -1,4 +1,5 @@
-"""Two processes (gloo on CPU): global whitening, Uni-OPD group margins and VGS see the whole generation batch.
+"""Two processes (gloo on CPU): global whitening, Uni-OPD group margins and prompt-group masking, TIP's entropy
+sampling, VGS and routed teachers see the whole generation batch.
 
 One launch (conftest.py's `two_process_runs`, slow) serves these tests and tests/test_teacher_server.py's."""
 
@@ -116,3 +117,26 @@ def test_several_teachers_route_and_whiten_across_processes(two_process_runs):
     assert {k.split("/")[2] for k in keys} == {"a", "b"}
     for entry0, entry1 in zip(*history, strict=True):
         assert all(entry0[k] == entry1[k] for k in keys if k in entry0)
+
+
+@pytest.mark.slow
+def test_prompt_group_mask_and_entropy_sampling_span_two_processes(two_process_runs):
+    """Groups of 4 split 2 + 2 across the ranks: both ranks discard the same groups, and TIP's entropy sampling keeps
+    half of the generation batch's tokens, with the vOPD top-k baseline on as well."""
+    ranks = two_process_runs["papers"]
+    decisions = [calls(r, "margin_group_mask") for r in ranks]
+    assert len(decisions[0]) == len(decisions[1]) == 3
+    discarded = 0
+    batches = zip(calls(ranks[0], "batch"), calls(ranks[1], "batch"), decisions[0], decisions[1], strict=True)
+    for batch0, batch1, call0, call1 in batches:
+        for a, b in zip(call0["args"], call1["args"], strict=True):
+            assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
+        keep, _ = call0["result"]
+        assert torch.equal(keep, call1["result"][0])
+        advantages = torch.cat([batch0["advantages"], batch1["advantages"]])
+        assert (advantages[~keep] == 0).all()
+        discarded += (~keep).sum().item() // 4
+        kept = torch.cat([batch0["mask"], batch1["mask"]]).sum().item()
+        tokens = torch.cat([batch0["completion_mask"], batch1["completion_mask"]]).sum().item()
+        assert abs(kept - 0.5 * tokens) <= 1
+    assert discarded > 0

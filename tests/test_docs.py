@@ -1,7 +1,8 @@
 """The Markdown documentation stays in step with the code: the generated reference pages are current, tables are
-well-formed, links resolve, and every logged metric is documented. Offline and fast: nothing is fetched and no model is
-built."""
+well-formed, links resolve, every logged metric is documented, and every row of docs/papers.md's settings table builds
+its config. Offline and fast: nothing is fetched and no model is built."""
 
+import ast
 import dataclasses
 import importlib.util
 import re
@@ -9,8 +10,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from helpers import (
+    length_reward,
+)
 
-from trl_gndpo import GNDPOConfig
+from trl_gndpo import GNDPOConfig, checks
 from trl_gndpo.trainer import _REWARD_METRICS, no_outcome_reward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,3 +197,69 @@ def test_every_logged_metric_is_documented():
     text = (DOCS / "metrics.md").read_text()
     missing = sorted(key for key in gndpo_keys | logged_keys | dropped_keys if f"`{key}`" not in text)
     assert not missing, f"docs/metrics.md does not mention {missing}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# docs/papers.md: every row's config builds, and its "Needs" column says when reward functions are required
+
+
+PAPERS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "papers.md"
+
+
+def paper_rows() -> list[dict]:
+    """The rows of the settings table, as {paper, setting, config (keyword arguments), needs}."""
+    lines = PAPERS_PAGE.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Paper | Setting | Config |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        paper, setting, config, needs, _ = (cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1]))
+        assert config.startswith("`") and config.endswith("`"), f"{setting}: the config is one code span"
+        call = ast.parse(f"GNDPOConfig({config.strip('`')})", mode="eval").body
+        assert not call.args, f"{setting}: keywords only"
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        rows.append({"paper": paper, "setting": setting, "config": kwargs, "needs": needs})
+    return rows
+
+
+def test_the_papers_table_covers_every_named_setting():
+    settings = {(row["paper"], row["setting"]) for row in paper_rows()}
+    names = " ; ".join(f"{paper}: {setting}" for paper, setting in settings)
+    for expected in (
+        "GNDPO: GNDPO",
+        "GNDPO: OPD baseline",
+        "Uni-OPD: Margin shift",
+        "Uni-OPD: Margin mask",
+        "Uni-OPD: Prompt-group masking",
+        "Uni-OPD: Online correctness-aware balancing",
+        "ExOPD / G-OPD: Reward extrapolation",
+        "ExOPD / G-OPD: Reward correction",
+        "ExOPD / G-OPD: Multi-teacher ExOPD",
+        "Uni-OPD / G-OPD: Several domain teachers",
+        "Uni-OPD: Cross-modal",
+        "vOPD: Value baseline, full vocabulary",
+        "vOPD: Value baseline, top-k",
+        "TIP: Entropy, top 50%",
+        "TIP: Entropy-based sampling",
+        "TIP: Two axes",
+        "TIP: Q3 only",
+        "VGS: VGS alone",
+        "VGS: GRPO + VGS",
+    ):
+        assert expected in names, f"docs/papers.md has no row for {expected}"
+
+
+@pytest.mark.parametrize("row", paper_rows(), ids=lambda row: f"{row['paper']}: {row['setting']}")
+def test_each_papers_setting_builds_its_config(row, cpu_config_kwargs):
+    config = GNDPOConfig(**cpu_config_kwargs(**row["config"]))
+    for name, value in row["config"].items():
+        assert getattr(config, name) == value, name
+    # the "Needs" column is right about reward functions: the trainer's argument check agrees
+    if "reward_funcs" in row["needs"]:
+        with pytest.raises(ValueError, match="reward_funcs"):
+            checks.check_arguments(config, None, "teacher")
+        checks.check_arguments(config, [length_reward], "teacher")
+    else:
+        checks.check_arguments(config, None, "teacher")
+    assert ("a vision-language student and teacher" in row["needs"]) == config.visual_gradient_steering

@@ -139,27 +139,6 @@ def test_with_several_iterations_trl_rescores_and_that_is_used(cpu_config_kwargs
         torch.testing.assert_close(batch["advantages"].double(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"top_k": 5}, "top_k"),
-        ({"top_p": 0.9}, "top_p"),
-        ({"min_p": 0.1}, "min_p"),
-        ({"repetition_penalty": 1.1}, "repetition_penalty"),
-        ({"generation_kwargs": {"top_k": 5}}, "top_k"),
-        ({"generation_kwargs": {"temperature": 0.5}}, "temperature"),
-        ({"token_selection": "entropy"}, "token_selection"),
-        ({"value_baseline": True}, "value_baseline"),
-        ({"use_transformers_continuous_batching": True}, "continuous_batching"),
-        ({"use_vllm": True}, "vllm_importance_sampling_correction"),  # on by default: TRL re-scores anyway
-    ],
-)
-def test_settings_that_change_the_distribution_are_refused(overrides, message, cpu_config_kwargs):
-    with pytest.raises(ValueError, match=message):
-        GNDPOConfig(**cpu_config_kwargs(old_logps_from_sampler=True, **overrides))
-    GNDPOConfig(**cpu_config_kwargs(**overrides))  # accepted without the option
-
-
 def test_neutral_settings_are_accepted(cpu_config_kwargs):
     # min_new_tokens masks the end token in the sampler only: the recorded log-prob, like the re-score, is unmasked
     kwargs = {"min_new_tokens": 4, "temperature": 1.0}

@@ -134,10 +134,6 @@ def test_routing_errors(overrides, dataset, message, cpu_config_kwargs):
 def test_teacher_models_config_fields(cpu_config_kwargs):
     config = GNDPOConfig(**cpu_config_kwargs(teacher_models='{"math": "m", "code": "c"}', teacher_device="cpu"))
     assert config.teacher_models == {"math": "m", "code": "c"} and config.teacher_device == "cpu"
-    with pytest.raises(ValueError, match="alternatives"):
-        GNDPOConfig(**cpu_config_kwargs(teacher_models={"a": "m"}, teacher_model_name_or_path="t"))
-    with pytest.raises(ValueError, match="teacher_device names teachers"):
-        GNDPOConfig(**cpu_config_kwargs(teacher_models={"a": "m"}, teacher_device={"b": "cpu"}))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -292,9 +288,7 @@ def test_reference_model_replaces_the_initial_student(lora, cpu_config_kwargs):
         torch.testing.assert_close(r["batch"]["advantages"].double(), whiten(signal, mask), rtol=1e-4, atol=1e-4)
 
 
-def test_reference_model_needs_extrapolation(cpu_config_kwargs):
-    with pytest.raises(ValueError, match="reward_extrapolation"):
-        GNDPOConfig(**cpu_config_kwargs(reference_model_name_or_path="base"))
+def test_reference_model_needs_extrapolation(cpu_config_kwargs):  # the config's side: tests/test_errors.py
     with pytest.raises(ValueError, match="reward_extrapolation"):
         GNDPOTrainer(
             model=make_text_model(seed=0),

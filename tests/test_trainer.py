@@ -323,8 +323,3 @@ def test_teacher_placement_gives_the_same_advantages(placement, cpu_config_kwarg
         assert moves == ["cpu"] + ["cpu", "cpu"] * 2, "parked once, then in and out around each scoring pass"
     else:
         assert moves == ["cpu"]
-
-
-def test_teacher_placement_options_are_validated(cpu_config_kwargs):
-    with pytest.raises(ValueError, match="alternatives"):
-        GNDPOConfig(**cpu_config_kwargs(teacher_device="cpu", teacher_offload=True))
