@@ -6,8 +6,6 @@ is collected, because processors may be built at collection time; it patches tra
 """
 
 import os
-import sys
-from pathlib import Path
 
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,11 +17,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-
-# Works with both pytest import modes (prepend / importlib): make `import tiny_models` resolvable.
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
 
 from tiny_models import cpu_grpo_kwargs, install_video_processor_workaround  # noqa: E402
 
