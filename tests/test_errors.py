@@ -98,9 +98,12 @@ REFUSED = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("row", REFUSED, ids=lambda row: "-".join(row[0]))
-def test_config_refuses(row, cpu_config_kwargs):
-    overrides, message, accepted_without = (*row, None)[:3]
+@pytest.mark.parametrize(
+    ("overrides", "message", "accepted_without"),
+    [(*row, None)[:3] for row in REFUSED],
+    ids=["-".join(r[0]) for r in REFUSED],
+)
+def test_config_refuses(overrides, message, accepted_without, cpu_config_kwargs):
     with pytest.raises(ValueError, match=message):
         GNDPOConfig(**cpu_config_kwargs(**overrides))
     if accepted_without:
