@@ -9,10 +9,10 @@ QUALITY.md's summary (kept between its two markers when the file is re-rendered)
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 NAMES = {
@@ -439,6 +439,9 @@ def write(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    source, target = Path(sys.argv[1]), Path(sys.argv[2])
-    write(json.loads(source.read_text()), target)
-    print(f"wrote {target}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", type=Path, help="results.json, vgs_results.json or quality.json")
+    parser.add_argument("markdown", type=Path, help="the Markdown to (re)write, its PNGs beside it")
+    args = parser.parse_args()
+    write(json.loads(args.json.read_text()), args.markdown)
+    print(f"wrote {args.markdown}")
