@@ -128,15 +128,16 @@ def train_recording(cpu_config_kwargs, **overrides):
         train_dataset=make_text_dataset(16),
         processing_class=make_tokenizer(),
     )
-    records = []
-    generate = trainer._generate_and_score_completions
+    records, rewards = [], []
+    generate, calculate_rewards = trainer._generate_and_score_completions, trainer._calculate_rewards
 
     def spy(inputs):
         batch = generate(inputs)
-        records.append((batch, trainer._rewards_per_func[:, 0] >= 0.5))
+        records.append((batch, rewards[-1][:, 0] >= 0.5))
         return batch
 
     trainer._generate_and_score_completions = spy
+    trainer._calculate_rewards = lambda *args: rewards.append(calculate_rewards(*args)) or rewards[-1]
     trainer.train()
     return trainer, records
 
@@ -196,7 +197,7 @@ def test_uniopd_needs_rewards(cpu_config_kwargs):
 
 
 def test_offline_difficulty_balancing_with_sampled_pass_rates():
-    from trl_gndpo.balancing import difficulty_balanced_dataset, estimate_pass_rates
+    from trl_gndpo.uniopd_dataset import difficulty_balanced_dataset, estimate_pass_rates
 
     dataset = make_text_dataset(6)
     model, tokenizer = make_text_model(seed=0), make_tokenizer()
@@ -244,7 +245,8 @@ def test_uniopd_prompt_group_mask_end_to_end(cpu_config_kwargs):
         num_generations=4,
         max_steps=3,
     )
-    records, generate = [], trainer._generate_and_score_completions
+    records, rewards = [], []
+    generate, calculate_rewards = trainer._generate_and_score_completions, trainer._calculate_rewards
 
     def spy(inputs):
         batch = generate(inputs)
@@ -253,10 +255,11 @@ def test_uniopd_prompt_group_mask_end_to_end(cpu_config_kwargs):
             completion_log_softmax(student, batch),
             completion_log_softmax(trainer.accelerator.unwrap_model(trainer.teacher_model), batch),
         )
-        records.append((batch, p, q, trainer._rewards_per_func[:, 0] >= 0.5))
+        records.append((batch, p, q, rewards[-1][:, 0] >= 0.5))
         return batch
 
     trainer._generate_and_score_completions = spy
+    trainer._calculate_rewards = lambda *args: rewards.append(calculate_rewards(*args)) or rewards[-1]
     trainer.train()
     discarded = 0
     for batch, p, q, correct in records:
