@@ -72,6 +72,7 @@ REFUSED = [
     ({**VGS, "vgs_lambda": -0.1}, "vgs_lambda"),
     ({**VGS, "vgs_lp_quantile": 1.0}, "vgs_lp_quantile"),
     ({**VGS, "vgs_eta": 0.0}, "vgs_eta"),
+    ({**VGS, "temperature": 0.7}, "set temperature=1.0, or visual_gradient_steering", "visual_gradient_steering"),
     # teachers: several, placed, served
     ({"teacher_models": {"a": "m"}, "teacher_model_name_or_path": "t"}, "alternatives"),
     ({"teacher_models": {"a": "m"}, "teacher_device": {"b": "cpu"}}, "teacher_device names teachers"),

@@ -6,6 +6,7 @@ a plain forward of each unpadded text prompt (the model's own rotary positions, 
 loss equals its definition recomputed from full float64 logits; eta is the measured gradient-norm ratio.
 """
 
+import logging
 import math
 
 import pytest
@@ -205,6 +206,8 @@ def test_turning_vgs_on_gives_the_papers_main_configuration(cpu_config_kwargs):
     # VGS alone, eta of the paper's 2B student (not the no-normalization ablation's 1.0), gamma 2, lambda 0.01, Q_0.7
     assert (config.vgs_mode, config.vgs_eta, config.vgs_gamma, config.vgs_lambda) == ("alone", 0.41, 2.0, 0.01)
     assert (config.vgs_lp_quantile, config.vgs_adaptive_gamma, config.vgs_alpha) == (0.7, False, 0.3)
+    # the one sampling temperature VGS accepts (tests/test_errors.py: it refuses any other)
+    GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, temperature=1.0))
 
 
 def test_grpo_plus_vgs_needs_outcome_rewards(cpu_config_kwargs):
@@ -259,3 +262,22 @@ def test_grpo_plus_vgs_trains_on_the_outcome_advantage_mixed_with_vgs(lora, cpu_
     policy = -(sequence * has_tokens).sum() / len(sequence)
     assert mixed.item() == pytest.approx(0.7 * policy.item() + 0.3 * alone.item(), rel=1e-4, abs=1e-6)
     assert trainer.state.log_history[0]["vgs/eta"] == pytest.approx(0.41)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hinted"),
+    [({}, True), ({"vgs_eta": 0.36}, True), ({"vgs_eta_measure_steps": 2}, False), ({"vgs_eta": 1.0}, False)],
+)
+def test_a_fixed_vgs_eta_gets_a_one_time_hint_to_measure_it(overrides, hinted, cpu_config_kwargs, caplog):
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    with caplog.at_level(logging.WARNING):
+        GNDPOTrainer(
+            model=student,
+            teacher_model=make_vlm("qwen2_vl", seed=1)[0],
+            args=GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, **overrides)),
+            train_dataset=mixed_dataset(),
+            processing_class=processor,
+        )
+    assert caplog.text.count("set vgs_eta_measure_steps") == (1 if hinted else 0)
+    if hinted:
+        assert "one pair only" in caplog.text and f"vgs_eta={overrides.get('vgs_eta', 0.41)}" in caplog.text
