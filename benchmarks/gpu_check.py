@@ -1,8 +1,8 @@
 """One-command GPU validation of GNDPO on one GPU (written to take well under 8 minutes on an H200; not yet run there).
 
-    python benchmarks/gpu_check.py                      # a CUDA GPU: one JSON line per case on stdout
-    python benchmarks/gpu_check.py --dry-run            # the same cases at the test suite's tiny width on CPU
-    python benchmarks/gpu_check.py --cases lora qlora   # a subset
+    python -m benchmarks.gpu_check                      # a CUDA GPU: one JSON line per case on stdout
+    python -m benchmarks.gpu_check --dry-run            # the same cases at the test suite's tiny width on CPU
+    python -m benchmarks.gpu_check --cases lora qlora   # a subset
 
 Student and teacher are Qwen2.5-VL-3B / 7B shaped (benchmarks/models.py) with random weights, the real 151,936-token
 vocabulary and bf16, cut to 2 / 4 decoder layers and a 2-block vision tower so that every case takes seconds; the
@@ -35,43 +35,19 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+import torch
+from peft import LoraConfig
+from transformers import BitsAndBytesConfig, PrinterCallback, Qwen2_5_VLForConditionalGeneration
 
-import torch  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from transformers import (  # noqa: E402
-    BitsAndBytesConfig,
-    PrinterCallback,
-    Qwen2_5_VLForConditionalGeneration,
-    TrainerCallback,
-)
+from tests import tiny_models as tiny
+from trl_gndpo import GNDPOConfig, GNDPOTrainer
 
-from trl_gndpo import GNDPOConfig, GNDPOTrainer  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import tiny_models as tiny  # noqa: E402
+from .worker import StepTimer
 
 CASES = ("lora", "qlora", "teacher_device", "teacher_offload", "vllm")
 LAYERS = {"student": 2, "teacher": 4}
 LORA_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
 SKIP_MODULES = ["model.visual", "lm_head"]  # kept in bf16 under 4-bit loading, as examples/qlora.py does
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self, cuda: bool):
-        self.cuda, self.times = cuda, []
-
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.times.append(time.perf_counter() - self.start)
 
 
 QWEN_VOCAB = 151_936
@@ -196,8 +172,8 @@ def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool
     record = {
         "case": case,
         "status": "ok",
-        "step_time_s": sum(timer.times[1:]) / max(len(timer.times) - 1, 1),
-        "steps": len(timer.times),
+        "step_time_s": sum(timer.seconds[1:]) / max(len(timer.seconds) - 1, 1),
+        "steps": len(timer.seconds),
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "finite_weights": all(torch.isfinite(p).all().item() for p in floating),
         "adapter_moved": any(p.abs().max().item() > 0 for n, p in model.named_parameters() if "lora_B" in n),

@@ -13,10 +13,6 @@ trainers of a comparison start from identical copies (each worker records a fing
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-TESTS = Path(__file__).resolve().parent.parent / "tests"
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SMOLLM2_PRUNE_FRACTION = 0.5
 
@@ -31,8 +27,9 @@ SIZES = {
 
 
 def build(spec: dict, with_teacher: bool) -> dict:
-    """``student``, ``teacher`` (None without), ``processing_class``, ``prompts`` (conversational), ``images``
-    (a parallel list, or None) and ``description``, all on the CPU."""
+    """``student``, ``teacher`` (None without), ``processing_class``, ``prompts`` (conversational, to train on),
+    ``heldout`` (text sizes: other prompts, never trained on), ``images`` (a list parallel to the prompts, or None) and
+    ``description``, all on the CPU."""
     import torch
 
     if spec["size"] == "smollm2":
@@ -46,20 +43,20 @@ def build(spec: dict, with_teacher: bool) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         tokenizer.padding_side = "left"
         layers = (student.config.num_hidden_layers, AutoConfig.from_pretrained(teacher_dir).num_hidden_layers)
+        train, heldout = demo_prompts()
         return dict(
             student=student,
             teacher=teacher,
             processing_class=tokenizer,
-            prompts=list(demo_prompts()[0]["prompt"]),
+            prompts=list(train["prompt"]),
+            heldout=[[{"role": "user", "content": q}] for q in heldout],
             images=None,
             description=f"SmolLM2-135M-Instruct teacher, student with {layers[0]} of its {layers[1]} layers, "
             f"vocabulary {student.config.vocab_size:,}, float32",
         )
     if spec["size"] != "tiny":
         raise ValueError(f"unknown size {spec['size']!r}")
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    import tiny_models as tiny
+    from tests import tiny_models as tiny
 
     vocab = {"vocab_size": spec["vocab_size"]} if spec.get("vocab_size") else {}
     family = spec.get("family")
@@ -72,13 +69,14 @@ def build(spec: dict, with_teacher: bool) -> dict:
     else:
         student, processor = tiny.make_text_model("qwen2", seed=0, **vocab), tiny.make_tokenizer()
         teacher = tiny.make_text_model("qwen2", seed=1, hidden_size=128, num_hidden_layers=3, **vocab)
-        prompts, images = [row["prompt"] for row in tiny.make_text_dataset(64)], None
+        prompts, images = [row["prompt"] for row in tiny.make_text_dataset(80)], None
     text = student.config.get_text_config()
     return dict(
         student=student,
         teacher=teacher if with_teacher else None,
         processing_class=processor,
-        prompts=prompts,
+        prompts=prompts[:64],
+        heldout=prompts[64:],
         images=images,
         description=f"tiny {family or 'qwen2'}: student hidden 64 x 2 layers, teacher hidden 128 x 3 layers, "
         f"vocabulary {text.vocab_size:,}" + (", one 32x32 image per prompt" if family else ""),

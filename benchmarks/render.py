@@ -1,15 +1,18 @@
-"""Markdown tables and one step-time PNG per comparison, from the JSON that `run.py` writes; numbers only.
+"""Markdown tables and PNG plots from the JSON the benchmarks write; numbers only.
 
-    python benchmarks/render.py benchmarks/results.json benchmarks/RESULTS.md
+    python -m benchmarks.render benchmarks/results.json benchmarks/RESULTS.md     # run.py's comparisons
+    python -m benchmarks.render benchmarks/quality.json benchmarks/QUALITY.md     # quality.py's runs
 
-What the figures mean and what earlier investigations found is written by hand in `benchmarks/README.md`; this file
-generates no explanation.
+What the figures mean and what earlier investigations found is written by hand in `benchmarks/README.md` and in
+QUALITY.md's summary (kept between its two markers when the file is re-rendered); this file generates no explanation.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import math
+import statistics
 from pathlib import Path
 
 NAMES = {
@@ -80,13 +83,24 @@ def phases_of(entry: dict) -> list[str]:
     return [p for p in names if any(r["phases_mean"].get(p, 0) > 0 for r in entry["main"].values())]
 
 
-def plot(entry: dict, path: Path) -> None:
-    """One horizontal bar per trainer: mean seconds per optimizer step, split into phases."""
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(fig, path: Path) -> str:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    pyplot().close(fig)
+    return path.name
+
+
+def plot(entry: dict, path: Path) -> None:
+    """One horizontal bar per trainer: mean seconds per optimizer step, split into phases."""
+    plt = pyplot()
     trainers, phases = list(entry["main"]), phases_of(entry)
     order = list(next(iter(entry["main"].values()))["phases_mean"])  # a phase keeps its colour in every figure
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(trainers)))
@@ -100,8 +114,7 @@ def plot(entry: dict, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("mean seconds per optimizer step")
     ax.legend(ncol=5, fontsize="small", loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
 def render_entry(key: str, entry: dict, outdir: Path, stem: str) -> list[str]:
@@ -196,7 +209,239 @@ def render(results: dict, outdir: Path, stem: str = "RESULTS") -> str:
     return "\n".join(lines + vocabulary_table(results))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# quality.py's runs: held-out reverse KL, gradient norms, the learning-rate sweep and the stress test.
+
+QUALITY_METHODS = {
+    "gndpo": "GNDPO (global whitening)",
+    "opd": "plain OPD (scope none)",
+    "distill_rkl": "DistillationTrainer beta=1 (reverse KL)",
+    "distill_jsd": "DistillationTrainer beta=0.5 (JSD)",
+}
+SUMMARY_START, SUMMARY_END = "<!-- summary: written by hand -->", "<!-- end of summary -->"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def grad_stats(norms: list[float]) -> dict:
+    norms = [n for n in norms if n is not None and math.isfinite(n)]
+    if not norms:
+        return {"median": None, "p99": None, "max": None}
+    return {"median": statistics.median(norms), "p99": percentile(norms, 0.99), "max": max(norms)}
+
+
+def choose_lrs(runs: list[dict], methods) -> dict:
+    """Per method, the learning rate whose sweep run ends with the lowest held-out KL."""
+    chosen = {}
+    for method in methods:
+        sweep = [r for r in runs if r["method"] == method and r["phase"] == "sweep"]
+        if sweep:
+            chosen[method] = min(sweep, key=lambda r: r["final_kl"])["lr"]
+    return chosen
+
+
+def main_runs(results: dict, method: str) -> list[dict]:
+    """The runs of `method` at its chosen rate: the sweep's run on the first seed and the `seeds` phase's."""
+    lr = results["chosen_lr"].get(method)
+    return [r for r in results["runs"] if r["method"] == method and r["lr"] == lr and r["phase"] in ("sweep", "seeds")]
+
+
+def stress_runs(results: dict, method: str, stress: bool) -> list[dict]:
+    """The stress runs of `method`, or (stress=False) its clean runs on the same seeds at the same rate."""
+    stressed = [r for r in results["runs"] if r["method"] == method and r["stress"]]
+    if stress:
+        return stressed
+    pairs, clean = {(r["seed"], r["lr"]) for r in stressed}, {}
+    for r in results["runs"]:  # one clean run per seed: a `seeds` run at the stress rate is also a stress-clean one
+        if r["method"] == method and not r["stress"] and (r["seed"], r["lr"]) in pairs:
+            clean.setdefault((r["seed"], r["lr"]), r)
+    return [clean[key] for key in sorted(clean)]
+
+
+def stressed_methods(results: dict) -> list[str]:
+    return [m for m in results["spec"]["methods"] if any(r["method"] == m and r["stress"] for r in results["runs"])]
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return fmt(values[0]) if values else "-"
+    mean, sd = statistics.mean(values), statistics.stdev(values)
+    return f"{fmt(mean)} ± {fmt(sd)} ({fmt(min(values))} to {fmt(max(values))})"
+
+
+def mean_curve(runs: list[dict], x: str) -> tuple[list[float], list[float], list[float]]:
+    """Per evaluation index: mean x, mean KL, and the KL's spread (min, max) over runs of equal length."""
+    n = min(len(r["evals"]) for r in runs)
+    xs = [statistics.mean(r["evals"][i][x] for r in runs) for i in range(n)]
+    ys = [[r["evals"][i]["reverse_kl"] for r in runs] for i in range(n)]
+    return xs, [statistics.mean(y) for y in ys], [(min(y), max(y)) for y in ys]
+
+
+def norm_figures(runs: list[dict]) -> list[str]:
+    """Median, p99, max and max / median of the gradient norms of every step of `runs`, pooled."""
+    g = grad_stats([s["grad_norm"] for r in runs for s in r["steps"]])
+    return [fmt(g["median"]), fmt(g["p99"]), fmt(g["max"]), fmt(g["max"] / g["median"]) if g["median"] else "-"]
+
+
+def quality_plots(results: dict, methods: list[str], outdir: Path, stem: str) -> list[str]:
+    """Held-out KL against steps and against seconds, gradient-norm box plots, and the stress test's curves."""
+    plt, names = pyplot(), []
+    colour = plt.cm.tab10
+    for x, label in (("step", "optimizer step"), ("train_seconds", "training seconds (evaluations excluded)")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, method in enumerate(methods):
+            runs = main_runs(results, method)
+            xs, ys, band = mean_curve(runs, x)
+            legend = f"{QUALITY_METHODS[method]}, lr {results['chosen_lr'][method]:g} ({len(runs)} seeds)"
+            ax.plot(xs, ys, marker="o", color=colour(i), label=legend)
+            ax.fill_between(xs, [b[0] for b in band], [b[1] for b in band], color=colour(i), alpha=0.15)
+        ax.set(xlabel=label, ylabel="held-out reverse KL (nats/token)")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+        names.append(save(fig, outdir / f"{stem}-kl-{'step' if x == 'step' else 'seconds'}.png"))
+    groups = [(QUALITY_METHODS[m], main_runs(results, m)) for m in methods]
+    groups += [(f"{QUALITY_METHODS[m]}, {label} teacher, lr {results['spec']['stress_lr']:g}",
+                stress_runs(results, m, stress)) for m in stressed_methods(results)
+               for stress, label in ((False, "clean"), (True, "corrupted"))]  # fmt: skip
+    groups = [(label, [s["grad_norm"] for r in runs for s in r["steps"]]) for label, runs in groups if runs]
+    fig, ax = plt.subplots(figsize=(7, 1 + 0.6 * len(groups)))
+    ax.boxplot([g[1] for g in groups], orientation="horizontal", whis=(0, 100))
+    ax.set_yticks(range(1, len(groups) + 1), [g[0] for g in groups], fontsize="small")
+    ax.set(xscale="log", xlabel="gradient norm before clipping, every step of every run (whiskers: min, max)")
+    ax.invert_yaxis()
+    names.append(save(fig, outdir / f"{stem}-grad-norm.png"))
+    if stressed_methods(results):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for i, method in enumerate(stressed_methods(results)):
+            for stress, style in ((False, "-"), (True, "--")):
+                runs = stress_runs(results, method, stress)
+                if not runs:
+                    continue
+                label = f"{QUALITY_METHODS[method]}{', corrupted' if stress else ''}"
+                xs, ys, _ = mean_curve(runs, "step")
+                axes[0].plot(xs, ys, style, marker="o", color=colour(i), label=label)
+                steps = [s["step"] for s in runs[0]["steps"]]
+                norms = [statistics.mean(r["steps"][j]["grad_norm"] for r in runs) for j in range(len(steps))]
+                axes[1].plot(steps, norms, style, color=colour(i), label=label)
+        axes[0].set(xlabel="optimizer step", ylabel="held-out reverse KL (nats/token)")
+        axes[1].set(xlabel="optimizer step", ylabel="gradient norm (mean over seeds)", yscale="log")
+        for ax in axes:
+            ax.legend(fontsize="small")
+            ax.grid(alpha=0.3)
+        names.append(save(fig, outdir / f"{stem}-stress.png"))
+    return names
+
+
+def render_quality(results: dict, outdir: Path, stem: str = "QUALITY", summary: str = "") -> str:
+    spec, runs, env = results["spec"], results["runs"], results["environment"]
+    swept = {(r["method"], r["lr"]) for r in runs if r["phase"] == "sweep"}
+    complete_sweep = swept == {(m, lr) for m in spec["methods"] for lr in spec["lrs"]}
+    if not results["chosen_lr"]:  # a partial file: the best rate among those swept so far
+        results = dict(results, chosen_lr=choose_lrs(runs, spec["methods"]))
+    status = "finished" if results.get("finished") else f"INCOMPLETE: {len(runs)} runs recorded so far"
+    lines = ["# Quality: GNDPO vs plain OPD vs TRL's DistillationTrainer", "",
+             "<!-- Generated by benchmarks/render.py from benchmarks/quality.json, except the summary between the "
+             "markers: do not edit the rest. -->", "", "## Summary", "", SUMMARY_START,
+             summary.strip() or "(not written yet)", SUMMARY_END, "", "## Set-up", "",
+             f"Command: `{results['command']}` (started {results['started']}, {status}).", "",
+             f"Models: {runs[0]['description'] if runs else '-'}. Machine: {env['cpu']}, {env['cpu_cores']} cores, "
+             f"{env['torch_threads']} torch threads; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+             + ".", "",
+             f"Work per optimizer step, identical for every method: {spec['batch_size']} sampled completions of at "
+             f"most {spec['completion_length']} tokens ({spec['batch_size'] // spec['num_generations']} prompts x "
+             f"{spec['num_generations']}), temperature 1, no top-p/top-k, one micro-step, AdamW at a constant rate, "
+             f"no weight decay, gradient clipping at 1 (TRL's default), full fine-tuning (no LoRA), {spec['steps']} "
+             f"steps. Held-out evaluation every {spec['eval_every']} steps: {spec['heldout_prompts']} prompts never "
+             f"trained on x {spec['heldout_samples']} samples of at most {spec['completion_length']} tokens, seed "
+             "fixed, exact reverse KL(student || teacher) over the full vocabulary per sampled token "
+             "(`trl_gndpo.ReverseKLCallback`).", "",
+             f"Learning rates swept on seed {spec['seeds'][0]}: {', '.join(f'{x:g}' for x in spec['lrs'])}; each "
+             "method's rate is the one with the lowest final held-out KL there, then run on seeds "
+             f"{', '.join(map(str, spec['seeds'][1:])) or '-'} (the sweep's run is reused as the first seed)."
+             + ("" if complete_sweep else " THE SWEEP IS NOT COMPLETE: the rates below are the best of those swept "
+                "so far."), "",
+             "## Each method at its best learning rate", "",
+             "Held-out reverse KL (nats/token): mean ± standard deviation over seeds (min to max). Gradient norms: "
+             "every step of every seed pooled; the losses differ in scale, so compare the spread (p99, max over the "
+             "median) across methods rather than the level. Seconds are wall-clock time on the machine above, "
+             "evaluations excluded: work running beside the benchmark inflates them (the step median is the least "
+             "affected).", ""]  # fmt: skip
+    methods = [m for m in spec["methods"] if main_runs(results, m)]
+    rows = [[QUALITY_METHODS[m], f"{results['chosen_lr'][m]:g}", len(rs), spread([r["initial_kl"] for r in rs]),
+             spread([r["final_kl"] for r in rs]), spread([100 * (1 - r["final_kl"] / r["initial_kl"]) for r in rs]),
+             fmt(statistics.median(s for r in rs for s in r["step_seconds"])),
+             spread([r["train_seconds"] for r in rs]), *norm_figures(rs)]
+            for m in methods for rs in [main_runs(results, m)]]  # fmt: skip
+    lines += table(["method", "lr", "seeds", "KL at step 0", f"KL at step {spec['steps']}", "KL reduction (%)",
+                    "step median (s)", "training seconds", "grad-norm median", "p99", "max", "max / median"],
+                   rows)  # fmt: skip
+    names = quality_plots(results, methods, outdir, stem) if methods else []
+    lines += [f"![{n}]({n})" for n in names if "kl-" in n] + [""]
+    if methods:
+        steps = [e["step"] for e in main_runs(results, methods[0])[0]["evals"]]
+        curve = [[QUALITY_METHODS[m], *map(fmt, mean_curve(main_runs(results, m), "step")[1])] for m in methods]
+        lines += ["Mean held-out reverse KL over seeds at each evaluation:", ""]
+        lines += table(["method", *(f"step {s}" for s in steps)], curve)
+    order = list(QUALITY_METHODS)
+    sweep = [[QUALITY_METHODS[r["method"]], f"{r['lr']:g}", fmt(r["initial_kl"]), fmt(r["final_kl"]),
+              fmt(r["grad_norm"]["median"]), fmt(r["grad_norm"]["max"]),
+              "yes" if results["chosen_lr"].get(r["method"]) == r["lr"] else ""]
+             for r in sorted((r for r in runs if r["phase"] == "sweep"),
+                             key=lambda r: (order.index(r["method"]), r["lr"]))]  # fmt: skip
+    lines += ["## Learning-rate sweep", "", f"Seed {spec['seeds'][0]}, held-out reverse KL (nats/token).", ""]
+    lines += table(["method", "lr", "KL at step 0", f"KL at step {spec['steps']}", "grad-norm median",
+                    "grad-norm max", "chosen"], sweep)  # fmt: skip
+    lines += ["## Stability stress test: a corrupted teacher", "",
+              f"GNDPO and plain OPD at the same rate, {spec['stress_lr']:g}; on {100 * spec['corrupt_fraction']:g}% "
+              f"of the completion tokens (drawn at random) the teacher's log-prob is lowered by "
+              f"{spec['corrupt_nats']:g} nats before the token signal is computed (which then clamps it at -5); the "
+              "held-out evaluation uses the true teacher. Each stressed run is set beside the clean run of the same "
+              "method, rate and seed.", ""]  # fmt: skip
+    rows = []
+    for m in stressed_methods(results):
+        for stress in (False, True):
+            rs = stress_runs(results, m, stress)
+            if not rs:
+                continue
+            clamped = [s["gndpo/clamped_frac"] for r in rs for s in r["steps"]
+                       if s.get("gndpo/clamped_frac") is not None]  # fmt: skip
+            counts = [r["corrupted_tokens"] for r in rs if r["corrupted_tokens"]]
+            share = sum(c["corrupted"] for c in counts) / max(sum(c["tokens"] for c in counts), 1)
+            rows.append([QUALITY_METHODS[m], "corrupted" if stress else "clean", ", ".join(str(r["seed"]) for r in rs),
+                         f"{100 * share:.1f}", spread([r["final_kl"] for r in rs]), *norm_figures(rs),
+                         fmt(statistics.mean(clamped)) if clamped else "-"])  # fmt: skip
+    header = ["method", "teacher", "seeds", "tokens corrupted (%)", f"KL at step {spec['steps']}", "grad-norm median",
+              "p99", "max", "max / median", "clamped fraction (mean)"]  # fmt: skip
+    lines += table(header, rows) if rows else ["Not measured yet.", ""]
+    return "\n".join(lines + [f"![{n}]({n})" for n in names if "kl-" not in n] + [""])
+
+
+def written_summary(path: Path) -> str:
+    """The hand-written summary between the markers of an existing QUALITY.md, or ""."""
+    text = path.read_text() if path.exists() else ""
+    if SUMMARY_START not in text or SUMMARY_END not in text:
+        return ""
+    summary = text.split(SUMMARY_START, 1)[1].split(SUMMARY_END, 1)[0].strip()
+    return "" if summary == "(not written yet)" else summary
+
+
+def write(results: dict, path: Path) -> None:
+    """(Re)write the Markdown of `results` (a comparison file or quality runs) at `path`, its PNGs beside it."""
+    if "runs" in results:
+        path.write_text(render_quality(results, path.parent, path.stem, written_summary(path)))
+    else:
+        path.write_text(render(results, path.parent, path.stem))
+
+
 if __name__ == "__main__":
-    source, target = Path(sys.argv[1]), Path(sys.argv[2])
-    target.write_text(render(json.loads(source.read_text()), target.parent, target.stem))
-    print(f"wrote {target}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", type=Path, help="results.json, vgs_results.json or quality.json")
+    parser.add_argument("markdown", type=Path, help="the Markdown to (re)write, its PNGs beside it")
+    args = parser.parse_args()
+    write(json.loads(args.json.read_text()), args.markdown)
+    print(f"wrote {args.markdown}")

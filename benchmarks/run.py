@@ -1,7 +1,7 @@
 """Run a benchmark comparison: each trainer in a fresh process per round, rounds interleaved, on the same work.
 
-    python benchmarks/run.py --size smollm2 --rounds 3 --json benchmarks/results.json --markdown benchmarks/RESULTS.md
-    python benchmarks/run.py --vgs --family qwen2_vl qwen2_5_vl qwen3_vl --rounds 2 \\
+    python -m benchmarks.run --size smollm2 --rounds 3 --json benchmarks/results.json --markdown benchmarks/RESULTS.md
+    python -m benchmarks.run --vgs --family qwen2_vl qwen2_5_vl qwen3_vl --rounds 2 \\
         --json benchmarks/vgs_results.json --markdown benchmarks/VGS_RESULTS.md
 
 The trainer comparison runs GNDPOTrainer (default, and ``gndpo_sampler``: with ``old_logps_from_sampler``), TRL's
@@ -24,12 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
+from .models import FAMILIES, SIZES
+from .render import write
 
-from models import FAMILIES, SIZES  # noqa: E402
-from render import render  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TRAINERS = ("gndpo", "gndpo_sampler", "distillation", "grpo")
 VGS_TRAINERS = ("gndpo", "gndpo_vgs")
@@ -47,12 +45,11 @@ def run_worker(spec: dict, logdir: Path, tag: str, timeout: float) -> dict:
     spec_path, out_path, log_path = (logdir / f"{tag}.{ext}" for ext in ("spec.json", "json", "log"))
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     print(f"  {tag} ...", end="", flush=True)
     busy0, own0, started = cpu_busy_ticks(), os.times(), time.perf_counter()
     with open(log_path, "w") as log:
-        command = [sys.executable, str(HERE / "worker.py"), str(spec_path), str(out_path)]
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        command = [sys.executable, "-m", "benchmarks.worker", str(spec_path), str(out_path)]
+        code = subprocess.run(command, stdout=log, stderr=log, env=env, cwd=REPO, timeout=timeout).returncode
     wall, own1 = time.perf_counter() - started, os.times()
     if code != 0:
         raise SystemExit(f"\nworker {tag} failed (exit {code}):\n{log_path.read_text(errors='replace')[-3000:]}")
@@ -106,11 +103,10 @@ def measure(args, spec: dict, logdir: Path) -> dict:
         for trainer in args.trainers:
             tag = f"{key.replace('/', '-')}-{trainer}-round{index + 1}"
             rounds[trainer].append(run_worker(dict(spec, trainer=trainer), logdir, tag, args.timeout))
-    argv = [Path(sys.argv[0]).resolve().relative_to(REPO).as_posix(), *sys.argv[1:]]
     return {
         "key": key,
         "kind": "vgs" if args.vgs else "trainers",
-        "command": "python " + shlex.join(argv),
+        "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:]),
         "started": started,
         "spec": spec,
         "main": {t: combine_rounds(records) for t, records in rounds.items()},
@@ -135,36 +131,33 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per worker process")
     parser.add_argument("--json", type=Path, help="merge this run's entries into this JSON file")
     parser.add_argument("--markdown", type=Path, help="(re)write this Markdown from the JSON (PNGs beside it)")
-    parser.add_argument("--render-only", action="store_true", help="only re-render --markdown from --json")
     parser.add_argument("--logdir", type=Path, help="keep worker specs, logs and raw records here")
     args = parser.parse_args(argv)
     if args.json is None and args.markdown:
         parser.error("--markdown renders from --json: give both")
+    if args.vgs and args.size != "tiny" or args.vocab and args.size != "tiny":
+        parser.error("--vgs and --vocab run at --size tiny")
     results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
-    if not args.render_only:
-        if args.vgs and args.size != "tiny" or args.vocab and args.size != "tiny":
-            parser.error("--vgs and --vocab run at --size tiny")
-        args.trainers = args.trainers or list(VGS_TRAINERS if args.vgs else TRAINERS)
-        args.family = args.family or (["qwen2_vl"] if args.vgs else [None])
-        spec = {"size": args.size, "seed": args.seed, "lora": args.lora, "cpu": args.cpu}
-        for key, default in SIZES[args.size].items():
-            value = getattr(args, key)
-            spec[key] = default if value is None else value
-        if args.vgs and args.lr is None:
-            spec["lr"] = 0.0
-        if (spec["batch_size"] * spec["grad_accum"]) % spec["num_generations"]:
-            parser.error("batch size x gradient accumulation must be a multiple of --num-generations")
-        logdir = args.logdir or Path(tempfile.mkdtemp(prefix="gndpo-bench-"))
-        logdir.mkdir(parents=True, exist_ok=True)
-        for family in args.family:
-            for vocab in args.vocab or [None]:
-                entry = measure(args, dict(spec, family=family, vocab_size=vocab), logdir)
-                results[entry.pop("key")] = entry
-        print(f"worker logs: {logdir}")
+    args.trainers = args.trainers or list(VGS_TRAINERS if args.vgs else TRAINERS)
+    spec = {"size": args.size, "seed": args.seed, "lora": args.lora, "cpu": args.cpu}
+    for key, default in SIZES[args.size].items():
+        value = getattr(args, key)
+        spec[key] = default if value is None else value
+    if args.vgs and args.lr is None:
+        spec["lr"] = 0.0
+    if (spec["batch_size"] * spec["grad_accum"]) % spec["num_generations"]:
+        parser.error("batch size x gradient accumulation must be a multiple of --num-generations")
+    logdir = args.logdir or Path(tempfile.mkdtemp(prefix="gndpo-bench-"))
+    logdir.mkdir(parents=True, exist_ok=True)
+    for family in args.family or (["qwen2_vl"] if args.vgs else [None]):
+        for vocab in args.vocab or [None]:
+            entry = measure(args, dict(spec, family=family, vocab_size=vocab), logdir)
+            results[entry.pop("key")] = entry
+    print(f"worker logs: {logdir}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.markdown:
-        args.markdown.write_text(render(results, args.markdown.parent, args.markdown.stem))
+        write(results, args.markdown)
         print(f"wrote {args.markdown}")
     return 0
 

@@ -1,6 +1,6 @@
 """How far the sampler's log p_old (`old_logps_from_sampler`) is from the student re-score, on a benchmark size.
 
-    python benchmarks/sampler_logps.py --size smollm2 [--steps 3]
+    python -m benchmarks.sampler_logps --size smollm2 [--steps 3]
 
 Trains `gndpo_sampler` (``worker.make_trainer``, the benchmark's work) and, at every generation batch, also runs the
 default re-score of the same batch; prints the max and mean absolute differences of the completion tokens' log p_old
@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from models import SIZES, build  # noqa: E402
-from worker import make_trainer  # noqa: E402
+from .models import SIZES, build
+from .worker import make_trainer
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Measure one trainer in this process: ``python benchmarks/worker.py SPEC.json OUT.json`` (started by `run.py`).
+"""Measure one trainer in this process: ``python -m benchmarks.worker SPEC.json OUT.json`` (started by `run.py`).
 
 The worker builds the models (`models.build`) and one trainer, wraps a few of the trainer's own methods on the instance
 to time them (library code is not modified), trains ``warmup + steps`` optimizer steps and writes one JSON record.
@@ -35,7 +35,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transformers import TrainerCallback
 
 PHASES = ("generation", "teacher", "student_scoring", "vgs_text_view", "prep_other", "loss_forward", "vgs_loss",
           "backward", "optimizer_other")  # fmt: skip
@@ -143,16 +143,30 @@ def length_reward(completions, **kwargs) -> list[float]:
     return [float(len(str(c))) for c in completions]
 
 
-def make_trainer(spec: dict, built: dict, device, output_dir: str):
-    """One of ``gndpo``, ``gndpo_sampler``, ``gndpo_vgs``, ``distillation``, ``grpo`` on the same work: every
-    completion exactly ``completion_length`` tokens, one generation batch per optimizer step, sampling at temperature
-    1 without top-p/k."""
+# Trainer kinds: (trainer class, its config's own options). `quality.py` measures some of them by other names.
+KINDS = {
+    "gndpo": ("gndpo", {}),
+    "gndpo_sampler": ("gndpo", {"old_logps_from_sampler": True}),
+    "gndpo_vgs": ("gndpo", {"visual_gradient_steering": True}),
+    "opd": ("gndpo", {"normalization_scope": "none"}),
+    "distillation": ("distillation", {"beta": 1.0}),
+    "distill_rkl": ("distillation", {"beta": 1.0}),
+    "distill_jsd": ("distillation", {"beta": 0.5}),
+    "grpo": ("grpo", {"beta": 0.0, "loss_type": "grpo", "importance_sampling_level": "sequence"}),
+}
+
+
+def make_trainer(spec: dict, built: dict, device, output_dir: str, **config):
+    """The trainer of kind ``spec["trainer"]`` (`KINDS`) on the spec's work: one generation batch per optimizer step,
+    sampling at temperature 1 without top-p/k, and by default every completion exactly ``completion_length`` tokens
+    in dataset order; `config` overrides these training arguments."""
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer, GRPOConfig, GRPOTrainer
 
     from trl_gndpo import GNDPOConfig, GNDPOTrainer
 
-    kind, length = spec["trainer"], spec["completion_length"]
+    kind, options = KINDS[spec["trainer"]]
+    length = spec["completion_length"]
     columns = {"prompt": built["prompts"]} | ({"image": built["images"]} if built["images"] else {})
     if kind == "distillation":  # one completion per dataset row by design: each prompt repeated num_generations times
         columns = {k: [x for x in v for _ in range(spec["num_generations"])] for k, v in columns.items()}
@@ -164,32 +178,44 @@ def make_trainer(spec: dict, built: dict, device, output_dir: str):
         max_completion_length=length, temperature=1.0, top_p=1.0, top_k=0, shuffle_dataset=False,
         disable_dropout=True, generation_kwargs={"min_new_tokens": length}, activation_checkpointing=False,
         **({"bf16": True} if device.type == "cuda" else {"use_cpu": True, "bf16": False}),
-    )  # fmt: skip
+    ) | options | config  # fmt: skip
     data = dict(model=built["student"], train_dataset=Dataset.from_dict(columns))
     data["processing_class"] = built["processing_class"]
-    if kind in ("gndpo", "gndpo_sampler", "gndpo_vgs"):
-        args = GNDPOConfig(**common, num_generations=spec["num_generations"],
-                           visual_gradient_steering=kind == "gndpo_vgs",
-                           old_logps_from_sampler=kind == "gndpo_sampler")  # fmt: skip
+    if kind == "gndpo":
         peft = None
         if spec.get("lora"):
             from peft import LoraConfig
 
             peft = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|v)_proj")
+        args = GNDPOConfig(**common, num_generations=spec["num_generations"])
         return GNDPOTrainer(teacher_model=built["teacher"], args=args, peft_config=peft,
                             teacher_processing_class=built["processing_class"], **data)  # fmt: skip
     if kind == "distillation":
-        args = DistillationConfig(**{k: v for k, v in common.items() if k in _fields(DistillationConfig)}, beta=1.0)
+        fields = {f.name for f in dataclasses.fields(DistillationConfig)}
+        args = DistillationConfig(**{k: v for k, v in common.items() if k in fields})
         return DistillationTrainer(teacher_model=built["teacher"], args=args, **data)
-    if kind == "grpo":
-        args = GRPOConfig(**common, num_generations=spec["num_generations"], beta=0.0, loss_type="grpo",
-                          importance_sampling_level="sequence")  # fmt: skip
-        return GRPOTrainer(reward_funcs=length_reward, args=args, **data)
-    raise ValueError(f"unknown trainer {kind!r}")
+    args = GRPOConfig(**common, num_generations=spec["num_generations"])
+    return GRPOTrainer(reward_funcs=length_reward, args=args, **data)
 
 
-def _fields(config_class) -> set:
-    return {f.name for f in dataclasses.fields(config_class)}
+class StepTimer(TrainerCallback):
+    """Wall-clock seconds of each optimizer step (``on_step_begin`` to ``on_step_end``), CUDA synchronized."""
+
+    def __init__(self, cuda: bool = False):
+        self.cuda, self.seconds = cuda, []
+
+    def _now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = self._now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(self._now() - self.start)
 
 
 def instrument(trainer, probe: Probe) -> None:
@@ -197,7 +223,6 @@ def instrument(trainer, probe: Probe) -> None:
     import torch
     import trl.trainer.distillation_trainer as distillation_module
     import trl.trainer.utils as utils_module
-    from transformers import TrainerCallback
 
     def wrap(name, phase, before=None, after=None, owner=trainer):
         original = getattr(owner, name)
@@ -302,8 +327,9 @@ def environment(device) -> dict:
 
 def main(spec_path: str, out_path: str) -> None:
     import torch
-    from models import build
     from transformers.utils import logging
+
+    from .models import build
 
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads"):

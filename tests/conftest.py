@@ -6,8 +6,6 @@ is collected, because processors may be built at collection time; it patches tra
 """
 
 import os
-import sys
-from pathlib import Path
 
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,11 +17,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-
-# Works with both pytest import modes (prepend / importlib): make `import tiny_models` resolvable.
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
 
 from tiny_models import cpu_grpo_kwargs, install_video_processor_workaround  # noqa: E402
 
@@ -47,8 +40,20 @@ def cpu_config_kwargs(tmp_output_dir):
 
 
 @pytest.fixture(scope="session")
-def two_process_runs(tmp_path_factory) -> dict[str, list]:
-    """Every mode of tests/distributed_run.py in one two-process launch, shared by the tests that compare ranks."""
-    from test_distributed import MODES, run_two_processes
+def teacher_server_url(tmp_path_factory):
+    """The tiny teacher served by tests/teacher_server_app.py, one process for the session; yields its URL."""
+    from helpers import serve_teacher
 
-    return run_two_processes(tmp_path_factory.mktemp("two-processes"), *MODES)
+    yield from serve_teacher(tmp_path_factory.mktemp("served-teacher"))
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory, teacher_server_url) -> dict[str, list]:
+    """Every mode of tests/distributed_run.py in one two-process launch, shared by the tests that compare ranks:
+    {mode: [rank 0's records, rank 1's]}, and under "server_requests" what the `server` mode asked the server."""
+    from helpers import configure_server, run_two_processes, served_requests
+
+    modes = ("whitening", "uniopd", "vgs", "teachers", "papers", "server")
+    configure_server(teacher_server_url, clear_requests=True)
+    out, env = tmp_path_factory.mktemp("two-processes"), {"GNDPO_TEACHER_SERVER_URL": teacher_server_url}
+    return {**run_two_processes(out, *modes, env=env), "server_requests": served_requests(teacher_server_url)}

@@ -1,4 +1,4 @@
-"""Two-process GNDPO runs (launched by tests/test_distributed.py with torchrun on CPU).
+"""Two-process GNDPO runs, launched with torchrun on CPU by `helpers.run_two_processes` for conftest.py's fixture.
 
 `whitening` mode: each rank records what it handed to and got back from the whitening (local token signal and mask,
 mean/variance used). `uniopd` mode (Uni-OPD margin shift per prompt group, groups split across the ranks): each rank
@@ -18,6 +18,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from helpers import parity_reward
 from tiny_models import (
     cpu_grpo_kwargs,
     make_image_dataset,
@@ -42,10 +43,6 @@ def recording(function, name):
         return result
 
     return wrapper
-
-
-def parity_reward(completions, **kwargs):
-    return [float(len(str(c)) % 2 == 0) for c in completions]
 
 
 def run(out_dir: str, mode: str) -> None:

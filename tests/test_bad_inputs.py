@@ -66,7 +66,7 @@ def with_row(dataset: Dataset, column: str, row: int, value) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Dataset size (item 3)
+# Dataset size
 
 
 def test_empty_training_dataset(cpu_config_kwargs):
@@ -87,7 +87,7 @@ def test_empty_eval_dataset(cpu_config_kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Prompts (item 4)
+# Prompts
 
 _CONVERSATION = [{"role": "user", "content": "What is 1 + 1?"}]
 
@@ -114,7 +114,7 @@ def test_unusable_prompts(prompts, detail, cpu_config_kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Images (items 4 and 5)
+# Images
 
 
 def truncated_jpeg() -> bytes:
@@ -193,12 +193,10 @@ def test_max_checked_rows_reaches_the_check(cpu_config_kwargs):
     with pytest.raises(ValueError, match=r"at rows 3 \(empty"):
         build(cpu_config_kwargs, train_dataset=dataset)
     build(cpu_config_kwargs, {"max_checked_rows": 3}, train_dataset=dataset)  # row 3 is not checked
-    with pytest.raises(ValueError, match="max_checked_rows must be >= 1"):
-        GNDPOConfig(**cpu_config_kwargs(max_checked_rows=0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Generation batches without a valid token (item 8)
+# Generation batches without a valid token
 
 
 def nan_teacher():
@@ -232,8 +230,6 @@ def test_consecutive_batches_without_valid_tokens_stop_training(cpu_config_kwarg
     )
     with pytest.raises(RuntimeError, match="non-finite log-prob"):
         trainer.train()
-    with pytest.raises(ValueError, match="max_invalid_generation_batches must be >= 1"):
-        GNDPOConfig(**cpu_config_kwargs(max_invalid_generation_batches=0))
 
 
 def test_invalid_batch_guard_counts_consecutive_batches():
@@ -249,7 +245,7 @@ def test_invalid_batch_guard_counts_consecutive_batches():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints (item 2)
+# Checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +323,7 @@ def test_vgs_eta_checkpoint_missing_or_corrupt(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Teacher tokenizer (item 7)
+# Teacher tokenizer
 
 
 def swapped_tokenizer() -> Qwen2Tokenizer:

@@ -1,11 +1,13 @@
 """`project_completions_only`: TRL's fused head projects only the positions that predict completion tokens, with the
-same log-probs, entropies and gradients as TRL's own path (float64, fresh random models and batches)."""
+same log-probs, entropies and gradients as TRL's own path (float64, random models and batches from a fresh seed per
+run, shown in the test id)."""
 
 import copy
 
 import pytest
 import torch
 import trl.trainer.utils as trl_utils
+from helpers import fresh_seeds
 from tiny_models import make_image, make_text_model, make_vlm
 from trl.trainer.utils import add_fused_lm_head
 
@@ -40,9 +42,9 @@ def batch(vocab, rows=3, prompt=7, completion=5):
     return ids, mask, completion
 
 
-@pytest.mark.parametrize("seed", [None, None])
+@pytest.mark.parametrize("seed", fresh_seeds(2))
 def test_same_log_probs_entropies_and_gradients_as_trls_path(seed):
-    torch.manual_seed(torch.seed() if seed is None else seed)
+    torch.manual_seed(seed)
     reference, wrapped = pair(make_text_model(seed=int(torch.randint(0, 1000, ())), hidden_size=64))
     ids, mask, completion = batch(reference.config.vocab_size)
     results = []

@@ -1,46 +1,16 @@
-"""Two processes (gloo on CPU): global whitening, Uni-OPD group margins and VGS see the whole generation batch.
+"""Two processes (gloo on CPU): global whitening, Uni-OPD group margins and prompt-group masking, TIP's entropy
+sampling, VGS and routed teachers see the whole generation batch.
 
-One launch (conftest.py's `two_process_runs`, slow) serves these tests and tests/test_papers.py's."""
-
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
+One launch (conftest.py's `two_process_runs`, slow) serves these tests and tests/test_teacher_server.py's."""
 
 import pytest
 import torch
-from test_trainer import reference_logps
+from helpers import calls, reference_logps
 from tiny_models import make_text_model, make_vlm
 
 from trl_gndpo import uniopd as U
 
-TESTS = Path(__file__).parent
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:  # torchrun's static rendezvous hangs on --master_port 0
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-MODES = ("whitening", "uniopd", "vgs", "teachers", "papers")  # "papers": tests/test_papers.py
-
-
-def run_two_processes(out: Path, *modes: str) -> dict[str, list]:
-    """The modes of distributed_run.py, in one two-process launch: {mode: [rank 0's records, rank 1's]}."""
-    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(TESTS / "distributed_run.py"), str(out), *modes]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {mode: [torch.load(out / f"{mode}-rank{r}.pt") for r in range(2)] for mode in modes}
-
-
-def calls(records, name):
-    return [r for r in records if r["function"] == name]
 
 
 def test_two_processes_share_the_statistics_of_the_concatenated_batch(two_process_runs):
@@ -147,3 +117,26 @@ def test_several_teachers_route_and_whiten_across_processes(two_process_runs):
     assert {k.split("/")[2] for k in keys} == {"a", "b"}
     for entry0, entry1 in zip(*history, strict=True):
         assert all(entry0[k] == entry1[k] for k in keys if k in entry0)
+
+
+@pytest.mark.slow
+def test_prompt_group_mask_and_entropy_sampling_span_two_processes(two_process_runs):
+    """Groups of 4 split 2 + 2 across the ranks: both ranks discard the same groups, and TIP's entropy sampling keeps
+    half of the generation batch's tokens, with the vOPD top-k baseline on as well."""
+    ranks = two_process_runs["papers"]
+    decisions = [calls(r, "margin_group_mask") for r in ranks]
+    assert len(decisions[0]) == len(decisions[1]) == 3
+    discarded = 0
+    batches = zip(calls(ranks[0], "batch"), calls(ranks[1], "batch"), decisions[0], decisions[1], strict=True)
+    for batch0, batch1, call0, call1 in batches:
+        for a, b in zip(call0["args"], call1["args"], strict=True):
+            assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
+        keep, _ = call0["result"]
+        assert torch.equal(keep, call1["result"][0])
+        advantages = torch.cat([batch0["advantages"], batch1["advantages"]])
+        assert (advantages[~keep] == 0).all()
+        discarded += (~keep).sum().item() // 4
+        kept = torch.cat([batch0["mask"], batch1["mask"]]).sum().item()
+        tokens = torch.cat([batch0["completion_mask"], batch1["completion_mask"]]).sum().item()
+        assert abs(kept - 0.5 * tokens) <= 1
+    assert discarded > 0

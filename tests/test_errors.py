@@ -1,10 +1,16 @@
-"""Bad configurations and inputs fail at construction, before any training step, with a message saying what to do."""
+"""Bad configurations and inputs fail at construction, before any training step, with a message saying what to do:
+every setting the config refuses (one table), the trainer's checks of models, datasets and teachers, and the start-up
+warning when one global rollout feeds several optimizer steps."""
 
 import dataclasses
 import json
+import logging
 
 import pytest
 from datasets import Dataset
+from helpers import (
+    text_trainer,
+)
 from tiny_models import (
     _trained_bpe,
     make_image_dataset,
@@ -16,36 +22,93 @@ from tiny_models import (
 )
 from transformers import Qwen2Tokenizer
 
-from trl_gndpo import GNDPOConfig, GNDPOTrainer
+from trl_gndpo import GNDPOConfig, GNDPOTrainer, checks
+
+# Every setting GNDPOConfig refuses, in one table: the options given on top of the tests' CPU config, what the message
+# must say, and (where the refusal is about a combination) an option without which the same settings are accepted.
+VGS, SAMPLER = {"visual_gradient_steering": True}, {"old_logps_from_sampler": True}
+SERVED = {"teacher_model_server_url": "http://127.0.0.1:8000"}
+REFUSED = [
+    # GNDPO's own options, and the GRPO options it fixes
+    ({"normalization_scope": "group"}, "normalization_scope"),
+    ({"token_signal_clamp": 0.0}, "token_signal_clamp"),
+    ({"whitening_eps": 0.0}, "whitening_eps"),
+    ({"outcome_advantage_weight": -1.0}, "outcome_advantage_weight"),
+    ({"max_log_ratio": -1.0}, "max_log_ratio"),
+    ({"beta": 0.04}, r"in GNDPO `beta` is GRPO's KL coefficient .* must be 0 .* DistillationConfig `beta` picks"),
+    ({"loss_type": "cispo"}, "loss_type"),
+    ({"importance_sampling_level": "sentence"}, "importance_sampling_level"),
+    ({"entropy_coef": 0.01}, "entropy_coef"),
+    ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+    ({"outcome_advantage_weight": float("inf")}, "outcome_advantage_weight must be a finite number"),
+    ({"whitening_eps": float("inf")}, "whitening_eps must be a finite number"),
+    ({"token_signal_clamp": float("inf")}, "token_signal_clamp must be a finite number"),
+    ({"vgs_eta": float("inf")}, "vgs_eta must be a finite number"),
+    ({"correctness_threshold": float("nan")}, "correctness_threshold must be a finite number"),
+    ({"epsilon": -0.1}, "epsilon .* must be >= 0"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"temperature": -1.0}, "temperature must be > 0"),
+    ({"num_generations": 1}, "GNDPO's whitening needs no prompt groups"),
+    ({"max_checked_rows": 0}, "max_checked_rows must be >= 1"),
+    ({"max_invalid_generation_batches": 0}, "max_invalid_generation_batches must be >= 1"),
+    # estimators: ExOPD, vOPD, TIP, Uni-OPD
+    ({"reward_extrapolation": float("inf")}, "reward_extrapolation"),
+    ({"reference_model_name_or_path": "base"}, "reward_extrapolation"),
+    ({"value_baseline": True, "temperature": 0.7}, "temperature=1.0"),
+    ({"value_baseline_top_k": 8}, "set value_baseline=True too"),
+    ({"value_baseline": True, "value_baseline_top_k": 0}, "value_baseline_top_k must be >= 1"),
+    ({"token_selection": "top"}, "token_selection"),
+    ({"token_selection": "q4"}, "'q3' or 'entropy_sampling'"),
+    ({"token_selection_ratio": 0.0}, "token_selection_ratio"),
+    ({"margin_calibration": "shift+mask"}, "alternatives: pick one"),
+    ({"margin_calibration": "groups"}, "'group_mask'"),
+    ({"margin_calibration": "group_mask", "margin_scope": "global"}, "set margin_scope='group'"),
+    # VGS
+    ({**VGS, "vgs_mode": "kd"}, "vgs_mode must be"),
+    ({**VGS, "vgs_mode": "grpo", "margin_calibration": "shift"}, "margin_calibration='none'"),
+    ({**VGS, "vgs_mode": "grpo", "outcome_advantage_weight": 1.0}, "outcome_advantage_weight=0"),
+    ({**VGS, "vgs_alpha": 1.5}, "vgs_alpha"),
+    ({**VGS, "vgs_gamma": -1.0}, "vgs_gamma"),
+    ({**VGS, "vgs_lambda": -0.1}, "vgs_lambda"),
+    ({**VGS, "vgs_lp_quantile": 1.0}, "vgs_lp_quantile"),
+    ({**VGS, "vgs_eta": 0.0}, "vgs_eta"),
+    ({**VGS, "temperature": 0.7}, "set temperature=1.0, or visual_gradient_steering", "visual_gradient_steering"),
+    # teachers: several, placed, served
+    ({"teacher_models": {"a": "m"}, "teacher_model_name_or_path": "t"}, "alternatives"),
+    ({"teacher_models": {"a": "m"}, "teacher_device": {"b": "cpu"}}, "teacher_device names teachers"),
+    ({"teacher_device": "cpu", "teacher_offload": True}, "alternatives"),
+    ({**SERVED, "teacher_model_name_or_path": "t"}, "teacher_model_name_or_path configure a local one"),
+    ({**SERVED, "teacher_offload": True}, "teacher_offload configure a local one"),
+    ({**SERVED, "value_baseline": True}, "value_baseline needs the full next-token distributions"),
+    ({**SERVED, "visual_gradient_steering": True}, "visual_gradient_steering needs"),
+    ({**SERVED, "teacher_model_server_timeout": 0.0}, "teacher_model_server_timeout must be > 0"),
+    ({**SERVED, "teacher_model_server_chunk_size": 0}, "teacher_model_server_chunk_size must be >= 1"),
+    # old_logps_from_sampler: settings under which the sampler's log-probs are not the re-score's (fine without it)
+    *(({**SAMPLER, **o}, m, "old_logps_from_sampler") for o, m in [
+        ({"top_k": 5}, "top_k"),
+        ({"top_p": 0.9}, "top_p"),
+        ({"min_p": 0.1}, "min_p"),
+        ({"repetition_penalty": 1.1}, "repetition_penalty"),
+        ({"generation_kwargs": {"top_k": 5}}, "top_k"),
+        ({"generation_kwargs": {"temperature": 0.5}}, "temperature"),
+        ({"token_selection": "entropy"}, "token_selection"),
+        ({"value_baseline": True}, "value_baseline"),
+        ({"use_transformers_continuous_batching": True}, "continuous_batching"),
+        ({"use_vllm": True}, "vllm_importance_sampling_correction"),  # on by default: TRL re-scores anyway
+    ]),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"normalization_scope": "group"}, "normalization_scope"),
-        ({"token_signal_clamp": 0.0}, "token_signal_clamp"),
-        ({"whitening_eps": 0.0}, "whitening_eps"),
-        ({"outcome_advantage_weight": -1.0}, "outcome_advantage_weight"),
-        ({"max_log_ratio": -1.0}, "max_log_ratio"),
-        ({"beta": 0.04}, r"in GNDPO `beta` is GRPO's KL coefficient .* must be 0 .* DistillationConfig `beta` picks"),
-        ({"loss_type": "cispo"}, "loss_type"),
-        ({"importance_sampling_level": "sentence"}, "importance_sampling_level"),
-        ({"entropy_coef": 0.01}, "entropy_coef"),
-        ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
-        ({"outcome_advantage_weight": float("inf")}, "outcome_advantage_weight must be a finite number"),
-        ({"whitening_eps": float("inf")}, "whitening_eps must be a finite number"),
-        ({"token_signal_clamp": float("inf")}, "token_signal_clamp must be a finite number"),
-        ({"vgs_eta": float("inf")}, "vgs_eta must be a finite number"),
-        ({"correctness_threshold": float("nan")}, "correctness_threshold must be a finite number"),
-        ({"epsilon": -0.1}, "epsilon .* must be >= 0"),
-        ({"temperature": 0.0}, "temperature must be > 0"),
-        ({"temperature": -1.0}, "temperature must be > 0"),
-        ({"num_generations": 1}, "GNDPO's whitening needs no prompt groups"),
-    ],
+    ("overrides", "message", "accepted_without"),
+    [(*row, None)[:3] for row in REFUSED],
+    ids=["-".join(r[0]) for r in REFUSED],
 )
-def test_config_rejects_bad_values(overrides, message, cpu_config_kwargs):
+def test_config_refuses(overrides, message, accepted_without, cpu_config_kwargs):
     with pytest.raises(ValueError, match=message):
         GNDPOConfig(**cpu_config_kwargs(**overrides))
+    if accepted_without:
+        GNDPOConfig(**cpu_config_kwargs(**{k: v for k, v in overrides.items() if k != accepted_without}))
 
 
 def test_config_defaults_follow_the_reference_recipe(cpu_config_kwargs):
@@ -196,3 +259,37 @@ def test_fsdp1_on_a_cpu_run_is_refused_instead_of_falling_back_to_ddp(monkeypatc
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert not select_fsdp2_on_cpu(accelerator, None)  # no FSDP asked for: DDP it is
     assert not hasattr(accelerator.state, "fsdp_plugin")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Warnings at start-up: one global rollout feeding several optimizer steps
+
+
+@pytest.mark.parametrize(
+    ("overrides", "steps"),
+    [
+        ({}, None),  # steps_per_generation = gradient_accumulation_steps: one step per rollout
+        ({"gradient_accumulation_steps": 2}, None),
+        ({"normalization_scope": "none", "generation_batch_size": 16}, None),  # plain OPD: no rollout statistics
+        ({"generation_batch_size": 16}, "4"),  # 16 completions / 4 per step
+        ({"steps_per_generation": 2}, "2"),
+        ({"num_iterations": 2}, "2"),
+        ({"gradient_accumulation_steps": 2, "steps_per_generation": 4, "num_iterations": 3}, "6"),
+    ],
+)
+def test_warns_when_a_global_rollout_feeds_several_optimizer_steps(overrides, steps, cpu_config_kwargs, caplog):
+    config = GNDPOConfig(**cpu_config_kwargs(**overrides))
+    with caplog.at_level(logging.WARNING, logger="trl_gndpo.checks"):
+        checks.warn_if_rollout_feeds_several_steps(config)
+    warnings = [r.getMessage() for r in caplog.records if "optimizer steps" in r.getMessage()]
+    if steps is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and f"feeds {steps} optimizer steps" in warnings[0]
+        assert "num_iterations=1" in warnings[0]
+
+
+def test_the_trainer_warns_at_start_up(cpu_config_kwargs, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_gndpo.checks"):
+        text_trainer(cpu_config_kwargs, generation_batch_size=8)
+    assert any("feeds 2 optimizer steps" in r.getMessage() for r in caplog.records)

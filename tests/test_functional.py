@@ -1,4 +1,5 @@
-"""The GNDPO math against float64 references written here, on fresh random inputs and random masks."""
+"""The GNDPO math, vOPD's top-k baseline and TIP's token rules against float64 references written here, on random
+inputs and masks."""
 
 import math
 
@@ -183,3 +184,72 @@ def test_seq_mean_token_mean_matches_reference():
     mask[2] = False  # an empty row counts as zero loss
     rows = [x[i][mask[i]].mean().item() if mask[i].any() else 0.0 for i in range(4)]
     assert F.seq_mean_token_mean(x, mask).item() == pytest.approx(sum(rows) / 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# vOPD's top-k baseline and TIP's token rules and entropy sampling
+
+
+def test_top_k_reverse_kl_by_hand():
+    # identity heads: the hidden state is the logit vector
+    log_p = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    log_q = torch.tensor([[0.2, 0.2, 0.6]]).log()
+    eye = torch.eye(3)
+    got = F.top_k_reverse_kl(log_p, eye, log_q, eye, k=2)
+    # S = {0, 1}: p_k = (0.625, 0.375), q_k = (0.5, 0.5)
+    expected = 0.625 * math.log(0.625 / 0.5) + 0.375 * math.log(0.375 / 0.5)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    exact = (log_p.exp() * (log_p - log_q)).sum()
+    assert F.top_k_reverse_kl(log_p, eye, log_q, eye, k=3).item() == pytest.approx(exact.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("k", [1, 4, 37])
+def test_top_k_reverse_kl_matches_a_float64_reference(seed, k):
+    g = torch.Generator().manual_seed(seed)
+    n, vocab, h_s, h_t = 11, 37, 6, 9
+    h_p, h_q = torch.randn(n, h_s, generator=g), torch.randn(n, h_t, generator=g)
+    w_s, w_t = torch.randn(vocab, h_s, generator=g), torch.randn(vocab, h_t, generator=g)
+    b_s, b_t = torch.randn(vocab, generator=g), torch.randn(vocab, generator=g)
+    caps = {"student_scale": 0.7, "teacher_scale": 1.3, "teacher_softcap": 3.0}
+    got = F.top_k_reverse_kl(h_p, w_s, h_q, w_t, k, b_s, b_t, token_chunk=4, vocab_chunk=5, **caps)
+    z_p = (h_p.double() @ w_s.double().T + b_s.double()) * 0.7
+    z_q = 3.0 * torch.tanh((h_q.double() @ w_t.double().T + b_t.double()) * 1.3 / 3.0)
+    top = z_p.topk(k, dim=1).indices
+    log_p, log_q = z_p.gather(1, top).log_softmax(-1), z_q.gather(1, top).log_softmax(-1)
+    expected = (log_p.exp() * (log_p - log_q)).sum(-1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (got >= -1e-6).all()
+
+
+def test_top_k_reverse_kl_gathers_the_teacher_rows_in_pieces(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    h_p, h_q, w_s, w_t = (torch.randn(shape, generator=g) for shape in ((9, 4), (9, 6), (30, 4), (30, 6)))
+    whole = F.top_k_reverse_kl(h_p, w_s, h_q, w_t, 5)
+    monkeypatch.setattr(F, "_GATHER_ELEMENTS", 1)  # one position at a time
+    torch.testing.assert_close(F.top_k_reverse_kl(h_p, w_s, h_q, w_t, 5), whole)
+
+
+def test_tip_rules_by_hand():
+    high_entropy = torch.tensor([True, True, False, False])
+    high_divergence = torch.tensor([True, False, True, False])
+    assert F.tip_keep("entropy", high_entropy).tolist() == [True, True, False, False]
+    assert F.tip_keep("quadrant", high_entropy, high_divergence).tolist() == [True, True, True, False]
+    assert F.tip_keep("q3", high_entropy, high_divergence).tolist() == [False, False, True, False]
+    with pytest.raises(ValueError, match="TIP rule"):
+        F.tip_keep("q5", high_entropy, high_divergence)
+
+
+def test_entropy_sampling_keys_by_hand_and_in_distribution():
+    keys = F.entropy_sampling_keys(torch.tensor([2.0, 0.5, 0.0]), torch.tensor([0.25, 0.25, 0.9]))
+    assert keys[:2].tolist() == pytest.approx([math.log(0.25) / 2, math.log(0.25) / 0.5])
+    assert keys[2] == torch.finfo(torch.float32).min  # no entropy: drawn last, and finite
+    # keeping the largest key draws one token with probability proportional to entropy: 3:1:0
+    g = torch.Generator().manual_seed(0)
+    entropy = torch.tensor([3.0, 1.0, 0.0])
+    first = torch.stack([F.entropy_sampling_keys(entropy, torch.rand(3, generator=g)).argmax() for _ in range(4000)])
+    assert (first == 0).float().mean().item() == pytest.approx(0.75, abs=0.03)
+    assert (first == 2).sum() == 0
+    # keeping two: the second draw is from what is left (P(token 1 kept) = 1/4 + 3/4 * 1 = 1 with a zero third)
+    pairs = [F.entropy_sampling_keys(entropy, torch.rand(3, generator=g)).topk(2).indices for _ in range(200)]
+    assert all(set(p.tolist()) == {0, 1} for p in pairs)

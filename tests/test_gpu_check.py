@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_trains_every_case():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]  # DeepSpeed may log to stdout
     records = {r["case"]: r for r in map(json.loads, lines)}

@@ -3,15 +3,11 @@ the stress test, and the Markdown and plots rendered from the JSON (the hand-wri
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import quality  # noqa: E402
+from benchmarks import quality, render
 
 LRS, SEEDS, STRESS_SEEDS = [1e-3, 1e-2], [0, 1], [0]
 
@@ -97,20 +93,20 @@ def test_the_stress_test_corrupts_the_teacher_scores(measured):
 def test_markdown_and_plots_are_rendered_from_the_json(measured, tmp_path):
     out, results = measured
     text = (out / "QUALITY.md").read_text()
-    assert text == quality.render(results, tmp_path, "QUALITY")  # the same file from the JSON alone
-    for method, name in quality.METHODS.items():
+    assert text == render.render_quality(results, tmp_path, "QUALITY")  # the same file from the JSON alone
+    for method, name in render.QUALITY_METHODS.items():
         assert f"| {name} | {results['chosen_lr'][method]:g} | {len(SEEDS)} |" in text
     for run in results["runs"]:
         if run["phase"] == "sweep":
-            assert f"| {quality.METHODS[run['method']]} | {run['lr']:g} | " in text
-            assert quality.fmt(run["final_kl"]) in text
+            assert f"| {render.QUALITY_METHODS[run['method']]} | {run['lr']:g} | " in text
+            assert render.fmt(run["final_kl"]) in text
     images = [line[line.index("(") + 1 : -1] for line in text.splitlines() if line.startswith("![")]
     assert len(images) == 4 and all((out / name).stat().st_size > 0 for name in images)
 
     # the summary is written by hand between the markers and survives a re-render
     written = text.replace("(not written yet)", "GNDPO wins here; it loses there.")
     (out / "QUALITY.md").write_text(written)
-    quality.main(["--render-only", "--json", str(out / "quality.json"), "--markdown", str(out / "QUALITY.md")])
+    render.write(results, out / "QUALITY.md")
     assert (out / "QUALITY.md").read_text() == written
 
 
@@ -118,12 +114,12 @@ def test_markdown_and_plots_are_rendered_from_the_json(measured, tmp_path):
 def test_a_partial_json_renders(measured, tmp_path):
     _, results = measured
     partial = dict(results, runs=results["runs"][:3], chosen_lr={}, finished=False)
-    text = quality.render(partial, tmp_path)
+    text = render.render_quality(partial, tmp_path)
     assert "INCOMPLETE: 3 runs recorded so far" in text
     assert "THE SWEEP IS NOT COMPLETE" in text
     # the best rate swept so far stands in for the chosen one; the method not yet run is in no table
-    assert f"| {quality.METHODS['gndpo']} | {LRS[1]:g} | 1 |" in text
-    assert f"| {quality.METHODS['distill_jsd']} |" not in text
+    assert f"| {render.QUALITY_METHODS['gndpo']} | {LRS[1]:g} | 1 |" in text
+    assert f"| {render.QUALITY_METHODS['distill_jsd']} |" not in text
 
 
 @pytest.mark.slow

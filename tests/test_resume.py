@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_state
 from tiny_models import (
     VLM_FAMILIES,
     cpu_grpo_kwargs,
@@ -106,22 +107,6 @@ def assert_same_records(expected: list[dict], actual: list[dict]) -> None:
         assert a["rows"] == e["rows"], f"data order differs at step {e['step']}"
         assert torch.equal(a["completion_ids"], e["completion_ids"]), f"completions differ at step {e['step']}"
         assert torch.equal(a["advantages"], e["advantages"]), f"advantages differ at step {e['step']}"
-
-
-def assert_same_state(expected, actual, path: str = "") -> None:
-    """Recursive exact equality of (optimizer / scheduler) state dicts holding tensors."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and torch.equal(actual, expected), path
-    elif isinstance(expected, dict):
-        assert set(actual) == set(expected), path
-        for key in expected:
-            assert_same_state(expected[key], actual[key], f"{path}.{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), path
-        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-            assert_same_state(e, a, f"{path}[{i}]")
-    else:
-        assert actual == expected, path
 
 
 def logged_learning_rates(trainer) -> list[float]:

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from test_distributed import calls, run_two_processes
-from test_resume import assert_same_state
+from helpers import assert_same_state, calls, configure_server, free_port, served_requests, served_teacher
 from tiny_models import _trained_bpe, cpu_grpo_kwargs, make_text_dataset, make_text_model, make_tokenizer, save_tiny
 from transformers import Qwen2Tokenizer
 from transformers.testing_utils import CaptureLogger
@@ -31,16 +30,6 @@ from trl_gndpo.teacher_server import TeacherServer, TeacherServerError, completi
 
 TESTS = Path(__file__).parent
 SECRET = "s3cret-Key-0123456789"  # an API key or URL token that must never be written anywhere
-
-
-def make_teacher():
-    return make_text_model(seed=1, hidden_size=128)  # as tests/distributed_run.py builds it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -70,22 +59,6 @@ def test_completion_logps_align_with_the_mask_and_mark_unscored_tokens_nan():
         completion_logps([[[-1.0]] * 3], [2], completion_mask)
 
 
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        ({"teacher_model_name_or_path": "t"}, "teacher_model_name_or_path configure a local one"),
-        ({"teacher_offload": True}, "teacher_offload configure a local one"),
-        ({"value_baseline": True}, "value_baseline needs the full next-token distributions"),
-        ({"visual_gradient_steering": True}, "visual_gradient_steering needs"),
-        ({"teacher_model_server_timeout": 0.0}, "teacher_model_server_timeout must be > 0"),
-        ({"teacher_model_server_chunk_size": 0}, "teacher_model_server_chunk_size must be >= 1"),
-    ],
-)
-def test_config_refuses_what_a_served_teacher_cannot_do(cpu_config_kwargs, options, message):
-    with pytest.raises(ValueError, match=message):
-        GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url="http://127.0.0.1:8000", **options))
-
-
 def test_served_teacher_is_compatible_with_token_selection(cpu_config_kwargs):
     config = GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url="http://x:8000", token_selection="quadrant"))
     assert config.teacher_model_server_url == "http://x:8000"
@@ -94,7 +67,7 @@ def test_served_teacher_is_compatible_with_token_selection(cpu_config_kwargs):
 def test_a_local_and_a_served_teacher_together_are_refused(cpu_config_kwargs):
     args = GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url="http://127.0.0.1:8000"))
     with pytest.raises(ValueError, match="Both a teacher model and teacher_model_server_url"):
-        GNDPOTrainer(model=make_text_model(), teacher_model=make_teacher(), args=args, train_dataset=None)
+        GNDPOTrainer(model=make_text_model(), teacher_model=served_teacher(), args=args, train_dataset=None)
 
 
 def test_vision_language_students_are_refused_before_connecting(cpu_config_kwargs):
@@ -110,13 +83,13 @@ def test_server_down_is_a_clear_error_naming_the_url():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Against a served teacher (one server process for the module)
+# Against a served teacher (one server process for the session; restarts start their own)
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """The tiny teacher saved with its tokenizer, for tests/teacher_server_app.py to serve."""
-    return save_tiny(make_teacher(), make_tokenizer(), tmp_path_factory.mktemp("served-teacher"))
+    return save_tiny(served_teacher(), make_tokenizer(), tmp_path_factory.mktemp("served-teacher"))
 
 
 def start_server(directory, port: int = 0) -> tuple[subprocess.Popen, str]:
@@ -132,22 +105,10 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def server(teacher_dir):
-    """The tiny teacher served by tests/teacher_server_app.py; yields its URL."""
-    process, url = start_server(teacher_dir)
-    try:
-        yield url
-    finally:
-        stop(process)
-
-
-def configure(url, **settings):
-    requests.post(f"{url}/_test/configure", json=settings, timeout=30).raise_for_status()
-
-
-def served_requests(url):
-    return requests.get(f"{url}/_test/requests", timeout=30).json()["requests"]
+@pytest.fixture
+def server(teacher_server_url):
+    """The session's served tiny teacher (conftest.py), also asked by the shared two-process launch: its URL."""
+    return teacher_server_url
 
 
 def make_trainer(config_kwargs, teacher=None, **options):
@@ -165,7 +126,7 @@ def test_served_advantages_equal_the_local_teachers_and_unscored_tokens_are_mask
 ):
     """The same generation batch through the local teacher and through the server gives the same advantages; then a
     token the server leaves out is masked and counted in gndpo/nonfinite_frac, and the rest stays finite."""
-    local = make_trainer(cpu_config_kwargs, teacher=make_teacher())
+    local = make_trainer(cpu_config_kwargs, teacher=served_teacher())
     served = make_trainer(cpu_config_kwargs, teacher_model_server_url=server, teacher_model_server_chunk_size=3)
     generated = []
     original = GRPOTrainer._generate_and_score_completions
@@ -180,7 +141,7 @@ def test_served_advantages_equal_the_local_teachers_and_unscored_tokens_are_mask
     inputs = [dataset[i] for i in (0, 0, 1, 1)]
     expected = local._generate_and_score_completions(inputs)
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(generated[0]))
-    configure(server, clear_requests=True)
+    configure_server(server, clear_requests=True)
     got = served._generate_and_score_completions(inputs)
 
     mask = expected["loss_mask"].bool()
@@ -200,11 +161,11 @@ def test_served_advantages_equal_the_local_teachers_and_unscored_tokens_are_mask
     completion_ids = generated[0]["completion_ids"]
     skipped = completion_ids[mask][0].item()
     hit = (completion_ids == skipped) & mask
-    configure(server, skip_token=skipped)
+    configure_server(server, skip_token=skipped)
     try:
         got = served._generate_and_score_completions(inputs)
     finally:
-        configure(server, skip_token=None)
+        configure_server(server, skip_token=None)
     assert torch.equal(got["loss_mask"].bool(), mask & ~hit)
     assert torch.isfinite(got["advantages"]).all() and (got["advantages"][hit] == 0).all()
     assert served._metrics[mode]["gndpo/nonfinite_frac"][-1] == pytest.approx(hit.sum().item() / mask.sum().item())
@@ -215,7 +176,7 @@ def test_a_text_student_trains_against_the_served_teacher(server, cpu_config_kwa
     trainer = make_trainer(cpu_config_kwargs, teacher_model_server_url=server)
     assert trainer.teacher_model is None
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    configure(server, clear_requests=True)
+    configure_server(server, clear_requests=True)
     trainer.train()
     assert len(served_requests(server)) == 2  # one request per generation batch (4 sequences, chunks of 16)
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
@@ -227,12 +188,12 @@ def test_a_text_student_trains_against_the_served_teacher(server, cpu_config_kwa
 @pytest.mark.slow
 def test_a_slow_server_raises_a_timeout_naming_the_server(server):
     client = TeacherServer(server, timeout=1.0)
-    configure(server, delay=3.0)
+    configure_server(server, delay=3.0)
     try:
         with pytest.raises(TeacherServerError, match=rf"{server} failed to score 1 sequences: no answer within 1 s"):
             client.score(torch.tensor([[5, 6]]), torch.ones(1, 2), torch.tensor([[7, 8]]), torch.ones(1, 2))
     finally:
-        configure(server, delay=0.0)
+        configure_server(server, delay=0.0)
 
 
 def other_tokenizer(directory):
@@ -256,23 +217,21 @@ def test_a_server_with_another_tokenizer_fails_at_start_up(server, cpu_config_kw
     else:
         vocab = make_text_model().config.vocab_size
         settings, message = {"vocab_limit": vocab - 1}, f"cannot score the student's vocabulary id {vocab - 1}"
-    configure(server, **settings)
+    configure_server(server, **settings)
     try:
         with pytest.raises(TeacherServerError, match=message):
             make_trainer(cpu_config_kwargs, teacher_model_server_url=server)
     finally:
-        configure(server, tokenizer_dir=None, vocab_limit=None)
+        configure_server(server, tokenizer_dir=None, vocab_limit=None)
 
 
 @pytest.mark.slow
-def test_two_processes_score_their_shares_and_whiten_like_the_local_teacher(server, tmp_path, monkeypatch):
+def test_two_processes_score_their_shares_and_whiten_like_the_local_teacher(two_process_runs):
     """Each rank sends its own rows; with the served log-probs replaced by the local teacher's, the globally whitened
-    advantages are what each rank trained on."""
-    monkeypatch.setenv("GNDPO_TEACHER_SERVER_URL", server)
-    configure(server, clear_requests=True)
-    ranks = run_two_processes(tmp_path, "server")["server"]
-    teacher = make_teacher()
-    served = [ids for r in served_requests(server) for ids in r["ids"]]
+    advantages are what each rank trained on (the `server` mode of the shared two-process launch)."""
+    ranks = two_process_runs["server"]
+    teacher = served_teacher()
+    served = [ids for r in two_process_runs["server_requests"] for ids in r["ids"]]
     steps = list(zip(*(calls(r, "scores") for r in ranks), *(calls(r, "batch") for r in ranks), strict=True))
     assert len(steps) == 2
     for scores0, scores1, batch0, batch1 in steps:
@@ -373,22 +332,22 @@ def test_a_broken_reply_is_a_clear_error_with_the_server_s_message(server, fault
     """Impossible log-probs, more log-probs than tokens, or a 200 reply with an error body: never trained on silently,
     never an IndexError/KeyError from inside TRL's client."""
     client = TeacherServer(server, timeout=30)
-    configure(server, fault=fault)
+    configure_server(server, fault=fault)
     try:
         with pytest.raises(TeacherServerError, match=rf"{server} failed to score 1 sequences: {message}"):
             client.score(torch.tensor([[5, 6]]), torch.ones(1, 2), torch.tensor([[7, 8]]), torch.ones(1, 2))
     finally:
-        configure(server, fault=None)
+        configure_server(server, fault=None)
 
 
 @pytest.fixture
 def keyed_server(server):
     """The served teacher wanting `Authorization: Bearer SECRET`, as `vllm serve --api-key SECRET` does."""
-    configure(server, api_key=SECRET)
+    configure_server(server, api_key=SECRET)
     try:
         yield server
     finally:
-        configure(server, api_key=None)
+        configure_server(server, api_key=None)
 
 
 @pytest.mark.slow
@@ -491,7 +450,7 @@ def test_a_server_restarted_mid_request_is_waited_for_and_training_continues_ide
         scored.append(1)
         if len(scored) != 2:
             return original(self, *batch)
-        configure(url, delay=2.0)  # the request is in flight when the server dies
+        configure_server(url, delay=2.0)  # the request is in flight when the server dies
         thread = threading.Thread(target=restart)
         thread.start()
         try:

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import changed, expected_advantages, length_reward, record_references, snapshot
 from peft import LoraConfig
 from tiny_models import (
     VLM_FAMILIES,
@@ -25,53 +26,6 @@ from tiny_models import (
 from trl import GRPOTrainer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
-
-IMAGE_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def reference_logps(model, batch):
-    """log p(y_t) of the completion tokens from the model's plain logits, in float64."""
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    extra = {k: batch[k] for k in IMAGE_KEYS if k in batch}
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention_mask, **extra).logits.double()
-    length = batch["completion_ids"].size(1)
-    logps = logits[:, -length - 1 : -1].log_softmax(-1)
-    return logps.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
-
-
-def expected_advantages(student_logps, teacher_logps, mask, config):
-    """GNDPO's advantage from its definition (docs/method.md, arXiv 2606.09091), in float64, single process."""
-    r = (teacher_logps - student_logps).clamp(-config.token_signal_clamp, config.token_signal_clamp)
-    if config.normalization_scope == "none":
-        return r * mask
-    values = r[mask.bool()]
-    return (r - values.mean()) / torch.sqrt(values.var(unbiased=True) + config.whitening_eps) * mask
-
-
-def record_batches(trainer):
-    """Wrap the generation step: keep each batch with the student/teacher reference log-probs at generation time."""
-    records = []
-    generate = trainer._generate_and_score_completions
-
-    def spy(inputs):
-        batch = generate(inputs)
-        student = trainer.accelerator.unwrap_model(trainer.model)
-        records.append((batch, reference_logps(student, batch), reference_logps(trainer.teacher_model, batch)))
-        return batch
-
-    trainer._generate_and_score_completions = spy
-    return records
-
-
-def snapshot(model):
-    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
-
-
-def changed(before, model, names=None):
-    after = snapshot(model)
-    return [n for n in (names or before) if not torch.equal(before[n], after[n])]
 
 
 def check_advantages(records, config, unit_variance=True):
@@ -91,7 +45,7 @@ def check_advantages(records, config, unit_variance=True):
 
 
 def run(trainer, teacher):
-    records = record_batches(trainer)
+    records = record_references(trainer, teacher)
     student_before, teacher_before = snapshot(trainer.model), frozen_fingerprint(teacher)
     trainer.train()
     assert same_fingerprint(teacher_before, frozen_fingerprint(teacher)), "the teacher must stay frozen"
@@ -237,9 +191,6 @@ def test_non_finite_teacher_log_probs_are_masked_and_logged(cpu_config_kwargs):
 
 
 def test_outcome_rewards_are_logged_and_mixed_only_on_request(cpu_config_kwargs, monkeypatch):
-    def length_reward(completions, **kwargs):
-        return [float(len(str(c))) for c in completions]
-
     def build(weight):
         return GNDPOTrainer(
             model=make_text_model(seed=0),
@@ -251,7 +202,7 @@ def test_outcome_rewards_are_logged_and_mixed_only_on_request(cpu_config_kwargs,
         )
 
     trainer = build(0.0)
-    records = record_batches(trainer)
+    records = record_references(trainer, trainer.teacher_model)
     trainer.train()
     assert "rewards/length_reward/mean" in trainer.state.log_history[0]
     check_advantages(records, trainer.args)  # logged, not mixed in
@@ -267,7 +218,7 @@ def test_outcome_rewards_are_logged_and_mixed_only_on_request(cpu_config_kwargs,
 
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", grpo_spy)
     trainer = build(0.5)
-    records = record_batches(trainer)
+    records = record_references(trainer, trainer.teacher_model)
     trainer.train()
     (batch, student_logps, teacher_logps), sequence_advantages = records[0], outcome[0].double()
     assert sequence_advantages.abs().sum() > 0
@@ -372,8 +323,3 @@ def test_teacher_placement_gives_the_same_advantages(placement, cpu_config_kwarg
         assert moves == ["cpu"] + ["cpu", "cpu"] * 2, "parked once, then in and out around each scoring pass"
     else:
         assert moves == ["cpu"]
-
-
-def test_teacher_placement_options_are_validated(cpu_config_kwargs):
-    with pytest.raises(ValueError, match="alternatives"):
-        GNDPOConfig(**cpu_config_kwargs(teacher_device="cpu", teacher_offload=True))

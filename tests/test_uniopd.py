@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import completion_log_softmax, parity_reward, text_trainer, whiten
 from tiny_models import make_text_dataset, make_text_model, make_tokenizer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
@@ -117,11 +118,6 @@ def test_difficulty_balanced_indices():
 # End to end: a rule reward on tiny models
 
 
-def parity_reward(completions, **kwargs):
-    """'Correct' when the completion text has an even number of characters: a mix within most groups."""
-    return [float(len(str(c)) % 2 == 0) for c in completions]
-
-
 def train_recording(cpu_config_kwargs, **overrides):
     trainer = GNDPOTrainer(
         model=make_text_model(seed=0),
@@ -201,11 +197,6 @@ def test_uniopd_needs_rewards(cpu_config_kwargs):
         )
 
 
-def test_shift_and_mask_together_are_rejected(cpu_config_kwargs):
-    with pytest.raises(ValueError, match="alternatives: pick one"):
-        GNDPOConfig(**cpu_config_kwargs(margin_calibration="shift+mask"))
-
-
 def test_offline_difficulty_balancing_with_sampled_pass_rates():
     from trl_gndpo.uniopd_dataset import difficulty_balanced_dataset, estimate_pass_rates
 
@@ -224,6 +215,72 @@ def test_offline_difficulty_balancing_with_sampled_pass_rates():
     assert {str(p) for p in balanced["prompt"]} == {str(p) for p in dataset["prompt"]}
     with pytest.raises(ValueError, match="must lie in"):
         difficulty_balanced_dataset(dataset, [1.5] * 6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompt-group masking (margin_calibration="group_mask")
+
+
+def test_prompt_group_mask_by_hand():
+    # group 0: correct means 0.9, 0.5; incorrect 0.2, 0.4 -> minmax margin 0.1 < 0.3: discarded
+    # group 1: correct 1.0; incorrect -0.5, 0.0 (one absent) -> margin 1.0: kept
+    # group 2: all correct -> no margin: kept
+    means = torch.tensor([0.9, 0.5, 0.2, 0.4, 1.0, -0.5, 0.0, 7.0, 0.1, 0.2, 0.3, 0.4])
+    correct = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1]).bool()
+    present = torch.ones(12, dtype=torch.bool)
+    present[7] = False
+    keep, gap = U.margin_group_mask(means, correct, present, 4, 0.3)
+    assert keep.tolist() == [False] * 4 + [True] * 8
+    assert gap[:2].tolist() == pytest.approx([0.1, 1.0]) and math.isnan(gap[2])
+    # the class means: group 0's gap is 0.7 - 0.3 = 0.4 >= 0.3, kept
+    keep, _ = U.margin_group_mask(means, correct, present, 4, 0.3, mode="mean")
+    assert keep.all()
+
+
+def test_uniopd_prompt_group_mask_end_to_end(cpu_config_kwargs):
+    trainer = text_trainer(
+        cpu_config_kwargs,
+        reward_funcs=parity_reward,
+        margin_calibration="group_mask",
+        margin_mode="minmax",
+        margin_delta=0.3,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_steps=3,
+    )
+    records, rewards = [], []
+    generate, calculate_rewards = trainer._generate_and_score_completions, trainer._calculate_rewards
+
+    def spy(inputs):
+        batch = generate(inputs)
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        p, q = (
+            completion_log_softmax(student, batch),
+            completion_log_softmax(trainer.accelerator.unwrap_model(trainer.teacher_model), batch),
+        )
+        records.append((batch, p, q, rewards[-1][:, 0] >= 0.5))
+        return batch
+
+    trainer._generate_and_score_completions = spy
+    trainer._calculate_rewards = lambda *args: rewards.append(calculate_rewards(*args)) or rewards[-1]
+    trainer.train()
+    discarded = 0
+    for batch, p, q, correct in records:
+        mask = batch["completion_mask"].bool()
+        sampled = batch["completion_ids"].unsqueeze(-1)
+        signal = (q.gather(-1, sampled) - p.gather(-1, sampled)).squeeze(-1).clamp(-5, 5)
+        before = whiten(signal, mask)
+        means = (before * mask).sum(1) / mask.sum(1).clamp(min=1)
+        expected_keep = torch.ones(len(means), dtype=torch.bool)
+        for g in range(len(means) // 4):
+            rows = slice(4 * g, 4 * g + 4)
+            good, bad = correct[rows] & mask[rows].any(1), ~correct[rows] & mask[rows].any(1)
+            if good.any() and bad.any():  # the paper's margin: min over correct - max over incorrect
+                margin = means[rows][good].min() - means[rows][bad].max()
+                expected_keep[rows] = bool(margin >= 0.3)
+                discarded += int(margin < 0.3)
+        torch.testing.assert_close(batch["advantages"].double(), before * expected_keep[:, None], rtol=1e-4, atol=1e-4)
+    assert discarded > 0, "some groups should fail the margin"
 
 
 def test_pass_rates_sample_with_the_training_cap_and_warn_when_it_truncates(cpu_config_kwargs, monkeypatch):
@@ -253,3 +310,19 @@ def test_pass_rates_sample_with_the_training_cap_and_warn_when_it_truncates(cpu_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         estimate_pass_rates(model, tokenizer, dataset, parity_reward, args=args, num_samples=2)
+
+
+@pytest.mark.parametrize(
+    ("calibration", "mode", "expected"),
+    [
+        ("group_mask", None, "minmax"),  # the paper's m(q) with its prompt-group mask
+        ("shift", None, "mean"),  # the reference scripts
+        ("mask", None, "mean"),
+        ("none", None, "mean"),
+        ("group_mask", "mean", "mean"),  # an explicit choice is kept
+        ("shift", "minmax", "minmax"),
+    ],
+)
+def test_margin_mode_defaults_to_each_calibrations_pairing(calibration, mode, expected, cpu_config_kwargs):
+    overrides = {"margin_calibration": calibration} | ({} if mode is None else {"margin_mode": mode})
+    assert GNDPOConfig(**cpu_config_kwargs(**overrides)).margin_mode == expected

@@ -5,15 +5,14 @@ distribution over the whole vocabulary with `log_softmax`, as docs/vgs.md writes
 from hidden states and heads, tile by tile.
 """
 
-import random
-
 import pytest
 import torch
+from helpers import fresh_seeds
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trl_gndpo import vgs
 
-SEEDS = [random.randrange(2**31) for _ in range(3)]
+SEEDS = fresh_seeds(3)
 
 
 def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -159,8 +158,9 @@ def test_no_positions_by_vocabulary_tensor_is_ever_created():
     assert backward.largest <= max(rows * cols, vocab * hidden)
 
 
-def test_gates_and_adaptive_gamma_follow_the_quantiles():
-    g = torch.Generator().manual_seed(random.randrange(2**31))
+@pytest.mark.parametrize("seed", fresh_seeds(1))
+def test_gates_and_adaptive_gamma_follow_the_quantiles(seed):
+    g = torch.Generator().manual_seed(seed)
     values = torch.rand(200, generator=g)
     low, high, lp = vgs.quantile_thresholds(values, (0.4, 0.7, 0.7))
     sorted_values = values.double().sort().values
@@ -185,3 +185,27 @@ def test_no_valid_position_gives_empty_terms_and_zero_gradients():
     (grad,) = torch.autograd.grad(sum(t.sum() for t in terms), w_s)
     assert not grad.any()
     assert vgs.visual_dependency_scores(empty[2], empty[3], w_t, b_t).shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# VGS as the paper runs it (alone, or GRPO + VGS): the loss mix and the policy-gradient advantages of each mode
+
+
+def test_vgs_mixed_loss_of_each_mode():
+    policy, steering = torch.tensor(2.0), torch.tensor(10.0)
+    assert vgs.mixed_loss("alone", 0.3, policy, steering).item() == 10.0
+    assert vgs.mixed_loss("alone", 0.3, torch.tensor(float("nan")), steering).item() == 10.0  # not 0 * NaN
+    assert vgs.mixed_loss("grpo", 0.3, policy, steering).item() == pytest.approx(0.7 * 2 + 0.3 * 10)
+    assert vgs.mixed_loss("gndpo", 0.25, policy, steering).item() == pytest.approx(0.75 * 2 + 0.25 * 10)
+    with pytest.raises(ValueError, match="vgs mode"):
+        vgs.mixed_loss("grpo+kd", 0.3, policy, steering)
+
+
+def test_vgs_policy_advantages_of_each_mode():
+    distillation = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -0.5]])
+    outcome = torch.tensor([0.75, -2.0])
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    grpo = vgs.policy_advantages("grpo", distillation, outcome, mask)
+    assert grpo.tolist() == [[0.75, 0.75, 0.0], [0.0, -2.0, -2.0]]  # no teacher signal left
+    for mode in ("alone", "gndpo"):
+        assert torch.equal(vgs.policy_advantages(mode, distillation, outcome, mask), distillation)

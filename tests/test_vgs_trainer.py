@@ -6,27 +6,26 @@ a plain forward of each unpadded text prompt (the model's own rotary positions, 
 loss equals its definition recomputed from full float64 logits; eta is the measured gradient-norm ratio.
 """
 
+import logging
 import math
 
 import pytest
 import torch
-from datasets import Dataset
+from helpers import (
+    IMAGE_KEYS,
+    changed,
+    length_reward,
+    mixed_dataset,
+    record_batches,
+    snapshot,
+    unpadded,
+    without_vision_spans,
+)
 from peft import LoraConfig
-from test_trainer import IMAGE_KEYS, changed, snapshot
-from tiny_models import VLM_FAMILIES, make_image, make_text_dataset, make_text_model, make_tokenizer, make_vlm
+from tiny_models import VLM_FAMILIES, make_text_dataset, make_text_model, make_tokenizer, make_vlm
+from trl import GRPOTrainer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
-
-QUESTIONS = ["Colour?", "What colour is the square in this small picture, and where is it?", "Describe it briefly."]
-
-
-def mixed_dataset(n: int = 8) -> Dataset:
-    """Image prompts of different lengths, one with a system prompt."""
-    prompts = []
-    for i in range(n):
-        turn = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-        prompts.append(([{"role": "system", "content": "Answer in one word."}] if i % 4 == 1 else []) + turn)
-    return Dataset.from_dict({"prompt": prompts, "image": [make_image(i) for i in range(n)]})
 
 
 def build(family, cpu_config_kwargs, peft_config=None, **overrides):
@@ -43,32 +42,6 @@ def build(family, cpu_config_kwargs, peft_config=None, **overrides):
         peft_config=peft_config,
     )
     return trainer, teacher, processor
-
-
-def record_batches(trainer) -> list[dict]:
-    """Keep every generation batch the trainer hands to its loss."""
-    batches, generate = [], trainer._generate_and_score_completions
-
-    def spy(inputs):
-        batches.append(generate(inputs))
-        return batches[-1]
-
-    trainer._generate_and_score_completions = spy
-    return batches
-
-
-def unpadded(ids, mask):
-    return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
-
-
-def without_vision_spans(ids: list[int], start: int, end: int) -> list[int]:
-    out, inside = [], False
-    for token in ids:
-        inside = inside or token == start
-        if not inside:
-            out.append(token)
-        inside = inside and token != end
-    return out
 
 
 def kl(log_a, log_b):
@@ -204,15 +177,6 @@ def test_vgs_refuses_a_text_only_student(cpu_config_kwargs):
         )
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("vgs_alpha", 1.5), ("vgs_gamma", -1.0), ("vgs_lambda", -0.1), ("vgs_lp_quantile", 1.0), ("vgs_eta", 0.0)],
-)
-def test_vgs_config_is_validated(field, value, cpu_config_kwargs):
-    with pytest.raises(ValueError, match=field):
-        GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, **{field: value}))
-
-
 def test_vgs_evaluates_without_training_the_text_view(cpu_config_kwargs):
     student, processor = make_vlm("qwen2_vl", seed=0)
     teacher, _ = make_vlm("qwen2_vl", seed=1, hidden_size=128)
@@ -231,3 +195,89 @@ def test_vgs_evaluates_without_training_the_text_view(cpu_config_kwargs):
     for name in ("std_kl", "visual_kl", "language_prior_kl", "vds_mean", "lp_token_frac", "loss"):
         assert math.isfinite(metrics[f"eval_vgs/{name}"]), name
     assert metrics["eval_vgs/std_kl"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GRPO + VGS, and the paper's main configuration
+
+
+def test_turning_vgs_on_gives_the_papers_main_configuration(cpu_config_kwargs):
+    config = GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True))
+    # VGS alone, eta of the paper's 2B student (not the no-normalization ablation's 1.0), gamma 2, lambda 0.01, Q_0.7
+    assert (config.vgs_mode, config.vgs_eta, config.vgs_gamma, config.vgs_lambda) == ("alone", 0.41, 2.0, 0.01)
+    assert (config.vgs_lp_quantile, config.vgs_adaptive_gamma, config.vgs_alpha) == (0.7, False, 0.3)
+    # the one sampling temperature VGS accepts (tests/test_errors.py: it refuses any other)
+    GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, temperature=1.0))
+
+
+def test_grpo_plus_vgs_needs_outcome_rewards(cpu_config_kwargs):
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    with pytest.raises(ValueError, match="needs `reward_funcs`"):
+        GNDPOTrainer(
+            model=student,
+            teacher_model=make_vlm("qwen2_vl", seed=1)[0],
+            args=GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, vgs_mode="grpo")),
+            train_dataset=mixed_dataset(),
+            processing_class=processor,
+        )
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_grpo_plus_vgs_trains_on_the_outcome_advantage_mixed_with_vgs(lora, cpu_config_kwargs, monkeypatch):
+    outcome, grpo_generate = [], GRPOTrainer._generate_and_score_completions
+
+    def grpo_spy(self, inputs):
+        batch = grpo_generate(self, inputs)
+        outcome.append(batch["advantages"].clone())
+        return batch
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", grpo_spy)
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    teacher, _ = make_vlm("qwen2_vl", seed=1, hidden_size=128)
+    trainer = GNDPOTrainer(
+        model=student,
+        teacher_model=teacher,
+        reward_funcs=length_reward,
+        args=GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, vgs_mode="grpo", vgs_alpha=0.3)),
+        train_dataset=mixed_dataset(),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False) if lora else None,
+    )
+    records = record_batches(trainer)
+    before = snapshot(trainer.model)
+    trainer.train()
+    moved = changed(before, trainer.model)
+    assert moved and (not lora or all("lora_" in name for name in moved))
+    batch, sequence = records[-1], outcome[-1]
+    assert sequence.abs().sum() > 0
+    mask = batch["loss_mask"]
+    # the policy-gradient term sees GRPO's outcome advantage on every valid token, nothing from the teacher
+    torch.testing.assert_close(batch["advantages"], sequence[:, None] * mask)
+    with torch.no_grad():
+        mixed = trainer._compute_loss(trainer.model, batch)
+        trainer.args.vgs_mode = "alone"
+        alone = trainer._compute_loss(trainer.model, batch)
+    # on-policy (one step per rollout) the ratio is 1, so the policy loss is -mean_i A_i over sequences with tokens
+    has_tokens = mask.sum(1) > 0
+    policy = -(sequence * has_tokens).sum() / len(sequence)
+    assert mixed.item() == pytest.approx(0.7 * policy.item() + 0.3 * alone.item(), rel=1e-4, abs=1e-6)
+    assert trainer.state.log_history[0]["vgs/eta"] == pytest.approx(0.41)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hinted"),
+    [({}, True), ({"vgs_eta": 0.36}, True), ({"vgs_eta_measure_steps": 2}, False), ({"vgs_eta": 1.0}, False)],
+)
+def test_a_fixed_vgs_eta_gets_a_one_time_hint_to_measure_it(overrides, hinted, cpu_config_kwargs, caplog):
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    with caplog.at_level(logging.WARNING):
+        GNDPOTrainer(
+            model=student,
+            teacher_model=make_vlm("qwen2_vl", seed=1)[0],
+            args=GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, **overrides)),
+            train_dataset=mixed_dataset(),
+            processing_class=processor,
+        )
+    assert caplog.text.count("set vgs_eta_measure_steps") == (1 if hinted else 0)
+    if hinted:
+        assert "one pair only" in caplog.text and f"vgs_eta={overrides.get('vgs_eta', 0.41)}" in caplog.text
