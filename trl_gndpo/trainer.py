@@ -26,7 +26,17 @@ from .calibration import CalibrationMixin
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .guards import InvalidBatchGuard
-from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
+from .resume import (
+    EpochRepeatSampler,
+    check_resumed_arguments,
+    checkpoint_folder,
+    has_full_weights,
+    last_complete_checkpoint,
+    load_full_weights,
+    mark_checkpoint_complete,
+    unmark_checkpoint,
+    warn_missing_checkpoint_parts,
+)
 from .steering import SteeringMixin
 from .teacher import (
     capture_completion_states,
@@ -207,6 +217,22 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
         super().create_accelerator_and_postprocess()
         if engines.select_fsdp2_on_cpu(self.accelerator, self.args.fsdp_plugin_args):  # accelerate drops it on CPU
             self.is_fsdp_enabled = True
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        if resume_from_checkpoint is True:  # the newest COMPLETE checkpoint, not Trainer's newest folder
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str):
+            check_resumed_arguments(self.args, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = checkpoint_folder(self, trial)
+        if self.args.should_save:
+            unmark_checkpoint(folder)
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process has written its part (RNG states, shards)
+        if self.args.should_save:
+            mark_checkpoint_complete(folder, self.state.global_step, self.args)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if model is None and not self.is_fsdp_enabled and has_full_weights(resume_from_checkpoint, self.model):
