@@ -492,7 +492,7 @@ def test_prompt_group_mask_and_entropy_sampling_span_two_processes(two_process_r
     ("overrides", "message"),
     [
         ({"value_baseline_top_k": 8}, "set value_baseline=True too"),
-        ({"value_baseline": True, "value_baseline_top_k": 0}, "value_baseline_top_k must be >= 1"),
+        ({"value_baseline": True, "value_baseline_top_k": 0}, "value_baseline_top_k must be a whole number >= 1"),
         ({"token_selection": "q4"}, "'q3' or 'entropy_sampling'"),
         ({"margin_calibration": "group_mask", "margin_scope": "global"}, "set margin_scope='group'"),
         ({"margin_calibration": "groups"}, "'group_mask'"),
