@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from tiny_models import make_text_dataset, make_text_model, make_tokenizer, save_tiny
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
@@ -143,3 +144,62 @@ def test_resume_with_another_teacher_warns_naming_it(cpu_config_kwargs, tmp_path
         resumed.train(resume_from_checkpoint=True)
     assert f"teacher_model_name_or_path (checkpoint: {teacher_a!r}, now: {teacher_b!r})" in captured.out
     assert resumed.state.global_step == 2 and all(torch.isfinite(p).all() for p in resumed.model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Very long prompts: handled before the student generates
+
+
+def with_long_prompt(n_chars: int = 100_000):
+    """The tiny text dataset (prompts of about 72 tokens) with a question of `n_chars` characters in rows 1-3 and 5-7."""
+    rows = make_text_dataset(8).to_dict()
+    for row in (1, 2, 3, 5, 6, 7):
+        rows["prompt"][row] = [{"role": "user", "content": "Count: 0 1 2 3 4 5 6 7 8 9. " * (n_chars // 28)}]
+    return Dataset.from_dict(rows)
+
+
+def generated_prompt_lengths(trainer) -> list[int]:
+    """Record the prompt lengths the student generates from."""
+    lengths, generate = [], trainer._generate_single_turn
+
+    def recording(prompt_ids, *args, **kwargs):
+        lengths.extend(len(ids) for ids in prompt_ids)
+        return generate(prompt_ids, *args, **kwargs)
+
+    trainer._generate_single_turn = recording
+    return lengths
+
+
+def test_long_prompts_refused_before_generating(cpu_config_kwargs):
+    """A 100k-character prompt with max_prompt_length=128 used to be prefilled whole (minutes on CPU) before its
+    completions were masked."""
+    config = {"max_prompt_length": 128, "long_prompts": "error"}
+    trainer = build(cpu_config_kwargs, config, train_dataset=with_long_prompt())
+    lengths = generated_prompt_lengths(trainer)
+    with pytest.raises(ValueError, match=r"longer than max_prompt_length=128: row \d \(\d{5,} tokens\)"):
+        trainer.train()
+    assert max(lengths, default=0) <= 128, "no over-long prompt reached the generation"
+
+
+def test_long_prompts_truncated_before_generating(cpu_config_kwargs):
+    trainer = build(
+        cpu_config_kwargs, {"max_prompt_length": 128, "long_prompts": "truncate"}, train_dataset=with_long_prompt()
+    )
+    lengths = generated_prompt_lengths(trainer)
+    with CaptureLogger(logging.get_logger("trl_gndpo.long_prompts")) as captured:
+        trainer.train()
+    assert lengths and max(lengths) == 128, "the long prompt is cut to its last 128 tokens, before generation"
+    assert "each keeps its last 128 tokens" in captured.out
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    logged = [h["gndpo/long_prompt_frac"] for h in trainer.state.log_history if "gndpo/long_prompt_frac" in h]
+    assert logged == [0.0, 0.0], "truncated prompts train: none is masked"
+    assert min(lengths) < 128, "short prompts are kept whole"
+
+
+def test_long_prompts_masked_with_a_warning_before_generating(cpu_config_kwargs):
+    trainer = build(cpu_config_kwargs, {"max_prompt_length": 128}, train_dataset=with_long_prompt(2_000))
+    lengths = generated_prompt_lengths(trainer)
+    with CaptureLogger(logging.get_logger("trl_gndpo.long_prompts")) as captured:
+        trainer.train()
+    assert max(lengths) > 128 and "they are generated in full" in captured.out
+    assert any(h.get("gndpo/long_prompt_frac", 0) > 0 for h in trainer.state.log_history)

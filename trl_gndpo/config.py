@@ -177,7 +177,13 @@ class GNDPOConfig(GRPOConfig):
         max_prompt_length (`int`, *optional*):
             Completions of prompts longer than this many tokens (image tokens included) are excluded from the
             statistics and the loss, and counted in `gndpo/long_prompt_frac`. `None` (default) keeps all; the GNDPO
-            reference uses 8192.
+            reference uses 8192. `long_prompts` says what happens to them before generation.
+        long_prompts (`str`, *optional*, defaults to `"mask"`):
+            What happens to a prompt over `max_prompt_length` tokens before the student generates: `"mask"` generates
+            from it in full (its prefill costs time and memory: a warning says so) and masks its completions as
+            above, as the GNDPO reference does; `"truncate"` keeps its last `max_prompt_length` tokens (the end of the
+            conversation and the generation prompt; refused for prompts with images, whose tokens cannot be cut);
+            `"error"` stops with an error naming the prompt's length, before generating.
         max_abs_log_ratio (`float`, *optional*):
             Token guard from the Uni-OPD reference scripts (which use 10): tokens with `|log p - log q|` at or above
             this bound leave the statistics and the loss. `None` (default) keeps every token.
@@ -433,6 +439,14 @@ class GNDPOConfig(GRPOConfig):
             "help": "Skip (mask and count) completions of prompts longer than this many tokens (None: keep all)."
         },
     )
+    long_prompts: str = field(
+        default="mask",
+        metadata={
+            "help": "Prompts over max_prompt_length before generation: 'mask' (generate in full, then mask), "
+            "'truncate' (keep the last max_prompt_length tokens; text prompts only) or 'error'.",
+            "choices": ["mask", "truncate", "error"],
+        },
+    )
     max_abs_log_ratio: float | None = field(
         default=None,
         metadata={"help": "Drop tokens with |log p - log q| >= this bound from statistics and loss (Uni-OPD: 10)."},
@@ -672,6 +686,8 @@ class GNDPOConfig(GRPOConfig):
             raise ValueError(f"token_selection_ratio must be in (0, 1], got {self.token_selection_ratio}.")
         if self.max_prompt_length is not None and not self.max_prompt_length > 0:
             raise ValueError(f"max_prompt_length must be > 0 or None, got {self.max_prompt_length}.")
+        if self.long_prompts not in ("mask", "truncate", "error"):
+            raise ValueError(f"long_prompts must be 'mask', 'truncate' or 'error', got {self.long_prompts!r}.")
         if self.max_abs_log_ratio is not None and not self.max_abs_log_ratio > 0:
             raise ValueError(f"max_abs_log_ratio must be > 0 or None, got {self.max_abs_log_ratio}.")
         for name in ("max_checked_rows", "max_invalid_generation_batches"):

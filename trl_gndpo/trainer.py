@@ -26,6 +26,7 @@ from .calibration import CalibrationMixin
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .guards import InvalidBatchGuard
+from .long_prompts import limit_prompt_lengths
 from .resume import (
     EpochRepeatSampler,
     check_resumed_arguments,
@@ -245,6 +246,12 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
 
     def _get_train_sampler(self, dataset=None):
         return EpochRepeatSampler.like(super()._get_train_sampler(dataset))
+
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        has_images = images is not None or bool(multimodal_fields)
+        limit, action = self.args.max_prompt_length, self.args.long_prompts
+        return limit_prompt_lengths(prompt_ids, has_images, limit, action), images, multimodal_fields
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
