@@ -16,6 +16,7 @@ Two processes: tests/test_faults.py::test_a_killed_rank_stops_the_other_within_a
 
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -273,3 +274,14 @@ def test_a_killed_rank_stops_the_other_within_a_timeout(tmp_path):
         "rng_state_0.pth",
         "rng_state_1.pth",
     }
+
+
+def test_every_test_named_in_the_faults_page_exists():
+    root = TESTS.parent
+    page = (root / "docs" / "faults.md").read_text()
+    named = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", page)
+    assert len(named) >= 15
+    for path, name in named:
+        assert re.search(rf"^def {name}\(", (root / path).read_text(), re.M), f"{path}::{name} is named in faults.md"
+    rows = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith(("| Fault", "| Case"))]
+    assert all("`tests/" in row for row in rows if not set(row) <= set("|- ")), "every row names its test"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import make_text_dataset, make_text_model, make_tokenizer, save_tiny
+from tiny_models import make_image, make_text_dataset, make_text_model, make_tokenizer, make_vlm, save_tiny
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
@@ -203,3 +203,65 @@ def test_long_prompts_masked_with_a_warning_before_generating(cpu_config_kwargs)
         trainer.train()
     assert max(lengths) > 128 and "they are generated in full" in captured.out
     assert any(h.get("gndpo/long_prompt_frac", 0) > 0 for h in trainer.state.log_history)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text views of prompts that carry `{"type": "image"}` parts (TRL's standard vision-language format)
+
+QUESTION = "What colour is this picture?"
+
+
+def image_part_dataset(n: int = 8) -> Dataset:
+    prompts = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]] * n
+    return Dataset.from_dict({"prompt": prompts, "image": [make_image(i) for i in range(n)]})
+
+
+def vlm_trainer(cpu_config_kwargs, teacher, **config) -> GNDPOTrainer:
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    return GNDPOTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=GNDPOConfig(**cpu_config_kwargs(max_steps=1, **config)),
+        train_dataset=image_part_dataset(),
+        processing_class=processor,
+        teacher_processing_class=make_tokenizer() if "cross_modal_distillation" in config else None,
+    )
+
+
+def assert_text_view_without_images(trainer) -> None:
+    """The text view of an image-part prompt is that of the same question as plain text."""
+    with_parts = trainer._text_view_prompts([{"prompt": image_part_dataset(1)[0]["prompt"]}])[0]
+    plain = trainer._text_view_prompts([{"prompt": [{"role": "user", "content": QUESTION}]}])[0]
+    assert torch.equal(with_parts, plain)
+    image_pad = trainer.processing_class.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert not (with_parts == image_pad).any()
+
+
+def test_cross_modal_distillation_with_image_parts(cpu_config_kwargs):
+    """Used to crash at step 1 in TRL's data_utils: "Number of images provided (0) does not match number of image
+    placeholders": the text view was built from the prompt with its image parts still in it."""
+    trainer = vlm_trainer(cpu_config_kwargs, make_text_model(seed=1, hidden_size=128), cross_modal_distillation=True)
+    trainer.train()
+    assert trainer.state.global_step == 1 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert_text_view_without_images(trainer)
+
+
+def test_visual_gradient_steering_with_image_parts(cpu_config_kwargs):
+    trainer = vlm_trainer(cpu_config_kwargs, make_vlm("qwen2_vl", 1, 128)[0], visual_gradient_steering=True)
+    trainer.train()
+    assert trainer.state.global_step == 1 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert_text_view_without_images(trainer)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A streamed dataset whose teacher column names no teacher
+
+
+def test_streamed_row_with_an_unknown_teacher_is_named(cpu_config_kwargs):
+    """A bad teacher name at row 40 of a stream used to crash after 28 steps without saying which row."""
+    rows = make_text_dataset(8).add_column("teacher", ["a", "b", "a", "b", "a", "c", "a", "b"])
+    stream = rows.to_iterable_dataset()
+    teachers = {"a": make_text_model(seed=1), "b": make_text_model(seed=2)}
+    trainer = build(cpu_config_kwargs, {"max_steps": 4}, teacher_model=teachers, train_dataset=stream)
+    with pytest.raises(ValueError, match=r"row 5 of the training dataset: its 'teacher' is 'c', which names none of"):
+        trainer.train()
