@@ -192,7 +192,9 @@ def test_text_run_killed_in_a_step_then_in_a_save_resumes_exactly(tmp_path):
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
     run_killed("text", run, lambda t: kill_in_save(t, 4, after="weights"), resume=True)
     assert (run / "checkpoint-4" / "model.safetensors").is_file()
-    assert not (run / "checkpoint-4" / COMPLETE_MARKER).exists() and not (run / "checkpoint-4" / "optimizer.pt").exists()
+    assert (
+        not (run / "checkpoint-4" / COMPLETE_MARKER).exists() and not (run / "checkpoint-4" / "optimizer.pt").exists()
+    )
     resumed, warnings = resume("text", run)
     assert f"Skipping {run / 'checkpoint-4'}" in warnings and f"Resuming from {run / 'checkpoint-2'}" in warnings
     assert_same_end_state(uninterrupted("text", tmp_path / "full"), resumed)

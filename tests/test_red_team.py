@@ -151,7 +151,7 @@ def test_resume_with_another_teacher_warns_naming_it(cpu_config_kwargs, tmp_path
 
 
 def with_long_prompt(n_chars: int = 100_000):
-    """The tiny text dataset (prompts of about 72 tokens) with a question of `n_chars` characters in rows 1-3 and 5-7."""
+    """The tiny text dataset (prompts of about 72 tokens) with a question of `n_chars` characters in rows 1-3, 5-7."""
     rows = make_text_dataset(8).to_dict()
     for row in (1, 2, 3, 5, 6, 7):
         rows["prompt"][row] = [{"role": "user", "content": "Count: 0 1 2 3 4 5 6 7 8 9. " * (n_chars // 28)}]

@@ -9,8 +9,8 @@ import re
 import torch
 from transformers import PreTrainedModel
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, logging
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, logging
 from trl.trainer.utils import RepeatSampler
 
 logger = logging.get_logger(__name__)
@@ -110,7 +110,7 @@ class EpochRepeatSampler(RepeatSampler):
                 torch.randperm(self.num_samples, generator=self.generator)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Crash-safe checkpoints. transformers 5.x's `Trainer._save_checkpoint` writes straight into `checkpoint-N` (weights,
 # optimizer, scheduler, RNG states, then `trainer_state.json`, none through a temporary name), and
 # `get_last_checkpoint` returns the highest-numbered `checkpoint-N` folder whatever it holds: a process killed while
@@ -204,7 +204,9 @@ def check_resumed_arguments(args, checkpoint: str) -> None:
     current = saved_arguments(args)
 
     def differing(names):
-        return [f"{n} (checkpoint: {saved.get(n)!r}, now: {current[n]!r})" for n in names if saved.get(n) != current[n]]
+        return [
+            f"{n} (checkpoint: {saved.get(n)!r}, now: {current[n]!r})" for n in names if saved.get(n) != current[n]
+        ]
 
     if data_order := differing(_DATA_ORDER_ARGUMENTS):
         raise ValueError(
