@@ -132,11 +132,6 @@ def saved_arguments(args) -> dict:
     return json.loads(json.dumps(saved, default=str))  # as read back from the file
 
 
-def checkpoint_folder(trainer, trial=None) -> str:
-    """The folder `Trainer._save_checkpoint` writes at the current step."""
-    return os.path.join(trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
-
-
 def unmark_checkpoint(folder: str) -> None:
     """Before a save into `folder`: drop an earlier marker, so that a folder overwritten in part is never complete."""
     if os.path.isfile(os.path.join(folder, COMPLETE_MARKER)):
