@@ -230,8 +230,9 @@ def vlm_trainer(cpu_config_kwargs, teacher, **config) -> GNDPOTrainer:
 
 def assert_text_view_without_images(trainer) -> None:
     """The text view of an image-part prompt is that of the same question as plain text."""
-    with_parts = trainer._text_view_prompts([{"prompt": image_part_dataset(1)[0]["prompt"]}])[0]
-    plain = trainer._text_view_prompts([{"prompt": [{"role": "user", "content": QUESTION}]}])[0]
+    text_view = trainer.teachers.text_view
+    with_parts = text_view.prompts([{"prompt": image_part_dataset(1)[0]["prompt"]}])[0]
+    plain = text_view.prompts([{"prompt": [{"role": "user", "content": QUESTION}]}])[0]
     assert torch.equal(with_parts, plain)
     image_pad = trainer.processing_class.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert not (with_parts == image_pad).any()
@@ -263,5 +264,5 @@ def test_streamed_row_with_an_unknown_teacher_is_named(cpu_config_kwargs):
     stream = rows.to_iterable_dataset()
     teachers = {"a": make_text_model(seed=1), "b": make_text_model(seed=2)}
     trainer = build(cpu_config_kwargs, {"max_steps": 4}, teacher_model=teachers, train_dataset=stream)
-    with pytest.raises(ValueError, match=r"row 5 of the training dataset: its 'teacher' is 'c', which names none of"):
+    with pytest.raises(ValueError, match=r"Row 5 of the streamed training dataset's 'teacher' is 'c', which names"):
         trainer.train()

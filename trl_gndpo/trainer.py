@@ -136,6 +136,9 @@ class GNDPOTrainer(GRPOTrainer):
 
         reference = (base_model if reference_given else None, reference_processing)
         checks.check_setup(self, teacher_models, teacher_processing, *reference, grpo_kwargs)
+        names = list(teacher_models)  # a stream's rows are checked as they are read, naming the row
+        self.train_dataset = teachers.checked_stream(self.train_dataset, args.teacher_column, names, "training")
+        self.eval_dataset = teachers.checked_stream(self.eval_dataset, args.teacher_column, names, "evaluation")
         student = self.accelerator.unwrap_model(self.model)
         self.teacher_server = None
         if args.teacher_model_server_url is not None:  # a served teacher: nothing to load, check or place here
