@@ -45,6 +45,7 @@ def check_setup(
     check_datasets(datasets, trainer._is_vlm, trainer.environment_factories is not None, args.max_checked_rows)
     warn_if_checkpoints_split_generations(args)
     warn_if_rollout_feeds_several_steps(args)
+    hint_fixed_vgs_eta(args)
     check_routing(args, trainer, list(teacher_models), datasets)
     student = trainer.accelerator.unwrap_model(trainer.model)
     for name, teacher in teacher_models.items():
@@ -164,6 +165,17 @@ def warn_if_rollout_feeds_several_steps(args: GNDPOConfig) -> None:
             "later steps train a policy that has already moved, unlike the GNDPO reference, which takes one "
             "optimizer step per rollout. For that, leave generation_batch_size and steps_per_generation unset "
             "(steps_per_generation then equals gradient_accumulation_steps) and set num_iterations=1."
+        )
+
+
+def hint_fixed_vgs_eta(args: GNDPOConfig) -> None:
+    """VGS's fixed eta was measured by the paper for one student-teacher pair; once per trainer, say how to measure it
+    for others."""
+    if args.visual_gradient_steering and args.vgs_eta_measure_steps == 0 and args.vgs_eta != 1.0:
+        logger.warning(
+            f"VGS uses a fixed vgs_eta={args.vgs_eta}. The paper measured eta = ||grad L_Std|| / ||grad L_Std + gamma "
+            "grad L_Vis|| for one pair only (Qwen3-VL-8B teacher: 0.41 for its 2B student, 0.36 for its 4B); for "
+            "another student-teacher pair, set vgs_eta_measure_steps (e.g. 20) to measure it over the first steps."
         )
 
 
