@@ -8,12 +8,14 @@ its gates and the measured eta. `papers` mode (prompt-group masking, TIP entropy
 together): each rank records the group-mask decisions and its batches. `teachers` mode (two teachers routed by the
 dataset's `teacher` column): each rank records its rows' teacher names and the teacher log-probs it scored, and its
 logged metrics. `server` mode (the teacher served at `$GNDPO_TEACHER_SERVER_URL`, tests/test_teacher_server.py): each
-rank records the token scores of its share. The tests compare the ranks.
+rank records the token scores of its share. The tests compare the ranks. `killed` mode (tests/test_faults.py): saves
+every step, and rank 1 kills itself with SIGKILL inside step 2.
 
 `python distributed_run.py OUT_DIR MODE [MODE ...]` runs the modes one after the other in the same two processes.
 """
 
 import os
+import signal
 import sys
 
 import torch
@@ -68,6 +70,8 @@ def run(out_dir: str, mode: str) -> None:
     if mode == "teachers":
         teacher = {"a": make_text_model(seed=1, hidden_size=128), "b": make_text_model(seed=2, num_hidden_layers=3)}
         dataset, options = dataset.add_column("teacher", ["a", "b"] * 4), {"max_steps": 3}
+    if mode == "killed":
+        options = {"save_strategy": "steps", "save_steps": 1, "max_steps": 3}
     if mode == "server":
         teacher, options = None, {"teacher_model_server_url": os.environ["GNDPO_TEACHER_SERVER_URL"]}
     trainer = GNDPOTrainer(
@@ -102,6 +106,15 @@ def run(out_dir: str, mode: str) -> None:
         return scores
 
     trainer._score_tokens = record_scores
+    if mode == "killed" and trainer.accelerator.process_index == 1:
+        compute_loss = trainer._compute_loss
+
+        def killing(model, inputs):
+            if trainer.state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return compute_loss(model, inputs)
+
+        trainer._compute_loss = killing
     trainer.train()
     records.append({"function": "log_history", "result": trainer.state.log_history})
     eta = (None, None) if trainer.steering is None else (trainer.steering.eta, trainer.steering.eta_samples)

@@ -5,6 +5,7 @@ warning when one global rollout feeds several optimizer steps."""
 import dataclasses
 import json
 import logging
+import math
 
 import pytest
 from datasets import Dataset
@@ -51,12 +52,27 @@ REFUSED = [
     ({"num_generations": 1}, "GNDPO's whitening needs no prompt groups"),
     ({"max_checked_rows": 0}, "max_checked_rows must be >= 1"),
     ({"max_invalid_generation_batches": 0}, "max_invalid_generation_batches must be >= 1"),
+    # TrainingArguments numbers (`learning_rate=inf` used to train a step and leave NaN in every weight)
+    ({"learning_rate": math.inf}, "learning_rate must be a finite number"),
+    ({"learning_rate": math.nan}, "learning_rate must be a finite number"),
+    ({"learning_rate": -1e-5}, "learning_rate must be >= 0"),
+    ({"weight_decay": math.inf}, "weight_decay must be a finite number"),
+    ({"adam_epsilon": math.nan}, "adam_epsilon must be a finite number"),
+    ({"adam_beta2": math.inf}, "adam_beta2 must be a finite number"),
+    ({"max_grad_norm": math.nan}, "max_grad_norm must be a number"),
+    ({"warmup_steps": math.inf}, "warmup_steps must be a finite number"),
     # estimators: ExOPD, vOPD, TIP, Uni-OPD
     ({"reward_extrapolation": float("inf")}, "reward_extrapolation"),
     ({"reference_model_name_or_path": "base"}, "reward_extrapolation"),
     ({"value_baseline": True, "temperature": 0.7}, "temperature=1.0"),
     ({"value_baseline_top_k": 8}, "set value_baseline=True too"),
-    ({"value_baseline": True, "value_baseline_top_k": 0}, "value_baseline_top_k must be >= 1"),
+    ({"value_baseline": True, "value_baseline_top_k": 0}, "value_baseline_top_k must be a whole number >= 1"),
+    ({"value_baseline": True, "value_baseline_top_k": 2.5}, "value_baseline_top_k must be a whole number >= 1"),
+    ({"value_baseline": True, "value_baseline_top_k": True}, "value_baseline_top_k must be a whole number >= 1"),
+    ({"value_baseline": True, "value_baseline_top_k": "8"}, "value_baseline_top_k must be a whole number >= 1"),
+    ({"reward_extrapolation": 0.0}, r"reward_extrapolation must be in \(0, 10.0\]"),
+    ({"reward_extrapolation": -1.25}, r"reward_extrapolation must be in \(0, 10.0\]"),
+    ({"reward_extrapolation": 1e6}, r"reward_extrapolation must be in \(0, 10.0\]"),
     ({"token_selection": "top"}, "token_selection"),
     ({"token_selection": "q4"}, "'q3' or 'entropy_sampling'"),
     ({"token_selection_ratio": 0.0}, "token_selection_ratio"),

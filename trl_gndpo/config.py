@@ -59,7 +59,21 @@ _FINITE_FIELDS = (
     "temperature",
     "epsilon",
     "epsilon_high",
+    # TrainingArguments' and GRPOConfig's: an inf learning rate trains a step and leaves NaN in every weight
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "warmup_steps",
+    "num_train_epochs",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
 )
+
+# Above this, reward extrapolation only clamps: every token's signal is at the clamp for ordinary log-ratios.
+_MAX_REWARD_EXTRAPOLATION = 10.0
 
 # What a refused choice's message adds to "<field> must be <choices>, got <value>".
 _CHOICE_HINTS = {
@@ -195,7 +209,13 @@ class GNDPOConfig(GRPOConfig):
         max_prompt_length (`int`, *optional*):
             Completions of prompts longer than this many tokens (image tokens included) are excluded from the
             statistics and the loss, and counted in `gndpo/long_prompt_frac`. `None` (default) keeps all; the GNDPO
-            reference uses 8192.
+            reference uses 8192. `long_prompts` says what happens to them before generation.
+        long_prompts (`str`, *optional*, defaults to `"mask"`):
+            What happens to a prompt over `max_prompt_length` tokens before the student generates: `"mask"` generates
+            from it in full (its prefill costs time and memory: a warning says so) and masks its completions as
+            above, as the GNDPO reference does; `"truncate"` keeps its last `max_prompt_length` tokens (the end of the
+            conversation and the generation prompt; refused for prompts with images, whose tokens cannot be cut);
+            `"error"` stops with an error naming the prompt's length, before generating.
         max_abs_log_ratio (`float`, *optional*):
             Token guard from the Uni-OPD reference scripts (which use 10): tokens with `|log p - log q|` at or above
             this bound leave the statistics and the loss. `None` (default) keeps every token.
@@ -484,6 +504,14 @@ class GNDPOConfig(GRPOConfig):
             "help": "Skip (mask and count) completions of prompts longer than this many tokens (None: keep all)."
         },
     )
+    long_prompts: str = field(
+        default="mask",
+        metadata={
+            "help": "Prompts over max_prompt_length before generation: 'mask' (generate in full, then mask), "
+            "'truncate' (keep the last max_prompt_length tokens; text prompts only) or 'error'.",
+            "choices": ["mask", "truncate", "error"],
+        },
+    )
     max_abs_log_ratio: float | None = field(
         default=None,
         metadata={"help": "Drop tokens with |log p - log q| >= this bound from statistics and loss (Uni-OPD: 10)."},
@@ -667,6 +695,16 @@ class GNDPOConfig(GRPOConfig):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}.")
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
+        if math.isnan(self.max_grad_norm or 0.0):  # inf is allowed: it logs the norm without clipping
+            raise ValueError("max_grad_norm must be a number, got nan (use 0 or None to disable clipping).")
+        if not 0 < self.reward_extrapolation <= _MAX_REWARD_EXTRAPOLATION:
+            raise ValueError(
+                f"reward_extrapolation must be in (0, {_MAX_REWARD_EXTRAPOLATION}], got {self.reward_extrapolation}: "
+                "at 0 the teacher drops out of the signal, below 0 the student is trained away from it, and far above "
+                "the values G-OPD studies (1.0 is plain OPD, ExOPD uses 1.25) every token sits at token_signal_clamp."
+            )
         if not self.temperature > 0:
             raise ValueError(
                 f"temperature must be > 0 (the student's log-probs are divided by it), got {self.temperature}."
@@ -713,8 +751,9 @@ class GNDPOConfig(GRPOConfig):
         if self.value_baseline_top_k is not None:
             if not self.value_baseline:
                 raise ValueError("value_baseline_top_k approximates vOPD's baseline: set value_baseline=True too.")
-            if not self.value_baseline_top_k >= 1:
-                raise ValueError(f"value_baseline_top_k must be >= 1 or None, got {self.value_baseline_top_k}.")
+            k = self.value_baseline_top_k
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"value_baseline_top_k must be a whole number >= 1 or None, got {k!r}.")
         if not 0 < self.token_selection_ratio <= 1:
             raise ValueError(f"token_selection_ratio must be in (0, 1], got {self.token_selection_ratio}.")
         if self.max_prompt_length is not None and not self.max_prompt_length > 0:

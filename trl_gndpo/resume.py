@@ -2,16 +2,20 @@
 (whatever key layout their checkpoint uses) and the data order; and a warning naming each part of the training state
 that a checkpoint lacks, which `Trainer` would otherwise start afresh without a word."""
 
+import json
 import os
+import re
 
 import torch
 from transformers import PreTrainedModel
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, logging
 from trl.trainer.utils import RepeatSampler
 
 logger = logging.get_logger(__name__)
 
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _FULL_WEIGHTS = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
@@ -104,3 +108,110 @@ class EpochRepeatSampler(RepeatSampler):
             self.generator.manual_seed(self.seed)
             for _ in range(epoch):
                 torch.randperm(self.num_samples, generator=self.generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Crash-safe checkpoints. transformers 5.x's `Trainer._save_checkpoint` writes straight into `checkpoint-N` (weights,
+# optimizer, scheduler, RNG states, then `trainer_state.json`, none through a temporary name), and
+# `get_last_checkpoint` returns the highest-numbered `checkpoint-N` folder whatever it holds: a process killed while
+# saving leaves a half-written newest folder that `resume_from_checkpoint=True` picks. GNDPO marks a checkpoint
+# complete once every process has written its part, and resumes only from marked folders.
+
+COMPLETE_MARKER = "gndpo_checkpoint.json"
+# Arguments a resumed run must share with the checkpoint: the data order (Trainer skips the batches already trained,
+# counted in generation batches of this size and grouping) and the teachers that score it.
+_DATA_ORDER_ARGUMENTS = ("num_generations", "generation_batch_size", "steps_per_generation", "seed")
+_TEACHER_ARGUMENTS = ("teacher_model_name_or_path", "teacher_models", "teacher_model_server_url")
+
+
+def saved_arguments(args) -> dict:
+    """The arguments a checkpoint records for `check_resumed_arguments` (a JSON dict; no server URL is written: a
+    flag says whether one was set)."""
+    saved = {name: getattr(args, name) for name in (*_DATA_ORDER_ARGUMENTS, *_TEACHER_ARGUMENTS[:2])}
+    saved["teacher_model_server_url"] = args.teacher_model_server_url is not None
+    return json.loads(json.dumps(saved, default=str))  # as read back from the file
+
+
+def unmark_checkpoint(folder: str) -> None:
+    """Before a save into `folder`: drop an earlier marker, so that a folder overwritten in part is never complete."""
+    if os.path.isfile(os.path.join(folder, COMPLETE_MARKER)):
+        os.remove(os.path.join(folder, COMPLETE_MARKER))
+
+
+def mark_checkpoint_complete(folder: str, step: int, args) -> None:
+    """Write the completion marker (atomically: a temporary file renamed over it) once `folder` is fully saved."""
+    path = os.path.join(folder, COMPLETE_MARKER)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"global_step": step, "arguments": saved_arguments(args)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def is_complete(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, COMPLETE_MARKER))
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """What `resume_from_checkpoint=True` resumes from: the newest `checkpoint-N` with GNDPO's completion marker.
+
+    Newer folders without it (a save that was interrupted) are skipped with a warning naming them. Fails, saying why,
+    when no folder is complete.
+    """
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = {int(m.group(1)): os.path.join(output_dir, n) for n in names if (m := _CHECKPOINT.match(n))}
+    folders = [steps[step] for step in sorted(steps, reverse=True) if os.path.isdir(steps[step])]
+    incomplete = []
+    for folder in folders:
+        if is_complete(folder):
+            if incomplete:
+                logger.warning(
+                    f"Skipping {', '.join(incomplete)}: no {COMPLETE_MARKER}, so the save was interrupted (or the "
+                    f"folder was not written by GNDPOTrainer). Resuming from {folder}, the newest complete checkpoint."
+                )
+            return folder
+        incomplete.append(folder)
+    if incomplete:
+        raise ValueError(
+            f"No complete checkpoint in {output_dir}: {', '.join(incomplete)} lack {COMPLETE_MARKER}, which "
+            "GNDPOTrainer writes once a save has finished (an interrupted save, or a checkpoint written by another "
+            "trainer). To resume from one anyway, pass its path as resume_from_checkpoint."
+        )
+    raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
+
+
+def check_resumed_arguments(args, checkpoint: str) -> None:
+    """Refuse a resume whose data order differs from the checkpoint's; warn when its teachers differ.
+
+    Compares with the arguments GNDPO records in the checkpoint's completion marker (`training_args.bin` holds them
+    too, but only as a pickle, which loading would let run code; Trainer itself loads none). A checkpoint without the
+    marker is not checked, with a warning.
+    """
+    path = os.path.join(checkpoint, COMPLETE_MARKER)
+    if not os.path.isfile(path):
+        logger.warning(
+            f"Resuming from {checkpoint}, which has no {COMPLETE_MARKER}: it may be incomplete (an interrupted save), "
+            "and its arguments cannot be compared with this run's."
+        )
+        return
+    with open(path) as f:
+        saved = json.load(f)["arguments"]
+    current = saved_arguments(args)
+
+    def differing(names):
+        return [
+            f"{n} (checkpoint: {saved.get(n)!r}, now: {current[n]!r})" for n in names if saved.get(n) != current[n]
+        ]
+
+    if data_order := differing(_DATA_ORDER_ARGUMENTS):
+        raise ValueError(
+            f"Resuming from {checkpoint} with other arguments than it was trained with: {'; '.join(data_order)}. "
+            "The resumed run skips the batches already trained by counting them, so these change which prompts it "
+            "trains on and how they are grouped: resume with the checkpoint's values, or start a new run in another "
+            "output_dir."
+        )
+    if teachers := differing(_TEACHER_ARGUMENTS):
+        logger.warning(
+            f"Resuming from {checkpoint} with another teacher than it was trained with: {'; '.join(teachers)}. The "
+            "run continues; the steps after it distil another teacher."
+        )

@@ -7,6 +7,7 @@ whitening do not change: the teachers' log-probs are put back in row order befor
 """
 
 import torch
+from datasets import IterableDataset
 from transformers.utils import logging
 from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
@@ -72,8 +73,9 @@ def device_of(args, name: str):
     return args.teacher_device.get(name) if isinstance(args.teacher_device, dict) else args.teacher_device
 
 
-def route(inputs: list[dict], column: str, names: list[str]) -> torch.Tensor:
-    """Index of each sample's teacher: the column holds a teacher's name or its 0-based index in `names`."""
+def route(inputs: list[dict], column: str, names: list[str], where: str = "A sample") -> torch.Tensor:
+    """Index of each sample's teacher: the column holds a teacher's name or its 0-based index in `names`. `where`
+    names the sample in the error."""
     indices = []
     for x in inputs:
         value = x.get(column)
@@ -83,10 +85,23 @@ def route(inputs: list[dict], column: str, names: list[str]) -> torch.Tensor:
             indices.append(value)
         else:
             raise ValueError(
-                f"A sample's {column!r} is {value!r}, which names none of the teachers {names} (give a name or a "
+                f"{where}'s {column!r} is {value!r}, which names none of the teachers {names} (give a name or a "
                 f"0-based index below {len(names)})."
             )
     return torch.tensor(indices, dtype=torch.long)
+
+
+def checked_stream(dataset, column: str | None, names: list[str], split: str):
+    """A streamed dataset whose rows' teacher names are checked as they are read, so that a row naming no teacher
+    fails with its number in the stream (a `Dataset`, checked whole when the trainer is built, is returned as is)."""
+    if len(names) <= 1 or not isinstance(dataset, IterableDataset):
+        return dataset
+
+    def check(row: dict, index: int) -> dict:
+        route([row], routing_column(column, row), names, where=f"Row {index} of the streamed {split} dataset")
+        return row
+
+    return dataset.map(check, with_indices=True, features=dataset.features)
 
 
 def select_rows(model_inputs: dict, rows: list[int]) -> dict:

@@ -10,6 +10,13 @@ from trl.trainer.utils import pad
 _VISUAL_PARTS = ("image", "video")
 
 
+def without_visual_parts(message: dict) -> dict:
+    """A message with the image and video parts of its content removed (string content is left as it is)."""
+    if not isinstance(message.get("content"), list):
+        return message
+    return {**message, "content": [part for part in message["content"] if part.get("type") not in _VISUAL_PARTS]}
+
+
 class TextView:
     """Renders the text view of prompts like the student renders its own (template, template kwargs, pad token)."""
 
@@ -20,13 +27,9 @@ class TextView:
     def prompts(self, inputs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """The text view of the rows' prompts: left-padded ids and mask (so completion positions line up with the image
         view once the completions are appended), on the training device."""
-        prompts = [
-            [
-                {**message, "content": [part for part in message["content"] if part.get("type") not in _VISUAL_PARTS]}
-                for message in prepare_multimodal_messages(x["prompt"])
-            ]
-            for x in inputs
-        ]
+        # The image parts go first: TRL's `prepare_multimodal_messages` pairs every image part with an image, and the
+        # text view has none ("Number of images provided (0) does not match number of image placeholders").
+        prompts = [prepare_multimodal_messages([without_visual_parts(m) for m in x["prompt"]]) for x in inputs]
         tokenized = self.processing_class.apply_chat_template(
             conversation=prompts,
             chat_template=self.chat_template,

@@ -25,8 +25,18 @@ from .config import GNDPOConfig
 from .fsdp2_on_cpu import select_fsdp2_on_cpu
 from .hidden_states import capture_completion_states, reverse_kl_per_token, vocabulary_head
 from .invalid_batches import InvalidBatchGuard
+from .long_prompts import limit_prompt_lengths
 from .paper import PAPER
-from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
+from .resume import (
+    EpochRepeatSampler,
+    check_resumed_arguments,
+    has_full_weights,
+    last_complete_checkpoint,
+    load_full_weights,
+    mark_checkpoint_complete,
+    unmark_checkpoint,
+    warn_missing_checkpoint_parts,
+)
 from .scoring_models import load_reference, placed_log_probs, prepare_scoring_model
 from .text_view import TextView
 from .vgs import mixed_loss, policy_advantages
@@ -116,6 +126,9 @@ class GNDPOTrainer(GRPOTrainer):
 
         reference = (base_model if reference_given else None, reference_processing)
         checks.check_setup(self, teacher_models, teacher_processing, *reference, grpo_kwargs)
+        names = list(teacher_models)  # a stream's rows are checked as they are read, naming the row
+        self.train_dataset = teachers.checked_stream(self.train_dataset, args.teacher_column, names, "training")
+        self.eval_dataset = teachers.checked_stream(self.eval_dataset, args.teacher_column, names, "evaluation")
         student = self.accelerator.unwrap_model(self.model)
         self.teacher_server = None
         if args.teacher_model_server_url is not None:  # a served teacher: nothing to load, check or place here
@@ -157,16 +170,28 @@ class GNDPOTrainer(GRPOTrainer):
         if select_fsdp2_on_cpu(self.accelerator, self.args.fsdp_plugin_args):  # accelerate drops it on CPU
             self.is_fsdp_enabled = True
 
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        if resume_from_checkpoint is True:  # the newest COMPLETE checkpoint, not Trainer's newest folder
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str):
+            check_resumed_arguments(self.args, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if model is None and not self.is_fsdp_enabled and has_full_weights(resume_from_checkpoint, self.model):
             return load_full_weights(self.model, resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:  # a folder saved over is incomplete until marked again
+            unmark_checkpoint(folder)
         super()._save_checkpoint(model, trial)
         if self.steering is not None and self.args.should_save:  # VGS's measured eta travels with the checkpoint
-            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self.steering.save(os.path.join(self._get_output_dir(trial=trial), checkpoint))
+            self.steering.save(folder)
+        self.accelerator.wait_for_everyone()  # every process has written its part (RNG states, shards)
+        if self.args.should_save:
+            mark_checkpoint_complete(folder, self.state.global_step, self.args)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         warn_missing_checkpoint_parts(self, checkpoint)
@@ -183,6 +208,12 @@ class GNDPOTrainer(GRPOTrainer):
 
     def _get_train_sampler(self, dataset=None):
         return EpochRepeatSampler.like(super()._get_train_sampler(dataset))
+
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        has_images = images is not None or bool(multimodal_fields)
+        limit, action = self.args.max_prompt_length, self.args.long_prompts
+        return limit_prompt_lengths(prompt_ids, has_images, limit, action), images, multimodal_fields
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
