@@ -94,18 +94,27 @@ def install_video_processor_workaround() -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------------------------------
+# A second tokenizer "from another family": other text, other size, so other merges and ids (cross-tokenizer tests).
+_OTHER_CORPUS = [
+    "Une réponse: the answer is nineteen, ça fait 19. Größe, naïve café, 日本語のテキスト, emoji 🦄🙂.",
+    "Describe the colour of the picture in one sentence; then count 10 9 8 7 6 5 4 3 2 1.",
+    "Hello hello world world quick quick fox fox lazy lazy dog dog.",
+]
+TOKENIZER_VARIANTS = ("default", "other")
+
+
 @functools.cache
-def _trained_bpe() -> tuple[str, str]:
+def _trained_bpe(variant: str = "default") -> tuple[str, str]:
     """Train the byte-level BPE once; return (vocab, merges) as JSON strings so callers can't mutate the cache."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
+        vocab_size={"default": 320, "other": 400}[variant],
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS, trainer)
+    bpe.train_from_iterator(_CORPUS if variant == "default" else _OTHER_CORPUS, trainer)
     model = json.loads(bpe.to_str())["model"]
     return json.dumps(model["vocab"]), json.dumps(model["merges"])
 
@@ -115,13 +124,15 @@ def _read_template(name: str) -> str:
     return (CHAT_TEMPLATES_DIR / f"{name}.jinja").read_text()
 
 
-def make_tokenizer(chat_template: str = "qwen2_5") -> Qwen2Tokenizer:
+def make_tokenizer(chat_template: str = "qwen2_5", variant: str = "default") -> Qwen2Tokenizer:
     """A fresh ``Qwen2Tokenizer`` (vocab 320) with the Qwen specials; eos ``<|im_end|>``, pad ``<|endoftext|>``.
 
     ``chat_template`` names a file in ``trl/chat_templates`` (``qwen2_5``, ``qwen3``, ``qwen2_5_vl``, ``qwen3_vl``).
+    ``variant="other"`` is a different byte-level BPE (vocab 400, other text: other merges, other ids, multi-byte
+    characters merged) for a teacher with its own tokenizer.
     The BPE training is cached; each call returns a new object, so trainers may set ``padding_side`` etc. freely.
     """
-    vocab_json, merges_json = _trained_bpe()
+    vocab_json, merges_json = _trained_bpe(variant)
     tokenizer = Qwen2Tokenizer(
         vocab=json.loads(vocab_json),
         merges=[tuple(m) for m in json.loads(merges_json)],
@@ -412,6 +423,7 @@ __all__ = [
     "CHAT_TEMPLATES_DIR",
     "SPECIAL_TOKENS",
     "TEXT_FAMILIES",
+    "TOKENIZER_VARIANTS",
     "VLM_FAMILIES",
     "cpu_grpo_kwargs",
     "install_video_processor_workaround",
