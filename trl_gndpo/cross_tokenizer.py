@@ -20,7 +20,7 @@ from tokenizers.decoders import DecodeStream
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
-from .token_alignment import SpanAlignment, align_spans
+from .token_alignment import SpanAlignment, align_spans, place_spans, teacher_span_sums
 
 
 def tokenizer_of(processing_class):
@@ -163,7 +163,7 @@ def teacher_batch(
             value = pad([torch.as_tensor(v) for v in value], padding_value=0, padding_side="left")
             value = torch.cat([value, value.new_zeros(completion_ids.shape)], dim=1)
         model_inputs[key] = torch.as_tensor(value).to(device)
-    if any(images):
+    if "pixel_values" in model_inputs:
         model_inputs["num_images"] = [len(im) if im else 0 for im in images]
     return TeacherBatch(
         torch.cat([prompt_ids, completion_ids], 1).to(device),
@@ -179,3 +179,62 @@ def align(completion: DecodedCompletion, teacher_offsets, teacher_ok) -> SpanAli
     """The spans of one row: the student's decoded tokens against the teacher's tokens of the same text."""
     length = len(completion.text) + completion.ends_with_eos
     return align_spans(completion.offsets, teacher_offsets, length, completion.ok, teacher_ok)
+
+
+class OwnTokenizers:
+    """Scores a generation batch with teachers that keep their own tokenizers, chat templates and processors.
+
+    Args:
+        student_tokenizer: the student's (fast) tokenizer, to decode the sampled ids.
+        processing_classes: name -> each teacher's tokenizer or processor.
+        eos_token_ids: the student's end-of-sequence ids (a completion ending with one pairs it with the teacher's).
+        chat_template_kwargs: passed to the teachers' chat templates, as to the student's.
+    """
+
+    def __init__(self, student_tokenizer, processing_classes: dict, eos_token_ids, chat_template_kwargs: dict):
+        self.student_tokenizer, self.processing_classes = tokenizer_of(student_tokenizer), processing_classes
+        self.eos_token_ids, self.chat_template_kwargs = set(eos_token_ids), chat_template_kwargs
+
+    def score(self, names: list[str], routes, completion_ids, completion_mask, inputs: list[dict], log_probs):
+        """The teachers' span log-probs on the student's ``(B, T)`` completion grid (on each aligned span's last
+        student token, 0 elsewhere) and the :class:`~trl_gndpo.token_alignment.SpanPlacement` of the batch.
+
+        Args:
+            names: the teachers, in routing order; `routes`: each row's index into them, or None (one teacher).
+            completion_ids, completion_mask: the student's sampled tokens, ``(B, T)``.
+            inputs: the dataset rows behind the batch (their prompts and images).
+            log_probs: ``(name, input_ids, attention_mask, completion_length, model_inputs) -> (rows, length)``,
+                the sampled-token log-probs under the named teacher on the training device.
+        """
+        device = completion_ids.device
+        decoded = [
+            decode_with_offsets(self.student_tokenizer, ids[mask.bool()].tolist(), self.eos_token_ids)
+            for ids, mask in zip(completion_ids.cpu(), completion_mask.cpu(), strict=True)
+        ]
+        alignments, scored = [None] * len(decoded), [None] * len(decoded)
+        for index, name in enumerate(names):
+            rows = list(range(len(decoded))) if routes is None else (routes == index).nonzero().squeeze(1).tolist()
+            if not rows:
+                continue
+            batch = teacher_batch(
+                self.processing_classes[name],
+                [inputs[i] for i in rows],
+                [decoded[i] for i in rows],
+                self.chat_template_kwargs,
+                device,
+            )
+            if batch.completion_length == 0:  # nothing to score (all these completions empty or masked)
+                logps = torch.zeros(len(rows), 0, device=device)
+            else:
+                logps = log_probs(
+                    name, batch.input_ids, batch.attention_mask, batch.completion_length, batch.model_inputs
+                )
+            for j, i in enumerate(rows):
+                alignments[i] = align(decoded[i], batch.offsets[j], batch.ok[j])
+                scored[i] = logps[j].float()
+        teacher_length = max(1, max(len(s) for s in scored))
+        grid = torch.zeros(len(scored), teacher_length, device=device)
+        for i, logps in enumerate(scored):
+            grid[i, : len(logps)] = logps
+        placement = place_spans(alignments, completion_ids.size(1), teacher_length, device)
+        return teacher_span_sums(grid, placement), placement
