@@ -1,7 +1,7 @@
 """A stand-in for `vllm serve TEACHER` in tests: the HTTP endpoints TRL's `VLLMClient` and `trl_gndpo.teacher_server`
 use, answered by a transformers model on CPU.
 
-    python tests/teacher_server_app.py MODEL_DIR      # prints the port it listens on (127.0.0.1), then serves
+    python tests/teacher_server_app.py MODEL_DIR [--port N]     # prints the port it listens on (127.0.0.1), serves
 
 Served as vLLM's OpenAI-compatible server answers them: `GET /health`, `GET /v1/models`, `POST /tokenize`
 (`{"tokens": [...]}`) and `POST /v1/completions` with token-id prompts and `prompt_logprobs=k`: each choice carries
@@ -9,12 +9,15 @@ Served as vLLM's OpenAI-compatible server answers them: `GET /health`, `GET /v1/
 "decoded_token"}}` with the prompt's token and the top k. Ids outside the model's vocabulary or k above 20 (vLLM's
 default `--max-logprobs`) get a 400. Test controls, not part of vLLM: `POST /_test/configure` sets `delay` (seconds
 before answering a completion), `skip_token` (a token id whose log-prob is left out), `vocab_limit` (ids at or above it
-are out of vocabulary) and `tokenizer_dir` (another tokenizer for /tokenize); `GET /_test/requests` lists what the
-completion requests asked for.
+are out of vocabulary), `tokenizer_dir` (another tokenizer for /tokenize) and `fault` (a broken reply to completion
+requests: `"positive_logprob"`, `"extra_logprob"` one more prompt log-prob than tokens, `"error_200"` an error body
+with status 200) and `api_key` (then routes under `/v1` answer 401 `{"error": "Unauthorized"}` unless the request
+carries `Authorization: Bearer KEY`, as `vllm serve --api-key KEY` does; it does not check /health or /tokenize);
+`GET /_test/requests` lists what the completion requests asked for.
 """
 
+import argparse
 import json
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,7 +35,7 @@ class Teacher:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.vocab_limit = self.model.config.vocab_size
-        self.delay, self.skip_token = 0.0, None
+        self.delay, self.skip_token, self.fault, self.api_key = 0.0, None, None, None
         self.requests = []
         self.lock = threading.Lock()  # one forward at a time, like one GPU
 
@@ -79,6 +82,14 @@ class Teacher:
                 choice = {"index": index, "text": "", "logprobs": None, "finish_reason": "length"}
                 choice["prompt_logprobs"] = None if k is None else self.prompt_logprobs(ids, k)
                 choices.append(choice)
+        if self.fault == "error_200":
+            return 200, error("The engine is sleeping (test fault)")
+        for choice in choices if k is not None else []:
+            if self.fault == "positive_logprob":
+                last = choice["prompt_logprobs"][-1]
+                choice["prompt_logprobs"][-1] = {t: {**v, "logprob": 0.5} for t, v in last.items()}
+            elif self.fault == "extra_logprob":
+                choice["prompt_logprobs"].append(choice["prompt_logprobs"][-1])
         return 200, {"id": "cmpl-test", "object": "text_completion", "model": self.name, "choices": choices}
 
 
@@ -102,7 +113,17 @@ def make_handler(teacher: Teacher):
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
                 pass
 
+        def unauthorized(self) -> bool:
+            if teacher.api_key is None or not self.path.startswith("/v1"):
+                return False
+            if self.headers.get("Authorization") == f"Bearer {teacher.api_key}":
+                return False
+            self.send(401, {"error": "Unauthorized"})
+            return True
+
         def do_GET(self):
+            if self.unauthorized():
+                return
             if self.path == "/health":
                 return self.send(200)
             if self.path == "/v1/models":
@@ -114,6 +135,8 @@ def make_handler(teacher: Teacher):
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            if self.unauthorized():
+                return
             if self.path == "/v1/completions":
                 return self.send(*teacher.completions(body))
             if self.path == "/tokenize":
@@ -121,7 +144,7 @@ def make_handler(teacher: Teacher):
                 ids = ids["input_ids"]
                 return self.send(200, {"count": len(ids), "max_model_len": 512, "tokens": ids, "token_strs": None})
             if self.path == "/_test/configure":
-                for key in ("delay", "skip_token"):
+                for key in ("delay", "skip_token", "fault", "api_key"):
                     if key in body:
                         setattr(teacher, key, body[key])
                 if "vocab_limit" in body:
@@ -137,7 +160,11 @@ def make_handler(teacher: Teacher):
 
 
 if __name__ == "__main__":
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Teacher(sys.argv[1])))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("--port", type=int, default=0)
+    options = parser.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", options.port), make_handler(Teacher(options.model_dir)))
     server.daemon_threads = True
     print(server.server_address[1], flush=True)
     server.serve_forever()

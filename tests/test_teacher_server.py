@@ -1,27 +1,36 @@
 """A teacher served over HTTP (`teacher_model_server_url`): the same advantages as the local teacher, training end to
 end, two processes, and the failures (server down, other tokenizer, smaller vocabulary, slow server, a token the
-server does not score). The server is tests/teacher_server_app.py, a stand-in for `vllm serve` speaking the contract
-TRL's `VLLMClient` uses, backed by the tiny teacher."""
+server does not score, a /health that never answers, broken replies, a restart mid-run, a server down for good), the
+URLs refused and the API key (sent, and written nowhere). The server is tests/teacher_server_app.py, a stand-in for
+`vllm serve` speaking the contract TRL's `VLLMClient` uses, backed by the tiny teacher."""
 
+import logging
 import math
 import os
+import pickle
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
 from test_distributed import calls, run_two_processes
-from tiny_models import _trained_bpe, make_text_dataset, make_text_model, make_tokenizer, save_tiny
+from test_resume import assert_same_state
+from tiny_models import _trained_bpe, cpu_grpo_kwargs, make_text_dataset, make_text_model, make_tokenizer, save_tiny
 from transformers import Qwen2Tokenizer
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 from trl import GRPOTrainer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer, functional, teacher_server
 from trl_gndpo.teacher_server import TeacherServer, TeacherServerError, completion_logps, request_sequences
 
 TESTS = Path(__file__).parent
+SECRET = "s3cret-Key-0123456789"  # an API key or URL token that must never be written anywhere
 
 
 def make_teacher():
@@ -105,18 +114,32 @@ def test_server_down_is_a_clear_error_naming_the_url():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The tiny teacher saved and served by tests/teacher_server_app.py; yields its URL."""
-    directory = save_tiny(make_teacher(), make_tokenizer(), tmp_path_factory.mktemp("served-teacher"))
+def teacher_dir(tmp_path_factory):
+    """The tiny teacher saved with its tokenizer, for tests/teacher_server_app.py to serve."""
+    return save_tiny(make_teacher(), make_tokenizer(), tmp_path_factory.mktemp("served-teacher"))
+
+
+def start_server(directory, port: int = 0) -> tuple[subprocess.Popen, str]:
+    """tests/teacher_server_app.py serving `directory` on `port` (0: any free one), once it listens."""
+    command = [sys.executable, str(TESTS / "teacher_server_app.py"), str(directory), "--port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    app = str(TESTS / "teacher_server_app.py")
-    process = subprocess.Popen([sys.executable, app, str(directory)], stdout=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    return process, f"http://127.0.0.1:{int(process.stdout.readline())}"
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.kill()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir):
+    """The tiny teacher served by tests/teacher_server_app.py; yields its URL."""
+    process, url = start_server(teacher_dir)
     try:
-        url = f"http://127.0.0.1:{int(process.stdout.readline())}"
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
 
 
 def configure(url, **settings):
@@ -273,3 +296,249 @@ def test_two_processes_score_their_shares_and_whiten_like_the_local_teacher(serv
         for signal, mask, batch in zip(signals, masks, (batch0, batch1), strict=True):
             expected = (signal.double() - pooled.mean()) / torch.sqrt(pooled.var() + 1e-8) * mask
             torch.testing.assert_close(batch["advantages"].double(), expected, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Faults and secrets: URLs, API key, a server that never answers, restarts or stays down, broken replies
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("localhost:8000", "must be an http:// or https:// URL with a host"),
+        ("127.0.0.1:8000", "must be an http:// or https:// URL with a host"),
+        ("ftp://teacher-node:8000", "must be an http:// or https:// URL with a host"),
+        ("http://teacher-node:port", "is not a valid URL"),
+        (f"http://user:{SECRET}@teacher-node:8000", "must not carry credentials.*teacher_model_server_api_key"),
+        (f"http://teacher-node:8000/?token={SECRET}", "must not carry credentials, a query string"),
+    ],
+)
+def test_malformed_urls_and_urls_with_secrets_are_refused_with_the_secret_redacted(cpu_config_kwargs, url, message):
+    with pytest.raises(ValueError, match=f"teacher_model_server_url {message}") as refused:
+        GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url=url))
+    with pytest.raises(ValueError, match=message) as refused_too:  # also when the server class is used directly
+        TeacherServer(url, timeout=0.5)
+    assert SECRET not in str(refused.value) + str(refused_too.value)
+
+
+def test_the_api_key_stays_out_of_the_config_s_dict_json_str_repr_and_pickle(cpu_config_kwargs):
+    args = GNDPOConfig(
+        **cpu_config_kwargs(teacher_model_server_url="http://teacher-node:8000", teacher_model_server_api_key=SECRET)
+    )
+    assert args.to_dict()["teacher_model_server_api_key"] == "<TEACHER_MODEL_SERVER_API_KEY>"  # hub_token's way
+    for text in (args.to_json_string(), str(args.to_sanitized_dict()), str(args), repr(args)):
+        assert SECRET not in text
+    pickled = pickle.dumps(args)  # what training_args.bin holds (torch.save pickles the arguments)
+    assert SECRET.encode() not in pickled and pickle.loads(pickled).teacher_model_server_api_key is None
+    assert args.teacher_model_server_api_key == SECRET  # the live arguments keep it
+    with pytest.raises(ValueError, match="teacher_model_server_api_key is set without teacher_model_server_url"):
+        GNDPOConfig(**cpu_config_kwargs(teacher_model_server_api_key=SECRET))
+    with pytest.raises(ValueError, match="teacher_model_server_retry_timeout must be a finite number >= 0"):
+        GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url="http://x:1", teacher_model_server_retry_timeout=-1))
+
+
+def test_a_health_check_that_never_answers_times_out():
+    """A server that accepts connections and never answers (here a socket nobody reads: the kernel completes the
+    connection) must fail start-up after the timeout; TRL's check_server sends its /health request without one."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        outcome = []
+
+        def connect():
+            try:
+                TeacherServer(url, timeout=1.0)
+            except Exception as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=connect, daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "start-up hangs on a /health that never answers"
+    assert isinstance(outcome[0], TeacherServerError)
+    assert f"Cannot reach the teacher server at {url} (teacher_model_server_url) within 1 s" in str(outcome[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("positive_logprob", r"it returned a log-prob of 0.5 > 0, which no probability has"),
+        ("extra_logprob", r"it returned 5 prompt log-probs for a sequence of 4 tokens"),
+        ("error_200", r"it answered 200 with an error: The engine is sleeping \(test fault\)"),
+    ],
+)
+def test_a_broken_reply_is_a_clear_error_with_the_server_s_message(server, fault, message):
+    """Impossible log-probs, more log-probs than tokens, or a 200 reply with an error body: never trained on silently,
+    never an IndexError/KeyError from inside TRL's client."""
+    client = TeacherServer(server, timeout=30)
+    configure(server, fault=fault)
+    try:
+        with pytest.raises(TeacherServerError, match=rf"{server} failed to score 1 sequences: {message}"):
+            client.score(torch.tensor([[5, 6]]), torch.ones(1, 2), torch.tensor([[7, 8]]), torch.ones(1, 2))
+    finally:
+        configure(server, fault=None)
+
+
+@pytest.fixture
+def keyed_server(server):
+    """The served teacher wanting `Authorization: Bearer SECRET`, as `vllm serve --api-key SECRET` does."""
+    configure(server, api_key=SECRET)
+    try:
+        yield server
+    finally:
+        configure(server, api_key=None)
+
+
+@pytest.mark.slow
+def test_a_server_with_a_key_refuses_requests_without_it_and_gets_it_from_the_config_or_environment(
+    keyed_server, cpu_config_kwargs, monkeypatch
+):
+    assert requests.get(f"{keyed_server}/v1/models", timeout=30).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-key"}
+    completion = {"prompt": [[5, 6, 7]], "max_tokens": 1, "prompt_logprobs": 0}
+    assert (
+        requests.post(f"{keyed_server}/v1/completions", json=completion, headers=wrong, timeout=30).status_code == 401
+    )
+    student, tokenizer = make_text_model(), make_tokenizer()
+    monkeypatch.delenv("TEACHER_MODEL_SERVER_API_KEY", raising=False)
+    args = GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url=keyed_server))
+    with pytest.raises(
+        TeacherServerError, match="HTTP 401: Unauthorized .*teacher_model_server_api_key or TEACHER_MO"
+    ):
+        teacher_server.connect(args, tokenizer, student, is_vlm=False)
+    batch = torch.tensor([[5, 6]]), torch.ones(1, 2), torch.tensor([[7, 8]]), torch.ones(1, 2)
+    keyed = GNDPOConfig(
+        **cpu_config_kwargs(teacher_model_server_url=keyed_server, teacher_model_server_api_key=SECRET)
+    )
+    assert torch.isfinite(teacher_server.connect(keyed, tokenizer, student, is_vlm=False).score(*batch)).all()
+    monkeypatch.setenv("TEACHER_MODEL_SERVER_API_KEY", SECRET)
+    assert torch.isfinite(teacher_server.connect(args, tokenizer, student, is_vlm=False).score(*batch)).all()
+
+
+@pytest.mark.slow
+def test_a_run_with_an_api_key_writes_the_key_in_no_file_and_no_log_line(
+    keyed_server, cpu_config_kwargs, caplog, capfd
+):
+    """Checkpoints (training_args.bin, trainer_state.json, ...), the final save, the model card and every log line at
+    INFO of a run given the key in its arguments."""
+    transformers_logging.set_verbosity_info()
+    transformers_logging.enable_propagation()
+    caplog.set_level(logging.INFO)
+    try:
+        trainer = make_trainer(
+            cpu_config_kwargs, teacher_model_server_url=keyed_server, teacher_model_server_api_key=SECRET,
+            save_strategy="steps", save_steps=1, log_level="info",
+        )  # fmt: skip
+        trainer.train()
+        trainer.save_model()
+    finally:
+        transformers_logging.disable_propagation()
+        transformers_logging.set_verbosity_warning()
+    files = [path for path in Path(trainer.args.output_dir).rglob("*") if path.is_file()]
+    names = [path.name for path in files]
+    assert names.count("training_args.bin") == 3 and {"README.md", "trainer_state.json"} <= set(names)
+    assert [str(path) for path in files if SECRET.encode() in path.read_bytes()] == []
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "GNDPO: the teacher" in logged and "Saving model checkpoint" in logged  # INFO lines were captured
+    assert SECRET not in logged
+
+
+def train_against(url: str, output_dir, resume: bool = False, **overrides) -> GNDPOTrainer:
+    """3 steps against the server at `url`, saving a checkpoint after each."""
+    options = dict(max_steps=3, save_strategy="steps", save_steps=1, teacher_model_server_url=url, **overrides)
+    args = GNDPOConfig(**cpu_grpo_kwargs(output_dir=str(output_dir), **options))
+    trainer = GNDPOTrainer(
+        model=make_text_model(seed=0), args=args, train_dataset=make_text_dataset(), processing_class=make_tokenizer()
+    )
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    return trainer
+
+
+def assert_same_training(expected: GNDPOTrainer, actual: GNDPOTrainer) -> None:
+    """Bit-equal weights and optimizer state, and the same logged steps and losses."""
+    for (name, e), a in zip(expected.model.named_parameters(), actual.model.parameters(), strict=True):
+        assert torch.equal(e, a), name
+    assert_same_state(expected.optimizer.state_dict(), actual.optimizer.state_dict())
+
+    def losses(trainer):
+        return [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
+
+    assert losses(actual) == losses(expected) and len(losses(expected)) == 3
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(server, tmp_path_factory):
+    return train_against(server, tmp_path_factory.mktemp("uninterrupted"))
+
+
+@pytest.mark.slow
+def test_a_server_restarted_mid_request_is_waited_for_and_training_continues_identically(
+    teacher_dir, uninterrupted, tmp_path, monkeypatch
+):
+    """The server is killed while it answers the second step's request and started again on the same port: the request
+    is retried until it answers, and the run ends bit-equal to the uninterrupted one."""
+    process, url = start_server(teacher_dir)
+    servers, original, scored = [process], TeacherServer.score, []
+
+    def restart():
+        time.sleep(0.5)
+        stop(servers[-1])
+        servers.append(start_server(teacher_dir, port=int(url.rsplit(":", 1)[1]))[0])
+
+    def score(self, *batch):
+        scored.append(1)
+        if len(scored) != 2:
+            return original(self, *batch)
+        configure(url, delay=2.0)  # the request is in flight when the server dies
+        thread = threading.Thread(target=restart)
+        thread.start()
+        try:
+            return original(self, *batch)
+        finally:
+            thread.join()
+
+    monkeypatch.setattr(TeacherServer, "score", score)
+    captured = CaptureLogger(teacher_server.logger)
+    try:
+        with captured:
+            trainer = train_against(url, tmp_path, teacher_model_server_retry_timeout=120)
+        assert len(servers) == 2 and len(served_requests(url)) == 2  # the retried step and the last one
+    finally:
+        stop(servers[-1])
+    assert f"The teacher server at {url} is unreachable" in captured.out and "answers again" in captured.out
+    assert_same_training(uninterrupted, trainer)
+
+
+@pytest.mark.slow
+def test_a_server_down_for_good_stops_the_run_and_its_last_checkpoint_resumes_exactly(
+    teacher_dir, uninterrupted, tmp_path, monkeypatch
+):
+    """The server dies before the third step and does not come back within teacher_model_server_retry_timeout: the
+    run stops with an error naming the server and the wait; the step it was in saves nothing, so the newest checkpoint
+    is the second, and resuming from it once the server is back ends bit-equal to the uninterrupted run."""
+    process, url = start_server(teacher_dir)
+    original, scored = TeacherServer.score, []
+
+    def score(self, *batch):
+        scored.append(1)
+        if len(scored) == 3:
+            stop(process)
+        return original(self, *batch)
+
+    monkeypatch.setattr(TeacherServer, "score", score)
+    stopped = rf"{url} failed to score \d+ sequences: the server stayed unreachable for \d+ s .*retry_timeout=1\)"
+    try:
+        with pytest.raises(TeacherServerError, match=stopped + ".*resume from the last checkpoint"):
+            train_against(url, tmp_path, teacher_model_server_retry_timeout=1)
+    finally:
+        stop(process)  # already stopped unless the run failed before its third step
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    monkeypatch.setattr(TeacherServer, "score", original)
+    process, _ = start_server(teacher_dir, port=int(url.rsplit(":", 1)[1]))  # the server is back
+    try:
+        trainer = train_against(url, tmp_path, resume=True)
+    finally:
+        stop(process)
+    assert_same_training(uninterrupted, trainer)

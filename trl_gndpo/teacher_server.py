@@ -9,11 +9,20 @@ trainer masks those tokens and counts them in `gndpo/nonfinite_frac`).
 
 The protocol is the one TRL's client speaks: vLLM's OpenAI-compatible `POST /v1/completions` with the token ids as
 `prompt`, `max_tokens=1` and `prompt_logprobs=0` (only the sampled token's log-prob), plus `GET /health`,
-`GET /v1/models` and `POST /tokenize`: a plain `vllm serve TEACHER` answers all of them.
+`GET /v1/models` and `POST /tokenize`: a plain `vllm serve TEACHER` answers all of them. A server started with
+`--api-key KEY` wants `Authorization: Bearer KEY` on its `/v1` routes; the client sends it on every request.
+
+The request layer: every request has a timeout; a server that is down or restarting (refused or dropped connections,
+502/503/504) is retried until `retry_timeout` seconds have passed, so a restart mid-run costs a wait and not the run;
+every reply is checked (an error body, one log-prob per prompt token, no positive log-prob) so that a broken server
+stops training with its own message rather than training on garbage or failing deep in TRL's client.
 """
 
 import contextlib
 import math
+import os
+import time
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import torch
@@ -21,9 +30,17 @@ from requests.adapters import HTTPAdapter
 from transformers.utils import logging
 from trl.generation import vllm_client
 from trl.generation.vllm_client import VLLMClient
-from urllib3.util.retry import Retry
 
 logger = logging.get_logger(__name__)
+
+API_KEY_ENV = "TEACHER_MODEL_SERVER_API_KEY"  # read when `teacher_model_server_api_key` is not set
+
+# Statuses of a server (or the proxy in front of it) that is restarting or overloaded: retried like a refused
+# connection. Other errors (e.g. a 400 for a sequence longer than --max-model-len, a 401) stop at once.
+_RETRIED_STATUSES = (502, 503, 504)
+# Slack over 0 for a log-prob: log-softmax is <= 0, a larger value means the server returns something else
+# (e.g. `--logprobs-mode raw_logits`).
+_MAX_LOGPROB = 1e-3
 
 # Text whose token ids the student and the server must agree on; every special token of the student is added.
 _PROBE = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19; naïve café ✓ 你好\n\tdef f(x):\n  return x**2"
@@ -31,6 +48,173 @@ _PROBE = "The quick brown fox jumps over the lazy dog. 12 + 7 = 19; naïve café
 
 class TeacherServerError(RuntimeError):
     """The teacher server could not be reached, answered with an error or too late, or serves another tokenizer."""
+
+
+class _ReplyError(Exception):
+    """What went wrong with a request, in words fit for the user (the server's own message where it gave one)."""
+
+
+class _NotUp(_ReplyError):
+    """The server did not answer `/health` in time."""
+
+
+def redact_url(url: str) -> str:
+    """`url` with its user info, query string and fragment replaced by `***`, for messages."""
+    parts = urlsplit(url)
+    netloc = f"***@{parts.netloc.rsplit('@', 1)[1]}" if "@" in parts.netloc else parts.netloc
+    return urlunsplit(
+        (parts.scheme, netloc, parts.path, "***" if parts.query else "", "***" if parts.fragment else "")
+    )
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be a teacher server's base URL, or None. The URL must be `http(s)://host[:port][/path]`: no
+    credentials or query string (a key goes in `teacher_model_server_api_key`, never into URLs, which logs and saved
+    arguments repeat). The URL in the answer is redacted."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
+    except ValueError as error:
+        return f"is not a valid URL ({error}): got {redact_url(url)!r}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return (
+            f"must be an http:// or https:// URL with a host, like 'http://teacher-node:8000', got {redact_url(url)!r}"
+        )
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        return (
+            f"must not carry credentials, a query string or a fragment, got {redact_url(url)!r}: give the server's "
+            f"key as teacher_model_server_api_key or the {API_KEY_ENV} environment variable (sent as "
+            "`Authorization: Bearer`, what `vllm serve --api-key` checks)"
+        )
+    return None
+
+
+def _server_message(response: requests.Response) -> str:
+    """The error message of a reply: vLLM's `{"error": {"message": ...}}`, `{"error": "..."}` (its 401), the older
+    `{"object": "error", "message": ...}`, FastAPI's `{"detail": ...}`, or the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+        for value in (error, body.get("message"), body.get("detail")):
+            if value:
+                return str(value)
+    return response.text[:500]
+
+
+def _check_completions(body: dict, prompts: list[list[int]]) -> None:
+    """A `/v1/completions` reply must carry one choice per prompt, each with one prompt log-prob entry per prompt
+    token (the first `None`), and no log-prob above 0."""
+    choices = body.get("choices")
+    if not isinstance(choices, list) or len(choices) != len(prompts):
+        given = len(choices) if isinstance(choices, list) else "no"
+        raise _ReplyError(f"its reply has {given} choices for {len(prompts)} sequences: {str(body)[:300]}")
+    for choice, prompt in zip(choices, prompts, strict=True):
+        logprobs = choice.get("prompt_logprobs")
+        if not isinstance(logprobs, list) or len(logprobs) != len(prompt):
+            given = len(logprobs) if isinstance(logprobs, list) else "no"
+            raise _ReplyError(
+                f"it returned {given} prompt log-probs for a sequence of {len(prompt)} tokens (vLLM returns one per "
+                "prompt token)"
+            )
+        for position in logprobs[1:]:
+            for entry in (position or {}).values():
+                if entry["logprob"] > _MAX_LOGPROB:
+                    raise _ReplyError(
+                        f"it returned a log-prob of {entry['logprob']:g} > 0, which no probability has: serve with "
+                        "vLLM's default `--logprobs-mode raw_logprobs` (or processed_logprobs), not logits"
+                    )
+
+
+class _Client(VLLMClient):
+    """TRL's client on a given session (the key, the per-request timeout), with a bounded health check, retries while
+    the server is down, and checked replies. `retry_timeout`: seconds to keep retrying a request that finds the
+    server down or restarting."""
+
+    def __init__(self, url: str, session: requests.Session, connection_timeout: float, retry_timeout: float):
+        self._session, self.retry_timeout = session, retry_timeout
+        with _without_vllm_import_check():
+            super().__init__(base_url=url, connection_timeout=connection_timeout)
+
+    def check_server(self, total_timeout: float = 0.0, retry_interval: float = 2.0) -> None:
+        """Wait until `GET /health` answers 200, at most `total_timeout` seconds. TRL's `__init__` calls this right
+        after building a plain session, and TRL's loop sends requests without a timeout (a server that accepts the
+        connection and never answers hangs start-up forever): this one installs our session first and bounds each
+        request by the time left."""
+        self.session = self._session
+        deadline = time.monotonic() + total_timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                status = self.session.get(f"{self.base_url}/health", timeout=max(left, 0.01)).status_code
+                if status == 200:
+                    return
+                failure = f"/health answered HTTP {status}"
+            except requests.RequestException as error:
+                failure = f"{type(error).__name__}: {error}"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _NotUp(f"no healthy answer from /health; last: {failure}")
+            time.sleep(min(retry_interval, left))
+
+    def _request(self, method: str, url: str, **kwargs) -> dict:
+        """The JSON reply to one request, retried while the server is down (for at most `retry_timeout` seconds);
+        `_ReplyError` with the server's message for an error status or an error body."""
+        start, delay, warned = time.monotonic(), 0.5, False
+        while True:
+            try:
+                response = self.session.request(method, url, **kwargs)
+                if response.status_code not in _RETRIED_STATUSES:
+                    break
+                failure = f"HTTP {response.status_code}: {_server_message(response)}"
+            except requests.ConnectionError as error:  # refused, reset or dropped (a read timeout is not retried)
+                failure = f"{type(error).__name__}: {error}"
+            waited = time.monotonic() - start
+            if waited + delay > self.retry_timeout:
+                raise _ReplyError(
+                    f"the server stayed unreachable for {waited:.0f} s (teacher_model_server_retry_timeout="
+                    f"{self.retry_timeout:g}); last: {failure}"
+                )
+            if not warned:
+                logger.warning(
+                    f"The teacher server at {self.base_url} is unreachable ({failure}); retrying for up to "
+                    f"{self.retry_timeout:g} s (teacher_model_server_retry_timeout)."
+                )
+                warned = True
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+        if warned:
+            logger.warning(
+                f"The teacher server at {self.base_url} answers again after {time.monotonic() - start:.0f} s."
+            )
+        if response.status_code != 200:
+            hint = ""
+            if response.status_code == 401:
+                hint = (
+                    f" (the server wants an API key: set teacher_model_server_api_key or {API_KEY_ENV} to the key "
+                    "it was started with)"
+                )
+            raise _ReplyError(f"HTTP {response.status_code}: {_server_message(response)}{hint}")
+        try:
+            body = response.json()
+        except ValueError as error:
+            raise _ReplyError(f"its reply is not JSON: {response.text[:300]!r}") from error
+        if isinstance(body, dict) and ("error" in body or body.get("object") == "error"):
+            raise _ReplyError(f"it answered 200 with an error: {_server_message(response)}")
+        return body
+
+    def _get(self, url: str, **kwargs) -> dict:
+        return self._request("GET", url, **kwargs)
+
+    def _post(self, url: str, **kwargs) -> dict:
+        body = self._request("POST", url, **kwargs)
+        if url.endswith("/v1/completions") and kwargs.get("json", {}).get("prompt_logprobs") is not None:
+            _check_completions(body, kwargs["json"]["prompt"])
+        return body
 
 
 class _TimeoutSession(requests.Session):
@@ -102,39 +286,50 @@ class TeacherServer:
     """A teacher served by vLLM, scoring the sampled tokens of each process's share of the generation batch.
 
     Args:
-        url: the server's base URL, e.g. `"http://teacher-node:8000"`.
-        timeout: seconds to wait for the server to come up, and for each scoring request.
+        url: the server's base URL, e.g. `"http://teacher-node:8000"` (no credentials or query string).
+        timeout: seconds to wait for the server to come up, and for each request.
         chunk_size: sequences per request.
         max_concurrent_requests: requests in flight at once.
+        api_key: sent as `Authorization: Bearer <api_key>` (`vllm serve --api-key`), or None.
+        retry_timeout: seconds to keep retrying a request while the server is down or restarting.
     """
 
-    def __init__(self, url: str, timeout: float = 300.0, chunk_size: int = 16, max_concurrent_requests: int = 4):
-        self.url, self.timeout = url.rstrip("/"), timeout
+    def __init__(
+        self, url: str, timeout: float = 300.0, chunk_size: int = 16, max_concurrent_requests: int = 4,
+        api_key: str | None = None, retry_timeout: float = 300.0,
+    ):  # fmt: skip
+        problem = url_problem(url)
+        if problem is not None:
+            raise ValueError(f"The teacher server URL {problem}.")
+        if api_key is not None and (not api_key or not api_key.isprintable() or any(c.isspace() for c in api_key)):
+            raise ValueError(
+                "The teacher server's API key is empty or holds whitespace or control characters (often a trailing "
+                f"newline): check teacher_model_server_api_key / {API_KEY_ENV}."
+            )
+        self.url, self.timeout = url.strip().rstrip("/"), timeout
         self.chunk_size, self.max_concurrent_requests = chunk_size, max_concurrent_requests
+        session = _TimeoutSession(timeout)
+        adapter = HTTPAdapter(pool_maxsize=max(max_concurrent_requests, 1))  # retries are ours
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        if api_key is not None:
+            session.headers["Authorization"] = f"Bearer {api_key}"
         try:
-            with _without_vllm_import_check():
-                self.client = VLLMClient(base_url=self.url, connection_timeout=timeout)
-        except Exception as error:
+            self.client = _Client(self.url, session, connection_timeout=timeout, retry_timeout=retry_timeout)
+        except _NotUp as error:
             raise TeacherServerError(
                 f"Cannot reach the teacher server at {self.url} (teacher_model_server_url) within {timeout:g} s: "
                 f"{error}. Start it with `vllm serve TEACHER` and check the address, or raise "
                 "teacher_model_server_timeout if it is still loading."
             ) from error
-        # One attempt per read (a slow server fails after `timeout`, not after retries of it); a refused connection
-        # or a 500/502/503 is retried a few times with back-off, as TRL's client does.
-        retry = Retry(
-            total=3, connect=3, read=0, status=3, status_forcelist=[500, 502, 503], backoff_factor=1,
-            allowed_methods=["POST", "GET"],
-        )  # fmt: skip
-        session = _TimeoutSession(timeout)
-        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=max(max_concurrent_requests, 1))
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        self.client.session = session
+        except Exception as error:
+            raise self._error("list its model (GET /v1/models)", error) from error
 
     def _error(self, what: str, error: Exception) -> TeacherServerError:
-        if isinstance(error, requests.Timeout) or "timed out" in str(error).lower():
+        if isinstance(error, requests.Timeout):
             reason = f"no answer within {self.timeout:g} s (teacher_model_server_timeout)"
+        elif isinstance(error, _ReplyError):
+            reason = str(error)
         else:
             reason = f"{type(error).__name__}: {error}"
         return TeacherServerError(f"The teacher server at {self.url} failed to {what}: {reason}")
@@ -152,7 +347,7 @@ class TeacherServer:
                 chunk_size=self.chunk_size,
                 max_concurrent_requests=self.max_concurrent_requests,
             )
-        except Exception as error:  # TRL's client raises bare Exceptions for HTTP errors
+        except Exception as error:
             raise self._error(f"score {len(sequences)} sequences", error) from error
         return result["actual_logprobs"]
 
@@ -160,7 +355,14 @@ class TeacherServer:
     def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
         """`log q(y_t)` of every completion token of the batch, `(B, T)` float32, NaN where the server gave none."""
         rows, sequences, prompt_lengths = request_sequences(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return completion_logps(self.sequence_logprobs(sequences, prompt_lengths), rows, completion_mask)
+        try:
+            logprobs = self.sequence_logprobs(sequences, prompt_lengths)
+        except TeacherServerError as error:
+            raise TeacherServerError(
+                f"{error}. Training stops here, before this step changes anything; once the server answers again, "
+                "resume from the last checkpoint (resume_from_checkpoint=True) to continue exactly."
+            ) from error
+        return completion_logps(logprobs, rows, completion_mask)
 
     def check_tokenizer(self, tokenizer, vocab_size: int) -> None:
         """Fail unless the server tokenizes a probe text exactly like `tokenizer` and scores the student's last
@@ -169,9 +371,7 @@ class TeacherServer:
         expected = tokenizer(probe, add_special_tokens=False)["input_ids"]
         payload = {"model": self.client.model, "prompt": probe, "add_special_tokens": False}
         try:
-            response = self.client.session.post(f"{self.url}/tokenize", json=payload)
-            response.raise_for_status()
-            served = response.json()["tokens"]
+            served = self.client._post(f"{self.url}/tokenize", json=payload)["tokens"]
         except Exception as error:
             raise self._error("tokenize a probe text (POST /tokenize)", error) from error
         if served != expected:
@@ -215,6 +415,8 @@ def connect(args, processing_class, student, is_vlm: bool) -> TeacherServer:
         timeout=args.teacher_model_server_timeout,
         chunk_size=args.teacher_model_server_chunk_size,
         max_concurrent_requests=args.teacher_model_server_max_concurrent_requests,
+        api_key=args.teacher_model_server_api_key or os.environ.get(API_KEY_ENV) or None,
+        retry_timeout=args.teacher_model_server_retry_timeout,
     )
     server.check_tokenizer(processing_class, student.config.get_text_config().vocab_size)
     logger.info(f"GNDPO: the teacher {server.client.model} served at {server.url} scores the sampled tokens.")

@@ -8,7 +8,6 @@ owns which concern, and how a generation batch flows through them: docs/architec
 """
 
 import os
-import textwrap
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from .cross_tokenizer import OwnTokenizers
 from .fsdp2_on_cpu import select_fsdp2_on_cpu
 from .hidden_states import capture_completion_states, reverse_kl_per_token, vocabulary_head
 from .invalid_batches import InvalidBatchGuard
+from .paper import PAPER
 from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
 from .scoring_models import load_reference, placed_log_probs, prepare_scoring_model
 from .text_view import TextView
@@ -82,19 +82,9 @@ class GNDPOTrainer(GRPOTrainer):
             `peft_config`, `callbacks`, `optimizers`, `quantization_config`, ...).
     """
 
-    _tag_names = ["trl", "gndpo"]
+    _tag_names = ["trl", "gndpo", "distillation"]  # "distillation": listed with TRL's distillation models
     _name = "GNDPO"
-    _paper = {
-        "title": "Stabilizing On-Policy Distillation for MLLM Reasoning with Global Normalization",
-        "id": "2606.09091",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @article{gndpo2026,
-                title        = {{Stabilizing On-Policy Distillation for MLLM Reasoning with Global Normalization}},
-                year         = 2026,
-                eprint       = {arXiv:2606.09091},
-            }"""),
-    }
+    _paper = PAPER  # trl_gndpo/paper.py, also quoted by docs/index.md
 
     def __init__(
         self,
@@ -138,7 +128,9 @@ class GNDPOTrainer(GRPOTrainer):
         text_view = TextView(self.processing_class, *template, self._tokenizer.pad_token_id, self.accelerator.device)
         self.teachers = teachers.Teachers(
             {
-                name: prepare_scoring_model(self, t, 1.0, placed=True, device=teachers.device_of(args, name))
+                name: prepare_scoring_model(
+                    self, t, args.teacher_temperature, placed=True, device=teachers.device_of(args, name)
+                )
                 for name, t in teacher_models.items()
             },
             teachers.text_only_names(teacher_models, self._is_vlm),
@@ -288,6 +280,7 @@ class GNDPOTrainer(GRPOTrainer):
 
         self._log_token_statistics(metrics, mask, finite, valid, scores, signal, (mean, var), advantages)
         self.teachers.statistics(metrics, inputs, valid, scores["student"], scores["teacher"])
+        self.teachers.text_view_images(metrics, inputs)
         return batch
 
     def _responses(self, rewards: torch.Tensor, valid: torch.Tensor) -> uniopd_batch.Responses:
@@ -301,8 +294,8 @@ class GNDPOTrainer(GRPOTrainer):
         `inputs`: the rows behind `batch` (teacher routing, text views).
 
         `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
-        temperature, or the sampler's own with `old_logps_from_sampler`; teacher at temperature 1, each row by its own
-        teacher, on the text view for a text-only teacher, or from the teacher server). With
+        temperature, or the sampler's own with `old_logps_from_sampler`; teacher at `args.teacher_temperature`, each
+        row by its own teacher, on the text view for a text-only teacher, or from the teacher server). With
         `cross_tokenizer_distillation`, `teacher` holds span log-probs of the teachers' own tokens on each span's
         last student token and `placement` the spans (`token_alignment.SpanPlacement`). With the estimators that need
         them: `entropy` (student, TIP), `base` (the reference of ExOPD: the initial student or the given reference
