@@ -121,7 +121,12 @@ def main(argv=None) -> int:
                         "qwen2_vl); one comparison each")  # fmt: skip
     parser.add_argument("--vocab", nargs="+", type=int, help="(tiny) vocabulary sizes: one comparison each")
     parser.add_argument("--lora", action="store_true", help="(GNDPO) train a LoRA adapter on the language model's q/v")
-    parser.add_argument("--trainers", nargs="+", choices=TRAINERS + VGS_TRAINERS[1:], help="default: all of the mode")
+    parser.add_argument(
+        "--trainers",
+        nargs="+",
+        choices=(*TRAINERS, "gndpo_vgs", "gndpo_cross"),
+        help="default: all of the mode; gndpo_cross: cross_tokenizer_distillation on one tokenizer",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per trainer, interleaved, steps pooled")
     for name in ("steps", "warmup", "batch-size", "grad-accum", "num-generations", "completion-length", "threads"):
         parser.add_argument(f"--{name}", type=int, help="default: the size's (benchmarks/models.py)")

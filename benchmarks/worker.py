@@ -148,6 +148,7 @@ KINDS = {
     "gndpo": ("gndpo", {}),
     "gndpo_sampler": ("gndpo", {"old_logps_from_sampler": True}),
     "gndpo_vgs": ("gndpo", {"visual_gradient_steering": True}),
+    "gndpo_cross": ("gndpo", {"cross_tokenizer_distillation": True}),  # forced on with the student's own tokenizer
     "opd": ("gndpo", {"normalization_scope": "none"}),
     "distillation": ("distillation", {"beta": 1.0}),
     "distill_rkl": ("distillation", {"beta": 1.0}),

@@ -47,6 +47,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
 )
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.utils import is_torchvision_available
 
 SPECIAL_TOKENS = [
@@ -94,18 +95,34 @@ def install_video_processor_workaround() -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------------------------------
+# A second tokenizer "from another family": other text, other size, so other merges and ids (cross-tokenizer tests).
+_OTHER_CORPUS = [
+    "Une réponse: the answer is nineteen, ça fait 19. Größe, naïve café, 日本語のテキスト, emoji 🦄🙂.",
+    "Describe the colour of the picture in one sentence; then count 10 9 8 7 6 5 4 3 2 1.",
+    "Hello hello world world quick quick fox fox lazy lazy dog dog.",
+]
+TOKENIZER_VARIANTS = ("default", "other", "ascii")
+
+
 @functools.cache
-def _trained_bpe() -> tuple[str, str]:
-    """Train the byte-level BPE once; return (vocab, merges) as JSON strings so callers can't mutate the cache."""
+def _trained_bpe(variant: str = "default") -> tuple[str, str]:
+    """Train the byte-level BPE once; return (vocab, merges) as JSON strings so callers can't mutate the cache.
+
+    ``"ascii"`` is not trained: the specials and the 128 ASCII bytes, no merges, so every sequence of its non-special
+    tokens is valid text and the tokenizer's own tokenization of it (a sampled completion round-trips exactly)."""
+    if variant == "ascii":
+        table = bytes_to_unicode()
+        vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + [table[b] for b in range(128)])}
+        return json.dumps(vocab), json.dumps([])
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
+        vocab_size={"default": 320, "other": 400}[variant],
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS, trainer)
+    bpe.train_from_iterator(_CORPUS if variant == "default" else _OTHER_CORPUS, trainer)
     model = json.loads(bpe.to_str())["model"]
     return json.dumps(model["vocab"]), json.dumps(model["merges"])
 
@@ -115,13 +132,15 @@ def _read_template(name: str) -> str:
     return (CHAT_TEMPLATES_DIR / f"{name}.jinja").read_text()
 
 
-def make_tokenizer(chat_template: str = "qwen2_5") -> Qwen2Tokenizer:
+def make_tokenizer(chat_template: str = "qwen2_5", variant: str = "default") -> Qwen2Tokenizer:
     """A fresh ``Qwen2Tokenizer`` (vocab 320) with the Qwen specials; eos ``<|im_end|>``, pad ``<|endoftext|>``.
 
     ``chat_template`` names a file in ``trl/chat_templates`` (``qwen2_5``, ``qwen3``, ``qwen2_5_vl``, ``qwen3_vl``).
+    ``variant="other"`` is a different byte-level BPE (vocab 400, other text: other merges, other ids, multi-byte
+    characters merged) for a teacher with its own tokenizer.
     The BPE training is cached; each call returns a new object, so trainers may set ``padding_side`` etc. freely.
     """
-    vocab_json, merges_json = _trained_bpe()
+    vocab_json, merges_json = _trained_bpe(variant)
     tokenizer = Qwen2Tokenizer(
         vocab=json.loads(vocab_json),
         merges=[tuple(m) for m in json.loads(merges_json)],
@@ -159,16 +178,18 @@ def make_text_model(
     num_hidden_layers: int = 2,
     vocab_size: int | None = None,
     hidden_size: int = 64,
+    tokenizer_variant: str = "default",
     **overrides,
 ):
     """A tiny random ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` matching :func:`make_tokenizer`.
 
     hidden 64, intermediate 2*hidden, 4 heads / 2 KV heads, vocab ``len(tokenizer)`` unless ``vocab_size`` is given.
+    ``tokenizer_variant``: the tokenizer it matches (``make_tokenizer(variant=...)``).
     ``overrides`` go to the config. The global RNG state is left untouched.
     """
     classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
     config_class, model_class = classes[family]
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(variant=tokenizer_variant)
     ids = _token_ids(tokenizer)
     kwargs = dict(
         vocab_size=vocab_size or len(tokenizer),
@@ -229,11 +250,12 @@ def _vision_config(family: str, out_hidden: int) -> dict:
     )
 
 
-def make_processor(family: str = "qwen2_vl"):
+def make_processor(family: str = "qwen2_vl", tokenizer_variant: str = "default"):
     """The family's stock processor: PIL image processor + tokenizer with the family's chat template.
 
     Images are resized to between 2x2 and 4x4 merged patches, so a 32x32 image gives 4 image tokens. Where
     torchvision is installed, the family's default video processor is added (untested here: no torchvision).
+    ``tokenizer_variant``: see :func:`make_tokenizer`.
     """
     install_video_processor_workaround()
     _, _, processor_class, template, patch = _VLM[family]
@@ -247,7 +269,7 @@ def make_processor(family: str = "qwen2_vl"):
         max_pixels=(4 * factor) ** 2,
         **mean_std,
     )
-    tokenizer = make_tokenizer(template)
+    tokenizer = make_tokenizer(template, variant=tokenizer_variant)
     video = {}
     if is_torchvision_available():  # the processors then require a video processor (e.g. a GPU machine with vLLM)
         from transformers import Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
@@ -264,16 +286,18 @@ def make_vlm(
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
     vision_config: dict | None = None,
+    tokenizer_variant: str = "default",
     **overrides,
 ):
     """``(model, processor)``: a tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL and its processor.
+    ``tokenizer_variant``: the processor's tokenizer (see :func:`make_tokenizer`).
 
     Text part: ``hidden_size`` (multiple of 64), intermediate 2*hidden, 4 heads / 2 KV heads, M-RoPE sections summing
     to head_dim/2. ``overrides`` go to the text config, ``vision_config`` updates the vision config. The vision layout
     (patches, merge size) does not depend on ``hidden_size``, so a bigger teacher shares the student's processor.
     """
     config_class, model_class, _, _, _ = _VLM[family]
-    processor = make_processor(family)
+    processor = make_processor(family, tokenizer_variant)
     tokenizer = processor.tokenizer
     ids = _token_ids(tokenizer)
     num_heads = overrides.get("num_attention_heads", 4)
@@ -412,6 +436,7 @@ __all__ = [
     "CHAT_TEMPLATES_DIR",
     "SPECIAL_TOKENS",
     "TEXT_FAMILIES",
+    "TOKENIZER_VARIANTS",
     "VLM_FAMILIES",
     "cpu_grpo_kwargs",
     "install_video_processor_workaround",

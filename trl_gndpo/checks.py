@@ -10,7 +10,7 @@ from datasets import Dataset, Image
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from . import teachers
+from . import cross_tokenizer, teachers
 from .config import GNDPOConfig
 
 logger = logging.get_logger(__name__)
@@ -48,6 +48,8 @@ def check_setup(
     hint_fixed_vgs_eta(args)
     check_routing(args, trainer, list(teacher_models), datasets)
     student = trainer.accelerator.unwrap_model(trainer.model)
+    if args.cross_tokenizer_distillation:
+        check_own_tokenizers(trainer, teacher_models, teacher_processing)
     for name, teacher in teacher_models.items():
         check_teacher(
             args,
@@ -57,12 +59,41 @@ def check_setup(
             teacher_processing[name],
             trainer._is_vlm,
             text_view=args.cross_modal_distillation,
+            own_tokenizer=args.cross_tokenizer_distillation,
         )
     check_cross_modal(args, teacher_models, trainer._is_vlm)
     if reference is not None:
         check_teacher(args, student, reference, trainer.processing_class, reference_processing, trainer._is_vlm)
     if args.visual_gradient_steering:
         check_steering(trainer, student, next(iter(teacher_models.values()), None))
+
+
+def check_own_tokenizers(trainer, teacher_models: dict, teacher_processing: dict) -> None:
+    """`cross_tokenizer_distillation`: fast tokenizers on both sides (character offsets), each teacher's own processor
+    (its chat template, and its image processor for a vision-language teacher), no tools or environments."""
+    if trainer.tools or trainer.environment_factories is not None:
+        raise ValueError(
+            "cross_tokenizer_distillation re-renders each completion as text for the teacher, which tool calls and "
+            "environment turns (tokens the student did not sample) would break: drop them, or use a teacher with "
+            "the student's tokenizer."
+        )
+    cross_tokenizer.check_fast_tokenizer(trainer.processing_class, "student")
+    for name, teacher in teacher_models.items():
+        processing_class = teacher_processing[name]
+        if processing_class is None:
+            raise ValueError(
+                f"cross_tokenizer_distillation renders prompts and completions with the teacher's own tokenizer, "
+                f"but none was given or found for teacher {name!r}: pass `teacher_processing_class`, or save the "
+                "tokenizer (processor) with the teacher."
+            )
+        cross_tokenizer.check_fast_tokenizer(processing_class, f"teacher {name!r}")
+        vision = getattr(teacher.config, "vision_config", None) is not None
+        if trainer._is_vlm and vision and not hasattr(processing_class, "image_processor"):
+            raise ValueError(
+                f"Teacher {name!r} is a vision-language model, so with cross_tokenizer_distillation its own "
+                "processor renders the images; its processing class has no image processor: pass its processor "
+                "(`AutoProcessor`) as `teacher_processing_class`."
+            )
 
 
 def _shards_parameters(trainer) -> bool:
@@ -360,15 +391,25 @@ def check_teacher(
     teacher_processing_class,
     is_vlm: bool,
     text_view: bool = False,
+    own_tokenizer: bool = False,
 ) -> None:
     """The teacher can score every token the student samples, tokenizes like it, lays images out like it, and can be
     placed where the arguments ask. `text_view`: a text-only teacher of a vision-language student is accepted (it
-    scores the text view of each sample, `cross_modal_distillation`); its tokenizer is still checked."""
+    scores the text view of each sample, `cross_modal_distillation`); its tokenizer is still checked. `own_tokenizer`
+    (`cross_tokenizer_distillation`): the teacher keeps its own tokenizer and processor, so only its placement and
+    its vision are checked here (its processor in `check_own_tokenizers`)."""
     if args.teacher_offload and getattr(teacher, "is_quantized", False):
         raise ValueError(
             "teacher_offload moves the teacher between devices, which a quantized teacher does not support: load "
             "it on the training device, or drop teacher_offload."
         )
+    if own_tokenizer:
+        if is_vlm and getattr(teacher.config, "vision_config", None) is None and not text_view:
+            raise ValueError(
+                f"The student is a vision-language model but the teacher ({type(teacher).__name__}) has no vision "
+                "tower: set cross_modal_distillation=True to let it score the text of each sample."
+            )
+        return
     student_config, teacher_config = student.config, teacher.config
     student_rows = student_config.get_text_config().vocab_size
     teacher_rows = teacher_config.get_text_config().vocab_size
@@ -385,7 +426,8 @@ def check_teacher(
             raise ValueError(
                 f"The teacher's tokenizer differs from the student's ({len(teacher_vocab)} vs "
                 f"{len(student_vocab)} tokens; differing (token, id) pairs include {differing[:4]}). GNDPO scores "
-                "the student's token ids with the teacher, so both must share one vocabulary."
+                "the student's token ids with the teacher, so both must share one vocabulary (or set "
+                "cross_tokenizer_distillation=True to let the teacher score its own tokens of the completion text)."
             )
     else:
         logger.warning(  # a teacher built in memory, or saved without its tokenizer: nothing else to compare
@@ -418,7 +460,8 @@ def check_teacher(
     if mismatches:
         raise ValueError(
             "The teacher lays image tokens out differently from the student, so it cannot score the student's "
-            "inputs: " + "; ".join(mismatches) + ". Use a teacher of the same family and image settings."
+            "inputs: " + "; ".join(mismatches) + ". Use a teacher of the same family and image settings, or set "
+            "cross_tokenizer_distillation=True to let its own processor render the images."
         )
 
 

@@ -152,9 +152,20 @@ class GNDPOConfig(GRPOConfig):
             Allow a text-only teacher for a vision-language student (Uni-OPD's cross-modal setting): a text-only
             teacher scores the text view of each sample (the conversation with its images removed, built like VGS's
             text view), while the student trains on the image view. Vision-language teachers still see the images.
-            The teacher must share the student's tokenizer. Uni-OPD's cross-modal setting gives its text teachers
-            text-domain rows; an image row scored by a text-only teacher (which cannot see the image) is counted in
-            `gndpo/teacher/text_view_image_frac`, with a warning the first time.
+            The teacher must share the student's tokenizer, unless `cross_tokenizer_distillation`. Uni-OPD's
+            cross-modal setting gives its text teachers text-domain rows; an image row scored by a text-only teacher
+            (which cannot see the image) is counted in `gndpo/teacher/text_view_image_frac`, with a warning the first
+            time.
+        cross_tokenizer_distillation (`bool`, *optional*, defaults to `False`):
+            Let every teacher keep its own tokenizer, chat template and processor (a teacher from another family):
+            it reads each row's prompt (text and images) rendered by its own processor and the student's completion
+            text tokenized by its own tokenizer, and scores its own tokens. Student and teacher tokens are grouped
+            into the smallest spans of characters on which both tokenizations agree; a span's signal (summed
+            log-probs on both sides) is whitened once per span and is the advantage of each of its student tokens.
+            Spans that cannot be aligned are masked and counted (`gndpo/unaligned_token_frac`). With identical
+            tokenizations it gives the shared-tokenizer advantages exactly. Needs fast tokenizers; not with a served
+            teacher, TIP token selection, the vOPD value baseline, VGS, tools or environments. See
+            docs/cross-tokenizer.md.
 
         > Parameters that control the GNDPO token signal
 
@@ -424,6 +435,13 @@ class GNDPOConfig(GRPOConfig):
             "help": "Allow a text-only teacher for a vision-language student: it scores the text view of each "
             "sample (images removed) while the student trains on the image view. Uni-OPD's cross-modal setting "
             "gives text teachers text-domain rows; image rows they score are counted and warned about."
+        },
+    )
+    cross_tokenizer_distillation: bool = field(
+        default=False,
+        metadata={
+            "help": "Let each teacher keep its own tokenizer, chat template and processor: it scores its own tokens "
+            "of the student's completion text, aligned to the student's tokens by character spans."
         },
     )
 
@@ -724,6 +742,7 @@ class GNDPOConfig(GRPOConfig):
         self._check_choices()
         self._check_teachers()
         self._check_teacher_server()
+        self._check_cross_tokenizer()
         if not self.token_signal_clamp > 0:
             raise ValueError(f"token_signal_clamp must be > 0, got {self.token_signal_clamp}.")
         if not self.whitening_eps > 0:
@@ -895,6 +914,24 @@ class GNDPOConfig(GRPOConfig):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, **{name: None for name in _SECRET_FIELDS}}
+
+    def _check_cross_tokenizer(self) -> None:
+        """A teacher with its own tokenizer scores its own tokens of the completion text: options that need the
+        teacher's scores on the student's own tokens or positions are refused."""
+        if not self.cross_tokenizer_distillation:
+            return
+        needs_student_tokens = {
+            "teacher_model_server_url": "a served teacher (the server scores token ids the student sends)",
+            "token_selection": "TIP token selection (per-token entropy and divergence)",
+            "value_baseline": "the vOPD value baseline (the teacher's distribution over the student's vocabulary)",
+            "visual_gradient_steering": "VGS (the teacher's distributions over the student's vocabulary)",
+        }
+        for name, what in needs_student_tokens.items():
+            if getattr(self, name) not in (None, False, "none"):
+                raise ValueError(
+                    f"cross_tokenizer_distillation scores the teacher's own tokens, which {what} cannot use (not "
+                    f"supported yet): set {name} back to its default, or use a teacher with the student's tokenizer."
+                )
 
     def _check_teacher_server(self) -> None:
         """A served teacher replaces the local one and gives only the sampled tokens' log-probs."""

@@ -130,11 +130,24 @@ class Teachers:
         log_probs: GRPOTrainer's `_get_per_token_logps_and_entropies`.
         text_view: renders the text view of the rows' prompts (a `TextView`).
         accelerator: the trainer's accelerator (its device, and the reductions of the metrics).
+        own_tokenizers: with `cross_tokenizer_distillation`, the teachers' own tokenizers and processors (an
+            `OwnTokenizers`); they then score their own tokens (`score_own_tokens`), else None.
     """
 
-    def __init__(self, models: dict, text_only: set, column: str, offload_to, log_probs, text_view, accelerator):
+    def __init__(
+        self,
+        models: dict,
+        text_only: set,
+        column: str,
+        offload_to,
+        log_probs,
+        text_view,
+        accelerator,
+        own_tokenizers=None,
+    ):
         self.models, self.text_only, self.column, self.offload_to = models, text_only, column, offload_to
         self.log_probs, self.text_view, self.accelerator = log_probs, text_view, accelerator
+        self.own_tokenizers = own_tokenizers
         self.warned_about_image_rows = False  # image rows read by a text-only teacher: warned once per trainer
 
     @property
@@ -193,6 +206,19 @@ class Teachers:
                 logps[rows] = scored.float()
             states += teacher_states
         return logps, states
+
+    def score_own_tokens(self, batch, inputs, batch_size: int):
+        """`cross_tokenizer_distillation`: each row's teacher scores its own tokens of the row (its own rendering of
+        the prompt and images, its own tokens of the completion text), once per generation batch; returns the span
+        log-probs on the student's completion grid and their `SpanPlacement` (`cross_tokenizer.OwnTokenizers`)."""
+
+        def log_probs(name, input_ids, attention_mask, completion_length, model_inputs):
+            model_inputs = {**model_inputs, "batch_size": batch_size}
+            scoring = (input_ids, attention_mask, completion_length, model_inputs, self.accelerator.device)
+            return placed_log_probs(self.log_probs, self.models[name], self.offload_to, *scoring)
+
+        ids = (batch["completion_ids"], batch["completion_mask"])
+        return self.own_tokenizers.score(list(self.models), self.routes(inputs), *ids, inputs, log_probs)
 
     def statistics(self, metrics, inputs, valid, student, teacher) -> None:
         """`gndpo/teacher/<name>/`: each teacher's share of the valid tokens, mean log-prob and sampled-token reverse

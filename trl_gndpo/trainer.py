@@ -19,9 +19,10 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from . import checks, functional, sampler_logps, teacher_server, teachers, uniopd_batch
+from . import checks, functional, sampler_logps, teacher_server, teachers, token_alignment, uniopd_batch
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
+from .cross_tokenizer import OwnTokenizers
 from .fsdp2_on_cpu import select_fsdp2_on_cpu
 from .hidden_states import capture_completion_states, reverse_kl_per_token, vocabulary_head
 from .invalid_batches import InvalidBatchGuard
@@ -151,6 +152,11 @@ class GNDPOTrainer(GRPOTrainer):
             self._get_per_token_logps_and_entropies,
             text_view,
             self.accelerator,
+            None
+            if not args.cross_tokenizer_distillation
+            else OwnTokenizers(
+                self.processing_class, teacher_processing, self.eos_token_ids, self.chat_template_kwargs
+            ),
         )
         self.teacher_model = self.teachers.first  # the teacher, the first of several, or None
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
@@ -245,6 +251,13 @@ class GNDPOTrainer(GRPOTrainer):
             metrics["gndpo/long_prompt_frac"].append(self.accelerator.gather(too_long.float()).mean().item())
             mask = mask * ~too_long.unsqueeze(1)
         scores = self._score_tokens(batch, inputs, mode)
+        placement = scores.get("placement")
+        if placement is not None:  # teachers with their own tokenizers: one signal per span, on its last student token
+            mask = mask.bool() & placement.representative
+            for key in ("student", "base"):
+                if key in scores:
+                    scores[key] = token_alignment.student_span_sums(scores[key], placement)
+            self._log_unaligned(metrics, batch["completion_mask"], placement)
         student_logps, teacher_logps = scores["student"], scores["teacher"]
         signal, finite = functional.clamped_log_ratio(
             teacher_logps,
@@ -283,9 +296,13 @@ class GNDPOTrainer(GRPOTrainer):
             advantages = advantages + self.args.outcome_advantage_weight * batch["advantages"].unsqueeze(1) * valid
         if self.args.visual_gradient_steering:  # "GRPO + VGS" trains on the outcome advantage alone
             advantages = policy_advantages(self.args.vgs_mode, advantages, batch["advantages"], valid)
+        loss_tokens = valid
         batch["advantages"] = advantages
-        batch["loss_mask"] = valid.to(batch["completion_mask"].dtype)  # the loss's tokens: dropped ones leave it
-        batch["num_items_in_batch"] = self.accelerator.gather(valid.sum()).sum()  # "dapo" divides by the loss tokens
+        if placement is not None:  # each student token of a span trains with the span's advantage
+            batch["advantages"] = token_alignment.from_representatives(advantages, placement)
+            loss_tokens = token_alignment.from_representatives(valid, placement)
+        batch["loss_mask"] = loss_tokens.to(batch["completion_mask"].dtype)  # the loss's tokens: dropped ones leave it
+        batch["num_items_in_batch"] = self.accelerator.gather(loss_tokens.sum()).sum()  # "dapo": the loss tokens
 
         if self.steering is not None:
             self.steering.add_text_view(
@@ -309,10 +326,12 @@ class GNDPOTrainer(GRPOTrainer):
 
         `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
         temperature, or the sampler's own with `old_logps_from_sampler`; teacher at `args.teacher_temperature`, each
-        row by its own teacher, on the text view for a text-only teacher, or from the teacher server). With the
-        estimators that need them: `entropy` (student, TIP), `base` (the reference of ExOPD: the initial student or
-        the given reference model), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden
-        states at the completion positions, in its own dtype, VGS).
+        row by its own teacher, on the text view for a text-only teacher, or from the teacher server). With
+        `cross_tokenizer_distillation`, `teacher` holds span log-probs of the teachers' own tokens on each span's
+        last student token and `placement` the spans (`token_alignment.SpanPlacement`). With the estimators that need
+        them: `entropy` (student, TIP), `base` (the reference of ExOPD: the initial student or the given reference
+        model), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden states at the
+        completion positions, in its own dtype, VGS).
         """
         completion_length = batch["completion_ids"].size(1)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
@@ -334,9 +353,13 @@ class GNDPOTrainer(GRPOTrainer):
                 with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                     scores["student"], scores["entropy"], _ = log_probs(self.model, compute_entropy=want_entropy)
         want_states = want_kl or self.args.visual_gradient_steering
+        placement = None
         if self.teacher_server is not None:  # NaN where the server gave no log-prob: masked and counted downstream
             ids = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
             scores["teacher"], teacher_states = self.teacher_server.score(*(batch[k] for k in ids)), []
+        elif self.teachers.own_tokenizers is not None:  # their own tokens, summed over spans (placement)
+            scores["teacher"], placement = self.teachers.score_own_tokens(batch, inputs, self._chunk_size(mode))
+            teacher_states = []
         else:
             scores["teacher"], teacher_states = self.teachers.score(
                 batch, inputs, input_ids, attention_mask, model_inputs, want_states
@@ -362,7 +385,17 @@ class GNDPOTrainer(GRPOTrainer):
         scores = {k: v.float() for k, v in scores.items() if v is not None}
         if self.args.visual_gradient_steering:
             scores["teacher_states"] = torch.cat(teacher_states).to(self.accelerator.device)
+        if placement is not None:
+            scores["placement"] = placement
         return scores
+
+    def _log_unaligned(self, metrics, completion_mask, placement) -> None:
+        """`gndpo/unaligned_token_frac`: the share of completion tokens (all processes) in spans that could not be
+        aligned with the teacher's tokens; they are masked, never given a zero signal."""
+        counts = torch.stack([(placement.unaligned & completion_mask.bool()).sum(), completion_mask.sum()])
+        unaligned, total = self._reduce_sum(counts.to(torch.float64)).tolist()
+        if total > 0:
+            metrics["gndpo/unaligned_token_frac"].append(unaligned / total)
 
     def _log_token_statistics(self, metrics, mask, finite, valid, scores, signal, signal_moments, advantages):
         """The `gndpo/` metrics over the whole generation batch on every process (one sum and one max reduction).
