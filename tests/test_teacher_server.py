@@ -14,12 +14,28 @@ import pytest
 import requests
 import torch
 from test_distributed import calls, run_two_processes
-from tiny_models import _trained_bpe, make_text_dataset, make_text_model, make_tokenizer, save_tiny
+from tiny_models import (
+    VLM_FAMILIES,
+    _trained_bpe,
+    make_image,
+    make_processor,
+    make_text_dataset,
+    make_text_model,
+    make_tokenizer,
+    save_tiny,
+)
 from transformers import Qwen2Tokenizer
 from trl import GRPOTrainer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer, functional, teacher_server
-from trl_gndpo.teacher_server import TeacherServer, TeacherServerError, completion_logps, request_sequences
+from trl_gndpo.teacher_server import (
+    TeacherServer,
+    TeacherServerError,
+    completion_logps,
+    images_from_pixel_values,
+    one_placeholder_per_image,
+    request_sequences,
+)
 
 TESTS = Path(__file__).parent
 
@@ -88,10 +104,29 @@ def test_a_local_and_a_served_teacher_together_are_refused(cpu_config_kwargs):
         GNDPOTrainer(model=make_text_model(), teacher_model=make_teacher(), args=args, train_dataset=None)
 
 
-def test_vision_language_students_are_refused_before_connecting(cpu_config_kwargs):
+def test_a_vision_language_student_needs_a_qwen_vl_processor(cpu_config_kwargs):
     args = GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url="http://127.0.0.1:1"))
-    with pytest.raises(ValueError, match="takes no images"):
-        teacher_server.connect(args, processing_class=None, student=None, is_vlm=True)
+    with pytest.raises(ValueError, match="needs a Qwen2-VL / Qwen2.5-VL / Qwen3-VL processor"):
+        teacher_server.connect(args, processing_class=make_tokenizer(), student=None, is_vlm=True)
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_images_rebuilt_from_pixel_values_give_the_same_pixel_values(family):
+    """The images a vision-language student's batch is sent with are its own pixels: rebuilt from `pixel_values` and
+    processed again by the family's processor, they give the same patches, for images of different sizes."""
+    image_processor = make_processor(family).image_processor
+    images = [make_image(0, 32), make_image(3, 48).resize((80, 40)), make_image(5, 64)]
+    processed = image_processor(images=images, return_tensors="pt")
+    rebuilt = images_from_pixel_values(processed["pixel_values"], processed["image_grid_thw"], image_processor)
+    again = image_processor(images=rebuilt, return_tensors="pt")
+    assert torch.equal(again["image_grid_thw"], processed["image_grid_thw"])
+    assert torch.equal(again["pixel_values"], processed["pixel_values"])
+    assert len({image.size for image in rebuilt}) > 1  # each at its own resized size
+
+
+def test_one_placeholder_per_image():
+    assert one_placeholder_per_image([1, 6, 6, 6, 2, 6, 6, 3, 6], image_token_id=6) == [1, 6, 2, 6, 3, 6]
+    assert one_placeholder_per_image([6, 6], image_token_id=6) == [6]
 
 
 def test_server_down_is_a_clear_error_naming_the_url():

@@ -327,7 +327,8 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
         want_states = want_kl or self.args.visual_gradient_steering
         if self.teacher_server is not None:  # NaN where the server gave no log-prob: masked and counted downstream
             ids = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-            scores["teacher"], teacher_states = self.teacher_server.score(*(batch[k] for k in ids)), []
+            images = {k: batch[k] for k in teacher_server.IMAGE_KEYS if k in batch}  # a vision-language student's
+            scores["teacher"], teacher_states = self.teacher_server.score(*(batch[k] for k in ids), **images), []
         else:
             scores["teacher"], teacher_states = self._score_teachers(
                 batch, self._scoring_inputs, input_ids, attention_mask, model_inputs, want_states
