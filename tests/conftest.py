@@ -60,9 +60,10 @@ def vllm_teacher(tmp_path_factory):
     whole session, warmed up; stopped (its process group) at the end. Its environment is built on the first use and
     cached. Failing to build or start it fails the tests that use it, with the reason: only an explicit local opt-out,
     TRL_GNDPO_SKIP_REAL_VLLM=1 (which CI must not set), skips them."""
-    if os.environ.get("TRL_GNDPO_SKIP_REAL_VLLM") == "1":
+    from vllm_server import Server, VLLMUnavailable, opted_out, smollm2_models
+
+    if opted_out():
         pytest.skip("TRL_GNDPO_SKIP_REAL_VLLM=1: the tests against a real vLLM server are opted out locally")
-    from vllm_server import Server, VLLMUnavailable, smollm2_models
 
     server = None
     try:

