@@ -261,3 +261,27 @@ def test_a_vlm_student_trains_two_steps_against_real_vllm(vlm_teacher, cpu_confi
     logged = [row for row in trainer.state.log_history if "gndpo/teacher_logp" in row]
     assert len(logged) == 2
     assert all(math.isfinite(row["gndpo/teacher_logp"]) and row["gndpo/nonfinite_frac"] == 0 for row in logged)
+
+
+def test_images_the_teacher_would_see_at_another_resolution_are_an_error(vlm_teacher):
+    """A student whose processor resizes images more finely than the served teacher's: the server expands each image
+    into fewer placeholders than the student's ids hold, and scoring stops with an error saying so."""
+    from tiny_models import make_image, make_processor
+
+    from trl_gndpo.teacher_server import VisionTeacherServer
+
+    family, server = vlm_teacher
+    processor = make_processor(family)
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    processor.image_processor.min_pixels = processor.image_processor.max_pixels = (6 * factor) ** 2
+    processor.image_processor.size = {"shortest_edge": (6 * factor) ** 2, "longest_edge": (6 * factor) ** 2}
+    batch = vlm_batch(processor, [[make_image(0)], [make_image(1), make_image(2)]])
+    assert batch["image_grid_thw"][0].tolist() == [1, 12, 12]  # 36 placeholders; the served teacher allows 16
+    client = VisionTeacherServer(
+        server.url, image_processor=processor.image_processor,
+        image_token_id=processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"), timeout=300,
+    )  # fmt: skip
+    ids = [batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "num_images")}
+    with pytest.raises(TeacherServerError, match="placeholder tokens where the student's processor has 36"):
+        client.score(*ids, **images)

@@ -247,6 +247,17 @@ def test_a_slow_server_raises_a_timeout_naming_the_server(server):
         configure(server, delay=0.0)
 
 
+@pytest.mark.slow
+def test_a_server_without_the_token_in_endpoint_is_an_error_saying_how_to_start_it(server):
+    """A vision-language student's teacher needs `vllm serve --enable-scale-out` (the stand-in, like a plain `vllm
+    serve`, has no /inference/v1/generate)."""
+    from trl_gndpo.teacher_server import VisionTeacherServer
+
+    client = VisionTeacherServer(server, image_processor=None, image_token_id=6, timeout=30)
+    with pytest.raises(TeacherServerError, match="start it with `vllm serve TEACHER --enable-scale-out`"):
+        client.score(torch.tensor([[5, 6]]), torch.ones(1, 2), torch.tensor([[7, 8]]), torch.ones(1, 2))
+
+
 def other_tokenizer(directory):
     """The tiny tokenizer's vocabulary with half of its merges: same ids, different tokenization."""
     import json
