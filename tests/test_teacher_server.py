@@ -35,6 +35,7 @@ from trl_gndpo.teacher_server import (
     images_from_pixel_values,
     one_placeholder_per_image,
     request_sequences,
+    rows_images,
 )
 
 TESTS = Path(__file__).parent
@@ -127,6 +128,34 @@ def test_images_rebuilt_from_pixel_values_give_the_same_pixel_values(family):
 def test_one_placeholder_per_image():
     assert one_placeholder_per_image([1, 6, 6, 6, 2, 6, 6, 3, 6], image_token_id=6) == [1, 6, 2, 6, 3, 6]
     assert one_placeholder_per_image([6, 6], image_token_id=6) == [6]
+
+
+def test_rows_images_select_each_rows_images():
+    grid = torch.tensor([[1, 2, 2], [1, 2, 4], [1, 2, 2]])  # row 0: one image (4 patches); row 1: none; row 2: two
+    images = {"pixel_values": torch.arange(16.0)[:, None], "image_grid_thw": grid, "num_images": [1, 0, 2]}
+    last = rows_images(images, [2])
+    assert last["pixel_values"][:, 0].tolist() == list(range(4, 16)) and last["num_images"] == [2]
+    assert torch.equal(last["image_grid_thw"], grid[1:])
+    first = rows_images(images, [0, 1])
+    assert first["pixel_values"][:, 0].tolist() == [0, 1, 2, 3] and first["num_images"] == [1, 0]
+    assert rows_images({"pixel_values": None}, [0]) == {}
+
+
+def test_several_servers_each_score_their_rows_once():
+    class Server:
+        def __init__(self, value):
+            self.value, self.calls = value, []
+
+        def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask, **images):
+            self.calls.append(prompt_ids[:, -1].tolist())
+            return torch.full(completion_mask.shape, self.value)
+
+    servers = {"math": Server(-1.0), "code": Server(-2.0)}
+    batch = {"prompt_ids": torch.tensor([[10], [11], [12]]), "prompt_mask": torch.ones(3, 1),
+             "completion_ids": torch.zeros(3, 2, dtype=torch.long), "completion_mask": torch.ones(3, 2)}  # fmt: skip
+    out = teacher_server.score_routed(servers, torch.tensor([1, 0, 1]), batch)
+    assert out[:, 0].tolist() == [-2.0, -1.0, -2.0]
+    assert servers["math"].calls == [[11]] and servers["code"].calls == [[10, 12]]
 
 
 def test_server_down_is_a_clear_error_naming_the_url():

@@ -381,3 +381,55 @@ def connect_vision(args, processing_class, student) -> VisionTeacherServer:
     server.sequence_logprobs_with_images([tokenizer("probe", add_special_tokens=False)["input_ids"] * 2], [1], [[]])
     logger.info(f"GNDPO: the vision-language teacher {server.client.model} served at {server.url} scores the samples.")
     return server
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Several served teachers: `teacher_model_server_url` as a dict teacher name -> URL, routed by `teacher_column` as
+# local teachers are; each server scores only its rows, once per generation batch.
+
+
+def connect_all(args, processing_class, student, is_vlm: bool) -> dict:
+    """`{name: connected server}`: one per teacher of a dict `teacher_model_server_url`, else `{"teacher": server}`."""
+    import copy
+
+    urls = args.teacher_model_server_url
+    if not isinstance(urls, dict):
+        return {"teacher": connect(args, processing_class, student, is_vlm)}
+    servers = {}
+    for name, url in urls.items():
+        one = copy.copy(args)  # the same settings with this teacher's URL (no re-validation)
+        one.teacher_model_server_url = url
+        servers[name] = connect(one, processing_class, student, is_vlm)
+    return servers
+
+
+def rows_images(images: dict, rows: list[int]) -> dict:
+    """The `pixel_values`, `image_grid_thw` and `num_images` of some rows of a batch (each row's images in order)."""
+    if images.get("pixel_values") is None:
+        return {}
+    counts = images.get("num_images") or [1] * images["image_grid_thw"].size(0)
+    patches = images["image_grid_thw"].prod(-1).tolist()
+    first_image = [sum(counts[:row]) for row in range(len(counts))]
+    image_ids = [i for row in rows for i in range(first_image[row], first_image[row] + counts[row])]
+    starts = [sum(patches[:i]) for i in range(len(patches))]
+    patch_ids = [p for i in image_ids for p in range(starts[i], starts[i] + patches[i])]
+    return {
+        "pixel_values": images["pixel_values"][patch_ids],
+        "image_grid_thw": images["image_grid_thw"][image_ids],
+        "num_images": [counts[row] for row in rows],
+    }
+
+
+def score_routed(servers: dict, routes, batch: dict) -> torch.Tensor:
+    """`log q(y_t)` of every completion token, `(B, T)` float32: each row scored by the server `routes` names (its
+    index in `servers`; None: the only server), each server once, with its rows only."""
+    ids = [batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+    images = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+    if routes is None:
+        return next(iter(servers.values())).score(*ids, **images)
+    out = torch.full(batch["completion_mask"].shape, math.nan, device=batch["completion_mask"].device)
+    for index, server in enumerate(servers.values()):
+        rows = (routes == index).nonzero().squeeze(1).tolist()
+        if rows:
+            out[rows] = server.score(*(x[rows] for x in ids), **rows_images(images, rows)).to(out.device)
+    return out
