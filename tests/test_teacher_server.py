@@ -94,6 +94,16 @@ def test_config_refuses_what_a_served_teacher_cannot_do(cpu_config_kwargs, optio
         GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url="http://127.0.0.1:8000", **options))
 
 
+def test_several_server_urls_are_a_dict_or_its_json(cpu_config_kwargs):
+    urls = {"math": "http://a:8001", "code": "http://b:8002"}
+    config = GNDPOConfig(
+        **cpu_config_kwargs(teacher_model_server_url='{"math": "http://a:8001", "code": "http://b:8002"}')
+    )
+    assert config.teacher_model_server_url == urls
+    with pytest.raises(ValueError, match="names each teacher's server"):
+        GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url={"math": " "}))
+
+
 def test_served_teacher_is_compatible_with_token_selection(cpu_config_kwargs):
     config = GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url="http://x:8000", token_selection="quadrant"))
     assert config.teacher_model_server_url == "http://x:8000"
@@ -168,15 +178,19 @@ def test_server_down_is_a_clear_error_naming_the_url():
 # Against a served teacher (one server process for the module)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The tiny teacher saved and served by tests/teacher_server_app.py; yields its URL."""
-    directory = save_tiny(make_teacher(), make_tokenizer(), tmp_path_factory.mktemp("served-teacher"))
+def serve(directory):
+    """tests/teacher_server_app.py serving the model saved in `directory`: the process and its URL."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     app = str(TESTS / "teacher_server_app.py")
     process = subprocess.Popen([sys.executable, app, str(directory)], stdout=subprocess.PIPE, text=True, env=env)
+    return process, f"http://127.0.0.1:{int(process.stdout.readline())}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The tiny teacher saved and served by tests/teacher_server_app.py; yields its URL."""
+    process, url = serve(save_tiny(make_teacher(), make_tokenizer(), tmp_path_factory.mktemp("served-teacher")))
     try:
-        url = f"http://127.0.0.1:{int(process.stdout.readline())}"
         yield url
     finally:
         process.terminate()
@@ -348,3 +362,51 @@ def test_two_processes_score_their_shares_and_whiten_like_the_local_teacher(serv
         for signal, mask, batch in zip(signals, masks, (batch0, batch1), strict=True):
             expected = (signal.double() - pooled.mean()) / torch.sqrt(pooled.var() + 1e-8) * mask
             torch.testing.assert_close(batch["advantages"].double(), expected, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Several served teachers
+
+
+@pytest.mark.slow
+def test_several_served_teachers_each_score_their_routed_rows(server, tmp_path, cpu_config_kwargs):
+    """`teacher_model_server_url={"math": URL, "code": URL}` with the `teacher` column: each server scores only the
+    rows routed to it, once per generation batch, and the advantages are those of the two local teachers routed the
+    same way (one whitening over both); per-teacher metrics are logged as for local teachers."""
+    from test_estimators import whiten
+    from test_teachers import record, routed_dataset
+
+    code_teacher = make_text_model(seed=2, num_hidden_layers=3)
+    process, code_url = serve(save_tiny(code_teacher, make_tokenizer(), tmp_path / "code"))
+    try:
+        configure(server, clear_requests=True)
+        urls = {"math": server, "code": code_url}
+        trainer = GNDPOTrainer(
+            model=make_text_model(seed=0), args=GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url=urls)),
+            train_dataset=routed_dataset(["math", "code"]), processing_class=make_tokenizer(),
+        )  # fmt: skip
+        records = record(trainer, {"math": make_teacher(), "code": code_teacher})
+        trainer.train()
+        asked = {name: served_requests(url) for name, url in urls.items()}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    routed = {"math": [], "code": []}
+    for r in records:
+        names = [x["teacher"] for x in r["inputs"]]
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        rows, sequences, _ = request_sequences(*(r["batch"][k] for k in keys))
+        for row, sequence in zip(rows, sequences, strict=True):
+            routed[names[row]].append(sequence)
+        q = torch.stack([r[name][i] for i, name in enumerate(names)])
+        mask = r["batch"]["completion_mask"].bool()
+        expected = whiten((q - r["p"]).clamp(-5, 5), mask)
+        torch.testing.assert_close(r["batch"]["advantages"].double(), expected, rtol=1e-4, atol=1e-4)
+    assert all(routed.values()), "both teachers have rows"
+    for name in ("math", "code"):
+        assert len(asked[name]) == len(records)  # one request per generation batch (chunks of 16)
+        assert sorted(ids for r in asked[name] for ids in r["ids"]) == sorted(routed[name])
+    logged = [entry for entry in trainer.state.log_history if "gndpo/teacher/math/token_frac" in entry]
+    assert logged and all(
+        abs(e["gndpo/teacher/math/token_frac"] + e["gndpo/teacher/code/token_frac"] - 1) < 1e-6 for e in logged
+    )
