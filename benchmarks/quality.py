@@ -145,8 +145,8 @@ def corrupt_teacher(trainer, fraction: float, nats: float, seed: int) -> dict:
     original, generator = trainer._score_tokens, torch.Generator().manual_seed(10_000 + seed)
     counts = {"corrupted": 0, "tokens": 0}
 
-    def scored(batch, mode):
-        scores = original(batch, mode)
+    def scored(batch, inputs, mode):
+        scores = original(batch, inputs, mode)
         mask = batch["completion_mask"].bool()
         hit = (torch.rand(mask.shape, generator=generator) < fraction).to(mask.device) & mask
         scores["teacher"] = torch.where(hit, scores["teacher"] - nats, scores["teacher"])

@@ -39,10 +39,10 @@ def main() -> None:
     trainer = make_trainer(spec, built, torch.device("cpu"), tempfile.mkdtemp())
     score, batches = trainer._score_tokens, []
 
-    def both(batch, mode):
-        sampled = score(batch, mode)
+    def both(batch, inputs, mode):
+        sampled = score(batch, inputs, mode)
         trainer.args.old_logps_from_sampler = False  # the default path, on the same batch
-        rescored = score({k: v for k, v in batch.items() if k != "sampling_per_token_logps"}, mode)
+        rescored = score({k: v for k, v in batch.items() if k != "sampling_per_token_logps"}, inputs, mode)
         trainer.args.old_logps_from_sampler = True
         mask = batch["completion_mask"].bool()
         advantages = []

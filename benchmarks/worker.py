@@ -8,7 +8,7 @@ Phases of an optimizer step (``on_step_begin`` to ``on_step_end``) are exclusive
 * ``teacher``: GNDPO: ``_score_tokens`` minus the nested phases (the teacher's forward and log-prob head).
   DistillationTrainer: ``_get_last_hidden_state`` on the teacher (its backbone; its head is fused into the JSD loss).
 * ``student_scoring``: a no-grad student log-prob pass outside the loss (GNDPO's log p_old).
-* ``vgs_text_view``, ``vgs_loss``: VGS's text-only teacher pass and its loss (``_add_text_view``, ``_vgs_loss``).
+* ``vgs_text_view``, ``vgs_loss``: VGS's text-view teacher pass and loss (``Steering.add_text_view``, ``.loss``).
 * ``prep_other``: the rest of ``_generate_and_score_completions``.
 * ``loss_forward``: ``compute_loss`` minus the nested phases; ``backward``: ``accelerator.backward``.
 * ``optimizer_other``: the remainder (clipping, optimizer step, callbacks).
@@ -199,8 +199,8 @@ def instrument(trainer, probe: Probe) -> None:
     import trl.trainer.utils as utils_module
     from transformers import TrainerCallback
 
-    def wrap(name, phase, before=None, after=None):
-        original = getattr(trainer, name)
+    def wrap(name, phase, before=None, after=None, owner=trainer):
+        original = getattr(owner, name)
         timed = probe.timed(phase, original)
 
         def wrapper(*args, **kwargs):
@@ -211,7 +211,7 @@ def instrument(trainer, probe: Probe) -> None:
                 after(out)
             return out
 
-        setattr(trainer, name, wrapper)
+        setattr(owner, name, wrapper)
 
     def generated(out):  # (prompt_ids, completion_ids, ...): lists of token-id lists
         probe.counters["generation_batches"] += 1
@@ -226,9 +226,11 @@ def instrument(trainer, probe: Probe) -> None:
     wrap("_generate", "generation", after=generated)
     wrap("_generate_and_score_completions", "prep_other")
     wrap("compute_loss", "loss_forward")
-    for name, phase in (("_score_tokens", "teacher"), ("_add_text_view", "vgs_text_view"), ("_vgs_loss", "vgs_loss")):
-        if hasattr(trainer, name):
-            wrap(name, phase, before=lambda *a, p=phase: p != "teacher" or count("teacher_passes"))
+    if hasattr(trainer, "_score_tokens"):
+        wrap("_score_tokens", "teacher", before=lambda *a: count("teacher_passes"))
+    if getattr(trainer, "steering", None) is not None:  # GNDPO with VGS: its part's two steps
+        wrap("add_text_view", "vgs_text_view", owner=trainer.steering)
+        wrap("loss", "vgs_loss", owner=trainer.steering)
     if hasattr(trainer, "_get_per_token_logps_and_entropies"):  # GRPOTrainer's and GNDPO's
         no_grad_student = lambda model, *a: model is not teacher and not torch.is_grad_enabled()  # noqa: E731
         wrap("_get_per_token_logps_and_entropies", "student_scoring", before=no_grad_student)

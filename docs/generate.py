@@ -135,8 +135,10 @@ def configuration_page() -> str:
         "This page lists every field `GNDPOConfig` adds and every `GRPOConfig` default it changes; each is also a "
         "flag of the [command line](cli.md) (`--name value`). All other `GRPOConfig` and `TrainingArguments` options "
         "work as TRL documents them; the [guide](guide.md#inherited-options-that-matter) explains the ones that "
-        "matter most for GNDPO. Every check runs in `GNDPOConfig.__post_init__`, so a bad value fails when the "
-        "config is built, before any model is loaded, with a message that says what to change.",
+        "matter most for GNDPO. Every check of the config alone runs in `GNDPOConfig.__post_init__` (a field with "
+        "choices, listed in its Type column, is checked against them), so a bad value fails when the config is "
+        "built, before any model is loaded, with a message that says what to change; the checks that need the "
+        "models or datasets run once when the trainer is built (see [Architecture](architecture.md)).",
     ]
     for section, rows in sections.items():
         parts += [f"## {section}", table(["Field", "Type", "Default", "Description"], rows)]
@@ -167,7 +169,10 @@ def api_page() -> str:
         summary,
         table(["Argument", "Description"], [[f"`{e['name']}`", e["text"]] for e in entries]),
         "`GNDPOTrainer` subclasses `trl.GRPOTrainer`: `train`, `evaluate`, `save_model` and `push_to_hub` work as "
-        "TRL documents them.",
+        "TRL documents them. It holds its parts as attributes: `teachers` (the placed teachers, their routing and "
+        "scoring), `teacher_model` (the teacher, the first of several, or None with a served one), `teacher_server`, "
+        "`base_model` (ExOPD's placed reference, or None) and `steering` (Visual Gradient Steering's state, or None); "
+        "[Architecture](architecture.md) says which file owns each.",
         "## GNDPOConfig",
         config_summary,
         "Its fields are listed in [Configuration](configuration.md).",

@@ -95,10 +95,10 @@ def run(out_dir: str, mode: str) -> None:
     trainer._generate_and_score_completions = record_batch
     score_tokens = trainer._score_tokens
 
-    def record_scores(batch, mode):
-        scores = score_tokens(batch, mode)
+    def record_scores(batch, inputs, mode):
+        scores = score_tokens(batch, inputs, mode)
         ids = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-        names = [x.get("teacher") for x in trainer._scoring_inputs]
+        names = [x.get("teacher") for x in inputs]
         records.append(
             {"function": "scores", "student": scores["student"], "teacher": scores["teacher"], "names": names, **ids}
         )
@@ -107,7 +107,8 @@ def run(out_dir: str, mode: str) -> None:
     trainer._score_tokens = record_scores
     trainer.train()
     records.append({"function": "log_history", "result": trainer.state.log_history})
-    records.append({"function": "eta", "result": trainer._vgs_eta, "samples": trainer._vgs_eta_samples})
+    eta = (None, None) if trainer.steering is None else (trainer.steering.eta, trainer.steering.eta_samples)
+    records.append({"function": "eta", "result": eta[0], "samples": eta[1]})
     student = trainer.accelerator.unwrap_model(trainer.model)
     records.append({"function": "weights", "result": {n: p.detach().clone() for n, p in student.named_parameters()}})
     torch.save(records, f"{out_dir}/{mode}-rank{trainer.accelerator.process_index}.pt")

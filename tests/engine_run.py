@@ -162,7 +162,7 @@ def train(name: str, student, teacher, processor, dataset, stop=None, resume=Non
         teacher_after=full_weights(unwrapped_teacher),
         student=full_weights(trainer.accelerator.unwrap_model(trainer.model)),
         loss_dtypes=loss_dtypes,
-        eta=trainer._vgs_eta,
+        eta=None if trainer.steering is None else trainer.steering.eta,
     )
     facts = record["after"]
     print(

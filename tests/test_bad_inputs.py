@@ -28,8 +28,8 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer, checks
-from trl_gndpo.guards import InvalidBatchGuard
-from trl_gndpo.steering import SteeringMixin
+from trl_gndpo.invalid_batches import InvalidBatchGuard
+from trl_gndpo.vgs_steering import Steering
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -300,37 +300,30 @@ def test_resume_from_a_checkpoint_without_trainer_state(checkpoint, tmp_path, cp
         build(cpu_config_kwargs, {"max_steps": 2}).train(resume_from_checkpoint=str(partial))
 
 
-class _NoTrainer:
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        pass
-
-
-class SteeringStub(SteeringMixin, _NoTrainer):
-    """The mixin's checkpoint loading on its own (its `super()` is Trainer's, here a no-op)."""
-
-    def __init__(self, measure_steps: int):
-        self.args = SimpleNamespace(visual_gradient_steering=True, vgs_eta_measure_steps=measure_steps)
-        self._vgs_eta, self._vgs_eta_samples = 1.0, []
+def SteeringStub(measure_steps: int) -> Steering:
+    """VGS's checkpoint loading on its own (no trainer, no models): eta 1.0 from the config."""
+    args = SimpleNamespace(vgs_eta=1.0, vgs_eta_measure_steps=measure_steps)
+    return Steering(args, None, None, 0, None, None, None)
 
 
 def test_vgs_eta_checkpoint_missing_or_corrupt(tmp_path):
     with pytest.raises(ValueError, match=r"has no vgs_eta.json, so the eta measured over the first 2 steps is lost"):
-        SteeringStub(measure_steps=2)._load_optimizer_and_scheduler(str(tmp_path))
+        SteeringStub(measure_steps=2).load(str(tmp_path))
     fixed = SteeringStub(measure_steps=0)  # eta comes from the config: nothing lost
-    fixed._load_optimizer_and_scheduler(str(tmp_path))
-    assert fixed._vgs_eta == 1.0
+    fixed.load(str(tmp_path))
+    assert fixed.eta == 1.0
     path = tmp_path / "vgs_eta.json"
     for content, error in [("{not json", "JSONDecodeError"), ('{"eta": 0.4}', "KeyError"), ("[0.4]", "TypeError")]:
         path.write_text(content)
         with pytest.raises(ValueError, match=rf"vgs_eta.json is corrupt \({error}"):
-            SteeringStub(measure_steps=2)._load_optimizer_and_scheduler(str(tmp_path))
+            SteeringStub(measure_steps=2).load(str(tmp_path))
     path.write_text('{"eta": NaN, "samples": []}')
     with pytest.raises(ValueError, match="must be a positive finite number"):
-        SteeringStub(measure_steps=2)._load_optimizer_and_scheduler(str(tmp_path))
+        SteeringStub(measure_steps=2).load(str(tmp_path))
     path.write_text(json.dumps({"eta": 0.4, "samples": [0.3, 0.5]}))
     loaded = SteeringStub(measure_steps=2)
-    loaded._load_optimizer_and_scheduler(str(tmp_path))
-    assert (loaded._vgs_eta, loaded._vgs_eta_samples) == (0.4, [0.3, 0.5])
+    loaded.load(str(tmp_path))
+    assert (loaded.eta, loaded.eta_samples) == (0.4, [0.3, 0.5])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,7 +356,7 @@ def test_teacher_object_saved_with_another_tokenizer_of_the_same_size(tmp_path, 
 def test_teacher_saved_without_tokenizer_files(tmp_path, cpu_config_kwargs):
     path = tmp_path / "teacher"
     make_text_model(seed=1).save_pretrained(path)
-    with CaptureLogger(logging.get_logger("trl_gndpo.teacher")) as captured:
+    with CaptureLogger(logging.get_logger("trl_gndpo.scoring_models")) as captured:
         build(cpu_config_kwargs, teacher_model=str(path))  # used to fail: "differs (1 vs 320 tokens)"
     assert f"The teacher's folder {str(path)!r} has no tokenizer files" in captured.out
 

@@ -186,7 +186,7 @@ def test_fsdp1_on_a_cpu_run_is_refused_instead_of_falling_back_to_ddp(monkeypatc
 
     from accelerate.utils import DistributedType
 
-    from trl_gndpo.engines import select_fsdp2_on_cpu
+    from trl_gndpo.fsdp2_on_cpu import select_fsdp2_on_cpu
 
     accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, state=SimpleNamespace())
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

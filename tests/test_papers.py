@@ -370,16 +370,18 @@ def test_uniopd_prompt_group_mask_end_to_end(cpu_config_kwargs):
         num_generations=4,
         max_steps=3,
     )
-    records, generate = [], trainer._generate_and_score_completions
+    records, rewards = [], []
+    generate, calculate_rewards = trainer._generate_and_score_completions, trainer._calculate_rewards
 
     def spy(inputs):
         batch = generate(inputs)
         student = trainer.accelerator.unwrap_model(trainer.model)
         p, q = completion_log_softmax(student, batch), completion_log_softmax(teacher_of(trainer), batch)
-        records.append((batch, p, q, trainer._rewards_per_func[:, 0] >= 0.5))
+        records.append((batch, p, q, rewards[-1][:, 0] >= 0.5))
         return batch
 
     trainer._generate_and_score_completions = spy
+    trainer._calculate_rewards = lambda *args: rewards.append(calculate_rewards(*args)) or rewards[-1]
     trainer.train()
     discarded = 0
     for batch, p, q, correct in records:

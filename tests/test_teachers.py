@@ -343,13 +343,13 @@ def test_command_line_flags(tmp_path):
 def test_several_teachers_are_refused_with_sharded_engines(cpu_config_kwargs):
     from types import SimpleNamespace
 
-    from trl_gndpo import teachers
+    from trl_gndpo import checks, teachers
 
     args = GNDPOConfig(**cpu_config_kwargs())
     fsdp = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False)
     with pytest.raises(ValueError, match="FSDP and DeepSpeed ZeRO-3"):
-        teachers.check_setup(args, fsdp, ["a", "b"], [routed_dataset(["a", "b"])])
-    teachers.check_setup(args, fsdp, [teachers.SINGLE], [make_text_dataset()])  # one teacher: as before
+        checks.check_routing(args, fsdp, ["a", "b"], [routed_dataset(["a", "b"])])
+    checks.check_routing(args, fsdp, [teachers.SINGLE], [make_text_dataset()])  # one teacher: as before
 
 
 def test_several_teachers_in_evaluation(cpu_config_kwargs):

@@ -221,8 +221,8 @@ def test_non_finite_teacher_log_probs_are_masked_and_logged(cpu_config_kwargs):
     )
     score = trainer._score_tokens
 
-    def corrupt(batch, mode):
-        scores = score(batch, mode)
+    def corrupt(batch, inputs, mode):
+        scores = score(batch, inputs, mode)
         scores["teacher"][0, :3] = float("nan")
         scores["teacher"][1, 0] = float("-inf")
         return scores

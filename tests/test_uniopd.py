@@ -132,15 +132,16 @@ def train_recording(cpu_config_kwargs, **overrides):
         train_dataset=make_text_dataset(16),
         processing_class=make_tokenizer(),
     )
-    records = []
-    generate = trainer._generate_and_score_completions
+    records, rewards = [], []
+    generate, calculate_rewards = trainer._generate_and_score_completions, trainer._calculate_rewards
 
     def spy(inputs):
         batch = generate(inputs)
-        records.append((batch, trainer._rewards_per_func[:, 0] >= 0.5))
+        records.append((batch, rewards[-1][:, 0] >= 0.5))
         return batch
 
     trainer._generate_and_score_completions = spy
+    trainer._calculate_rewards = lambda *args: rewards.append(calculate_rewards(*args)) or rewards[-1]
     trainer.train()
     return trainer, records
 
@@ -205,7 +206,7 @@ def test_shift_and_mask_together_are_rejected(cpu_config_kwargs):
 
 
 def test_offline_difficulty_balancing_with_sampled_pass_rates():
-    from trl_gndpo.balancing import difficulty_balanced_dataset, estimate_pass_rates
+    from trl_gndpo.uniopd_dataset import difficulty_balanced_dataset, estimate_pass_rates
 
     dataset = make_text_dataset(6)
     model, tokenizer = make_text_model(seed=0), make_tokenizer()

@@ -171,7 +171,7 @@ def test_vgs_with_lora_and_measured_eta_kept_in_checkpoints(cpu_config_kwargs, t
     assert moved and all("lora_" in name for name in moved)
     etas = [h["vgs/eta"] for h in trainer.state.log_history if "vgs/eta" in h]
     assert etas[0] != 1.0 and etas[0] == etas[1], "measured on step 1, then fixed"
-    assert 0 < etas[0] < 1.5 and trainer._vgs_eta == etas[0]
+    assert 0 < etas[0] < 1.5 and trainer.steering.eta == etas[0]
 
     # resumed after the measurement, the run keeps the measured eta (from the checkpoint), not the default
     resumed, _, _ = build("qwen2_vl", cpu_config_kwargs, peft_config=lora, vgs_eta_measure_steps=1)
@@ -186,11 +186,11 @@ def test_measured_eta_is_the_gradient_norm_ratio(cpu_config_kwargs):
     standard, visual = model(x).pow(2).mean(), model(x).sin().sum()
     g_std = torch.cat([g.flatten() for g in torch.autograd.grad(standard, model.parameters(), retain_graph=True)])
     g_vis = torch.cat([g.flatten() for g in torch.autograd.grad(visual, model.parameters(), retain_graph=True)])
-    trainer._measure_eta(model, standard, visual)
-    trainer._measure_eta(model, standard, 2 * visual)
+    trainer.steering.measure_eta(model, standard, visual)
+    trainer.steering.measure_eta(model, standard, 2 * visual)
     expected = [g_std.norm() / (g_std + k * g_vis).norm() for k in (1, 2)]
-    assert trainer._vgs_eta_samples == pytest.approx([e.item() for e in expected], rel=1e-5)
-    assert trainer._vgs_eta == pytest.approx(sum(trainer._vgs_eta_samples) / 2)
+    assert trainer.steering.eta_samples == pytest.approx([e.item() for e in expected], rel=1e-5)
+    assert trainer.steering.eta == pytest.approx(sum(trainer.steering.eta_samples) / 2)
 
 
 def test_vgs_refuses_a_text_only_student(cpu_config_kwargs):

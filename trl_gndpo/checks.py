@@ -10,6 +10,7 @@ from datasets import Dataset, Image
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from . import teachers
 from .config import GNDPOConfig
 
 logger = logging.get_logger(__name__)
@@ -20,8 +21,63 @@ _IMAGE_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id"
 _IMAGE_PROCESSOR_KEYS = ("patch_size", "merge_size", "temporal_patch_size", "size")  # size holds min/max pixels
 
 
-def check_arguments(args: GNDPOConfig, reward_funcs, teacher_model) -> None:
-    """Options that need something the trainer was not given."""
+def check_setup(
+    trainer,
+    teacher_models: dict,
+    teacher_processing: dict,
+    reference: "PreTrainedModel | None",
+    reference_processing,
+    datasets: dict,
+) -> None:
+    """Every set-up check of GNDPOTrainer that needs models, datasets or the accelerator, called once after
+    `GRPOTrainer.__init__`: the datasets, the teachers, the G-OPD reference and VGS. (The config checks itself in
+    `__post_init__`; `check_arguments` checks the trainer's arguments before anything loads.)
+
+    `teacher_models` (name -> model) and `teacher_processing` (name -> processor or None): the loaded teachers;
+    `reference`: the loaded G-OPD reference model (None: none given) and its processor; `datasets`: GRPOTrainer's
+    keyword arguments, of which `train_dataset` and `eval_dataset` (one or a dict of several) are read.
+    """
+    args = trainer.args
+    train_dataset, eval_dataset = datasets.get("train_dataset"), datasets.get("eval_dataset")
+    eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+    check_dataset_sizes(args, train_dataset, eval_datasets)
+    datasets = [train_dataset, *eval_datasets]
+    check_datasets(datasets, trainer._is_vlm, trainer.environment_factories is not None, args.max_checked_rows)
+    warn_if_checkpoints_split_generations(args)
+    warn_if_rollout_feeds_several_steps(args)
+    check_routing(args, trainer, list(teacher_models), datasets)
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    for name, teacher in teacher_models.items():
+        check_teacher(
+            args,
+            student,
+            teacher,
+            trainer.processing_class,
+            teacher_processing[name],
+            trainer._is_vlm,
+            text_view=args.cross_modal_distillation,
+        )
+    check_cross_modal(args, teacher_models, trainer._is_vlm)
+    if reference is not None:
+        check_teacher(args, student, reference, trainer.processing_class, reference_processing, trainer._is_vlm)
+    if args.visual_gradient_steering:
+        check_steering(trainer, student, next(iter(teacher_models.values()), None))
+
+
+def _shards_parameters(trainer) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: one collective per forward on every process, and sharded weights."""
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    return trainer.is_fsdp_enabled or zero3
+
+
+def check_arguments(args: GNDPOConfig, reward_funcs, teacher_model, reference_model=None) -> None:
+    """Options that need something the trainer was not given: the trainer's arguments as given, before any model
+    loads."""
+    if reference_model is not None and args.reward_extrapolation == 1.0:  # the config checks its own field
+        raise ValueError(
+            "reference_model is the reference of reward_extrapolation, which cancels at 1.0: set "
+            "reward_extrapolation (G-OPD's ExOPD uses 1.25) or drop the reference model."
+        )
     if args.outcome_advantage_weight > 0 and not reward_funcs:
         raise ValueError("outcome_advantage_weight > 0 needs `reward_funcs` to compute the outcome advantage.")
     if (args.margin_calibration != "none" or args.balance_ratio is not None) and not reward_funcs:
@@ -127,6 +183,54 @@ def check_datasets(datasets: list, is_vlm: bool, has_environments: bool, max_row
                 "text tokenizer. Use a vision-language student with its processor, or drop the image column."
             )
         check_rows(dataset, "train_dataset" if index == 0 else "eval_dataset", max_rows)
+
+
+def check_routing(args: GNDPOConfig, trainer, names: list[str], datasets: list) -> None:
+    """Several teachers: the routing column is in every dataset and names known teachers; unsupported options.
+    `teacher_device` names only known teachers."""
+    if isinstance(args.teacher_device, dict):
+        args.check_teacher_device_names(names)
+    if len(names) <= 1:  # one teacher (none here when it is served)
+        return
+    if _shards_parameters(trainer):
+        raise ValueError(
+            "Several teachers score different numbers of rows on each process, which FSDP and DeepSpeed ZeRO-3 "
+            "(one collective per forward on every process) do not allow: use DDP or ZeRO-2, or one teacher."
+        )
+    if args.value_baseline or args.visual_gradient_steering:
+        raise ValueError(
+            "value_baseline and visual_gradient_steering read one teacher's full distribution; with several "
+            "teachers, turn them off or distill from one teacher."
+        )
+    for dataset in datasets:
+        columns = getattr(dataset, "column_names", None)
+        if columns is None:
+            continue
+        if args.teacher_column not in columns:
+            raise ValueError(
+                f"With several teachers ({names}) each sample names its teacher in the column "
+                f"{args.teacher_column!r} (`teacher_column`), which the dataset lacks; it has {columns}."
+            )
+        if not isinstance(dataset, Dataset):
+            continue  # a stream: its rows are checked as they are scored
+        values = set(dataset[args.teacher_column])
+        teachers.route([{args.teacher_column: value} for value in values], args.teacher_column, names)
+
+
+def check_cross_modal(args: GNDPOConfig, models: dict, is_vlm: bool) -> None:
+    """Text-only teachers of a vision-language student need `cross_modal_distillation`, and the option needs one;
+    VGS needs the teacher's image view."""
+    names = teachers.text_only_names(models, is_vlm)
+    if names and args.visual_gradient_steering:
+        raise ValueError(
+            "visual_gradient_steering needs the teacher's image view; a text-only teacher (cross-modal "
+            "distillation) has none: set visual_gradient_steering=False or use a vision-language teacher."
+        )
+    if args.cross_modal_distillation and not names:
+        raise ValueError(
+            "cross_modal_distillation is set but no teacher is a text-only model for a vision-language student: "
+            "drop the option, or give a text-only teacher."
+        )
 
 
 # Rows read at a time by `check_rows`: the images of one slice are in memory at once, never a whole column.
@@ -342,8 +446,7 @@ def check_steering(trainer, student: PreTrainedModel, teacher: PreTrainedModel) 
             "visual_gradient_steering does not support tools or environments (their turns can carry images "
             "the text-only view cannot remove): drop them or set visual_gradient_steering=False."
         )
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if trainer.is_fsdp_enabled or zero3:
+    if _shards_parameters(trainer):
         raise ValueError(
             "visual_gradient_steering reads the vocabulary heads' weights directly, which FSDP and DeepSpeed "
             "ZeRO-3 shard: use DDP or ZeRO-2, or set visual_gradient_steering=False."

@@ -54,6 +54,12 @@ _FINITE_FIELDS = (
     "epsilon_high",
 )
 
+# What a refused choice's message adds to "<field> must be <choices>, got <value>".
+_CHOICE_HINTS = {
+    "margin_calibration": " (the calibrations are alternatives: pick one)",
+    "loss_type": " (GNDPO's loss implements 'grpo', sequence-mean-token-mean, and 'dapo', the global token mean)",
+}
+
 
 @dataclass
 class GNDPOConfig(GRPOConfig):
@@ -578,12 +584,7 @@ class GNDPOConfig(GRPOConfig):
                     "teacher_models, or use teacher_model_name_or_path alone."
                 )
         if isinstance(self.teacher_device, dict) and self.teacher_models is not None:  # else checked by the trainer
-            unknown = sorted(set(self.teacher_device) - set(self.teacher_models or {}))
-            if unknown:
-                raise ValueError(
-                    f"teacher_device names teachers {unknown} that teacher_models does not list "
-                    f"({sorted(self.teacher_models or {})}); a single teacher takes a plain device string."
-                )
+            self.check_teacher_device_names(list(self.teacher_models))
         if self.reference_model_name_or_path is not None and self.reward_extrapolation == 1.0:
             raise ValueError(
                 "reference_model_name_or_path is the reference of reward_extrapolation, which cancels at 1.0: set "
@@ -617,10 +618,9 @@ class GNDPOConfig(GRPOConfig):
             )
         if self.teacher_device is not None and self.teacher_offload:
             raise ValueError("teacher_device and teacher_offload are alternatives: set one of them.")
+        self._check_choices()
         self._check_teachers()
         self._check_teacher_server()
-        if self.normalization_scope not in ("global", "none"):
-            raise ValueError(f"normalization_scope must be 'global' or 'none', got {self.normalization_scope!r}.")
         if not self.token_signal_clamp > 0:
             raise ValueError(f"token_signal_clamp must be > 0, got {self.token_signal_clamp}.")
         if not self.whitening_eps > 0:
@@ -638,11 +638,6 @@ class GNDPOConfig(GRPOConfig):
             )
         if self.old_logps_from_sampler:
             self._check_old_logps_from_sampler()
-        if self.token_selection not in ("none", "entropy", "quadrant", "q3", "entropy_sampling"):
-            raise ValueError(
-                "token_selection must be 'none', 'entropy', 'quadrant', 'q3' or 'entropy_sampling', got "
-                f"{self.token_selection!r}."
-            )
         if self.value_baseline_top_k is not None:
             if not self.value_baseline:
                 raise ValueError("value_baseline_top_k approximates vOPD's baseline: set value_baseline=True too.")
@@ -657,16 +652,6 @@ class GNDPOConfig(GRPOConfig):
         for name in ("max_checked_rows", "max_invalid_generation_batches"):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}.")
-        choices = {
-            "margin_calibration": ("none", "shift", "mask", "group_mask"),
-            "margin_scope": ("group", "global"),
-            "margin_mode": ("mean", "minmax"),
-            "margin_direction": ("both", "correct_up", "incorrect_down"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                hint = " (the calibrations are alternatives: pick one)" if name == "margin_calibration" else ""
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}{hint}.")
         if self.margin_calibration == "group_mask" and self.margin_scope != "group":
             raise ValueError(
                 "margin_calibration='group_mask' discards prompt groups; with margin_scope='global' it would discard "
@@ -678,8 +663,6 @@ class GNDPOConfig(GRPOConfig):
             raise ValueError(f"margin_min_retain_ratio must be in (0, 1], got {self.margin_min_retain_ratio}.")
         if self.balance_ratio is not None and not self.balance_ratio > 0:
             raise ValueError(f"balance_ratio must be > 0 or None, got {self.balance_ratio}.")
-        if self.vgs_mode not in ("alone", "grpo", "gndpo"):
-            raise ValueError(f"vgs_mode must be 'alone', 'grpo' or 'gndpo', got {self.vgs_mode!r}.")
         if self.visual_gradient_steering and self.vgs_mode == "grpo":
             if self.margin_calibration != "none" or self.outcome_advantage_weight > 0:
                 raise ValueError(
@@ -704,15 +687,6 @@ class GNDPOConfig(GRPOConfig):
                 "vgs_eta_measure_steps measures gradient norms, which FSDP and DeepSpeed shard: set vgs_eta to a "
                 "fixed value (the paper's 0.41 / 0.36) and vgs_eta_measure_steps=0."
             )
-        if self.loss_type not in ("grpo", "dapo"):
-            raise ValueError(
-                f"GNDPO supports loss_type 'grpo' (sequence-mean-token-mean) or 'dapo' (global token mean), got "
-                f"{self.loss_type!r}."
-            )
-        if self.importance_sampling_level not in ("sequence", "token"):
-            raise ValueError(
-                f"importance_sampling_level must be 'sequence' or 'token', got {self.importance_sampling_level!r}."
-            )
         if self.beta != 0.0:
             raise ValueError(
                 f"GNDPO has no KL-to-reference term (the teacher's token signal takes its place): set beta=0.0, "
@@ -724,6 +698,25 @@ class GNDPOConfig(GRPOConfig):
                     f"{name}={getattr(self, name)!r} is a GRPOTrainer loss option that GNDPO's loss does not "
                     f"implement; leave it at {default!r}."
                 )
+
+    def check_teacher_device_names(self, names: list[str]) -> None:
+        """A `teacher_device` dict names only teachers among `names` (from `teacher_models`, or the trainer's)."""
+        unknown = sorted(set(self.teacher_device) - set(names))
+        if unknown:
+            raise ValueError(
+                f"teacher_device names teachers {unknown} that are not among the teachers {names}; a single teacher "
+                "takes a plain device string."
+            )
+
+    def _check_choices(self) -> None:
+        """Each field with `choices` in its metadata holds one of them (the lists are written once, on the fields)."""
+        for name, spec in type(self).__dataclass_fields__.items():
+            allowed = spec.metadata.get("choices")
+            if name not in GNDPOConfig.__annotations__ or allowed is None or getattr(self, name) in allowed:
+                continue
+            listed = ", ".join(repr(choice) for choice in allowed[:-1]) + f" or {allowed[-1]!r}"
+            hint = _CHOICE_HINTS.get(name, "")
+            raise ValueError(f"{name} must be {listed}, got {getattr(self, name)!r}{hint}.")
 
     def _check_old_logps_from_sampler(self) -> None:
         """The sampler's log-probs stand for the re-score only when they are of the same distribution."""

@@ -1,57 +1,43 @@
-"""GNDPO's pipeline on TRL's GRPOTrainer: score the sampled tokens with the teacher once per generation batch, turn
-the clamped token signal into globally whitened per-token advantages, and train with the clipped policy loss.
+"""GNDPO's pipeline on TRL's GRPOTrainer, read top to bottom: score the sampled tokens with the teacher once per
+generation batch, turn the clamped token signal into globally whitened per-token advantages, and train with the
+clipped policy loss. Every GRPOTrainer override of the package is in this file.
 
-Elsewhere, one concern per file: the teacher's loading and placement (`teacher.py`), several teachers and the
-cross-modal text view (`teachers.py`), a teacher on a vLLM server (`teacher_server.py`), the set-up checks
-(`checks.py`), Visual Gradient Steering (`steering.py`), Uni-OPD's correctness-aware steps (`calibration.py`), the
-resumable data order and checkpoint checks (`resume.py`), the guard against batches without a valid token
-(`guards.py`), the head's completion-only projection (`completion_head.py`), the sampler's log-probs
-(`sampler_logps.py`), FSDP2 on CPU (`engines.py`), and the math (`functional.py`, `uniopd.py`, `vgs.py`).
+The trainer holds its parts as objects and calls plain functions: `Teachers` (teachers.py: routing, scoring, metrics),
+`Steering` (vgs_steering.py: VGS), Uni-OPD's steps (uniopd_batch.py), the set-up checks (checks.py, once). Which file
+owns which concern, and how a generation batch flows through them: docs/architecture.md.
 """
 
-import copy
+import os
 import textwrap
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import create_model_from_path, use_adapter
+from trl.trainer.utils import use_adapter
 
-from . import checks, engines, functional, sampler_logps, teacher_server, teachers
-from .calibration import CalibrationMixin
+from . import checks, functional, sampler_logps, teacher_server, teachers, uniopd_batch
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
-from .guards import InvalidBatchGuard
+from .fsdp2_on_cpu import select_fsdp2_on_cpu
+from .hidden_states import capture_completion_states, reverse_kl_per_token, vocabulary_head
+from .invalid_batches import InvalidBatchGuard
 from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
-from .steering import SteeringMixin
-from .teacher import (
-    capture_completion_states,
-    load_teacher,
-    load_teacher_processing_class,
-    prepare_scoring_model,
-    reverse_kl_per_token,
-)
-from .teachers import TeachersMixin
+from .scoring_models import load_reference, placed_log_probs, prepare_scoring_model
+from .text_view import TextView
 from .vgs import mixed_loss, policy_advantages
+from .vgs_steering import Steering
 
 logger = logging.get_logger(__name__)
 
 # Keys of a generation batch that `GRPOTrainer._get_per_token_logps_and_entropies` takes besides the token ids.
 _MODEL_INPUT_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
+    *("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles"),
+    *("image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids"),
 )
 # GRPO's outcome-reward metrics, meaningless for the placeholder reward.
 _REWARD_METRICS = ("reward", "reward_std", "frac_reward_zero_std")
@@ -62,7 +48,7 @@ def no_outcome_reward(completions: list, **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
-class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
+class GNDPOTrainer(GRPOTrainer):
     """
     Globally Normalized Distillation Policy Optimization.
 
@@ -126,86 +112,57 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
             raise TypeError(f"args must be a GNDPOConfig, got {type(args).__name__}.")
         if teacher_model is None:
             teacher_model = args.teacher_models or args.teacher_model_name_or_path
-        checks.check_arguments(args, reward_funcs, teacher_model)
-        eval_dataset = grpo_kwargs.get("eval_dataset")
-        eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
-        checks.check_dataset_sizes(args, grpo_kwargs.get("train_dataset"), eval_datasets)
+        checks.check_arguments(args, reward_funcs, teacher_model, reference_model)  # before anything loads
         teacher_models, teacher_processing = {}, {}  # none with a served teacher
         if teacher_model is not None:
             teacher_models, teacher_processing = teachers.load(
                 teachers.named(teacher_model), teacher_processing_class, args
             )
         self._placeholder_reward = not reward_funcs
-        # ExOPD's reference: the given reference model (G-OPD's reward correction), else a frozen copy of the initial
-        # student, taken before training touches it. With a PEFT adapter, the base weights with the adapter disabled
-        # serve instead (no copy).
-        base_model = reference_model if reference_model is not None else args.reference_model_name_or_path
-        if base_model is not None and args.reward_extrapolation == 1.0:
-            raise ValueError(
-                "reference_model is the reference of reward_extrapolation, which cancels at 1.0: set "
-                "reward_extrapolation (G-OPD's ExOPD uses 1.25) or drop the reference model."
-            )
-        reference_processing = None
-        if isinstance(base_model, str):
-            reference_processing = load_teacher_processing_class(base_model, args)
-            base_model = load_teacher(base_model, args, revision=False)
-        reference_given = base_model is not None
         peft = grpo_kwargs.get("peft_config") is not None or (not isinstance(model, str) and is_peft_model(model))
-        if not reference_given and args.reward_extrapolation != 1.0 and not peft:
-            if isinstance(model, str):
-                base_model = create_model_from_path(model, **dict(args.model_init_kwargs or {}))
-            else:
-                base_model = copy.deepcopy(model)
+        base_model, reference_given, reference_processing = load_reference(reference_model, model, args, peft)
 
         super().__init__(model=model, reward_funcs=reward_funcs or no_outcome_reward, args=args, **grpo_kwargs)
 
-        checks.check_datasets(
-            [grpo_kwargs.get("train_dataset"), *eval_datasets],
-            self._is_vlm,
-            self.environment_factories is not None,
-            args.max_checked_rows,
-        )
-        checks.warn_if_checkpoints_split_generations(args)
-        checks.warn_if_rollout_feeds_several_steps(args)
+        reference = (base_model if reference_given else None, reference_processing)
+        checks.check_setup(self, teacher_models, teacher_processing, *reference, grpo_kwargs)
         student = self.accelerator.unwrap_model(self.model)
         self.teacher_server = None
         if args.teacher_model_server_url is not None:  # a served teacher: nothing to load, check or place here
             self.teacher_server = teacher_server.connect(args, self.processing_class, student, self._is_vlm)
-        teachers.check_setup(args, self, list(teacher_models), [grpo_kwargs.get("train_dataset"), *eval_datasets])
-        for name, teacher in teacher_models.items():
-            checks.check_teacher(
-                args,
-                student,
-                teacher,
-                self.processing_class,
-                teacher_processing[name],
-                self._is_vlm,
-                text_view=args.cross_modal_distillation,
-            )
-        self._text_teachers = teachers.text_only(args, teacher_models, self._is_vlm)
-        if reference_given:
-            checks.check_teacher(args, student, base_model, self.processing_class, reference_processing, self._is_vlm)
-        teacher_model = next(iter(teacher_models.values()), None)
-        if args.visual_gradient_steering:
-            checks.check_steering(self, student, teacher_model)
         project_completions_only(student.get_base_model() if is_peft_model(student) else student)
-        self._vgs_eta, self._vgs_eta_samples = args.vgs_eta, []
         self._invalid_batches = InvalidBatchGuard(args.max_invalid_generation_batches)
-        self._teacher_offload_to = self.accelerator.device if args.teacher_offload else None
-        self.teachers = {
-            name: prepare_scoring_model(self, t, 1.0, placed=True, device=teachers.device_of(args, name))
-            for name, t in teacher_models.items()
-        }
-        self.teacher_model = next(iter(self.teachers.values()), None)  # the teacher, the first of several, or None
+        offload_to = self.accelerator.device if args.teacher_offload else None
+        template = (self.chat_template, self.chat_template_kwargs)
+        text_view = TextView(self.processing_class, *template, self._tokenizer.pad_token_id, self.accelerator.device)
+        self.teachers = teachers.Teachers(
+            {
+                name: prepare_scoring_model(self, t, 1.0, placed=True, device=teachers.device_of(args, name))
+                for name, t in teacher_models.items()
+            },
+            teachers.text_only_names(teacher_models, self._is_vlm),
+            args.teacher_column,
+            offload_to,
+            self._get_per_token_logps_and_entropies,
+            text_view,
+            self.accelerator,
+        )
+        self.teacher_model = self.teachers.first  # the teacher, the first of several, or None
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
         self.base_model = (
             None if base_model is None else prepare_scoring_model(self, base_model, self.temperature, reference_given)
         )
-        self._base_offload_to = self._teacher_offload_to if reference_given else None
+        self._base_offload_to = offload_to if reference_given else None
+        self.steering = None
+        if args.visual_gradient_steering:
+            vocab_size = vocabulary_head(student).weight.shape[0]
+            self.steering = Steering(
+                args, self.teacher_model, offload_to, vocab_size, text_view, self.accelerator, self._global_mean
+            )
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        if engines.select_fsdp2_on_cpu(self.accelerator, self.args.fsdp_plugin_args):  # accelerate drops it on CPU
+        if select_fsdp2_on_cpu(self.accelerator, self.args.fsdp_plugin_args):  # accelerate drops it on CPU
             self.is_fsdp_enabled = True
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -213,9 +170,24 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
             return load_full_weights(self.model, resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.steering is not None and self.args.should_save:  # VGS's measured eta travels with the checkpoint
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self.steering.save(os.path.join(self._get_output_dir(trial=trial), checkpoint))
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         warn_missing_checkpoint_parts(self, checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
+        if self.steering is not None and checkpoint is not None:
+            self.steering.load(checkpoint)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """GRPO's outcome rewards (all processes' completions x reward functions), also handed to the Uni-OPD steps:
+        TRL computes them inside `_generate_and_score_completions` and does not return them, so this hook keeps them
+        for that call, which takes them (and drops them) right after TRL's part of it returns."""
+        self._outcome_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._outcome_rewards
 
     def _get_train_sampler(self, dataset=None):
         return EpochRepeatSampler.like(super()._get_train_sampler(dataset))
@@ -236,6 +208,7 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)
+        rewards = self.__dict__.pop("_outcome_rewards", None)  # from `_calculate_rewards`: Uni-OPD's correctness
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         if self._placeholder_reward:
@@ -248,8 +221,7 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
             too_long = batch["prompt_mask"].sum(1) > self.args.max_prompt_length
             metrics["gndpo/long_prompt_frac"].append(self.accelerator.gather(too_long.float()).mean().item())
             mask = mask * ~too_long.unsqueeze(1)
-        self._scoring_inputs = inputs  # the rows behind the batch: teacher routing and text views (teachers.py)
-        scores = self._score_tokens(batch, mode)
+        scores = self._score_tokens(batch, inputs, mode)
         student_logps, teacher_logps = scores["student"], scores["teacher"]
         signal, finite = functional.clamped_log_ratio(
             teacher_logps,
@@ -264,11 +236,14 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
         if self.args.max_abs_log_ratio is not None:  # Uni-OPD token guard
             valid = valid & ((teacher_logps - student_logps).abs() < self.args.max_abs_log_ratio)
         if self.args.token_selection != "none":
-            valid = self._select_informative_tokens(
-                scores["entropy"], (student_logps - teacher_logps).abs(), valid, metrics
-            )
-        if self.args.balance_ratio is not None:
-            valid = valid & self._balanced_responses(valid, metrics).unsqueeze(1)
+            divergence = (student_logps - teacher_logps).abs()
+            valid = self._select_informative_tokens(scores["entropy"], divergence, valid, metrics)
+        group_size = self.num_generations if self.model.training else self.num_generations_eval
+        if self.args.balance_ratio is not None:  # seeded by the step: a resumed run drops what the whole one would
+            generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+            answers = self._responses(rewards, valid)
+            keep = uniopd_batch.balanced_responses(answers, group_size, self.args.balance_ratio, generator, metrics)
+            valid = valid & keep.to(valid.device).unsqueeze(1)
         signal = torch.where(valid, signal, 0)
         if self.args.normalization_scope == "global":
             advantages, mean, var = functional.whitened_advantages(
@@ -278,7 +253,9 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
             advantages = signal
             mean, var = functional.mean_and_unbiased_var(self._reduce_sum(functional.masked_moments(signal, valid)))
         if self.args.margin_calibration != "none":
-            advantages = self._calibrate_margins(advantages, valid, metrics)
+            advantages = uniopd_batch.calibrate_margins(
+                advantages, valid, self._responses(rewards, valid), group_size, self.args, self.accelerator, metrics
+            )
         if self.args.outcome_advantage_weight > 0:
             advantages = advantages + self.args.outcome_advantage_weight * batch["advantages"].unsqueeze(1) * valid
         if self.args.visual_gradient_steering:  # "GRPO + VGS" trains on the outcome advantage alone
@@ -287,16 +264,24 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
         batch["loss_mask"] = valid.to(batch["completion_mask"].dtype)  # the loss's tokens: dropped ones leave it
         batch["num_items_in_batch"] = self.accelerator.gather(valid.sum()).sum()  # "dapo" divides by the loss tokens
 
-        if self.args.visual_gradient_steering:
-            self._add_text_view(batch, inputs, scores["teacher_states"], valid, mode, metrics)
+        if self.steering is not None:
+            self.steering.add_text_view(
+                batch, inputs, scores["teacher_states"], valid, self._chunk_size(mode), metrics
+            )
 
         self._log_token_statistics(metrics, mask, finite, valid, scores, signal, (mean, var), advantages)
-        self._log_teacher_statistics(metrics, inputs, valid, scores)
+        self.teachers.statistics(metrics, inputs, valid, scores["student"], scores["teacher"])
         return batch
 
+    def _responses(self, rewards: torch.Tensor, valid: torch.Tensor) -> uniopd_batch.Responses:
+        """Correctness and presence of every completion of the generation batch (all processes), for Uni-OPD."""
+        threshold = self.args.correctness_threshold
+        return uniopd_batch.responses(rewards, self.reward_weights, threshold, valid, self.accelerator)
+
     @torch.no_grad()
-    def _score_tokens(self, batch: dict, mode: str) -> dict[str, torch.Tensor]:
+    def _score_tokens(self, batch: dict, inputs: list[dict], mode: str) -> dict[str, torch.Tensor]:
         """Per-token scores of the sampled completions, all on the student's inputs (ids and images), in float32.
+        `inputs`: the rows behind `batch` (teacher routing, text views).
 
         `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
         temperature, or the sampler's own with `old_logps_from_sampler`; teacher at temperature 1, each row by its own
@@ -330,17 +315,17 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
             images = {k: batch[k] for k in teacher_server.IMAGE_KEYS if k in batch}  # a vision-language student's
             scores["teacher"], teacher_states = self.teacher_server.score(*(batch[k] for k in ids), **images), []
         else:
-            scores["teacher"], teacher_states = self._score_teachers(
-                batch, self._scoring_inputs, input_ids, attention_mask, model_inputs, want_states
+            scores["teacher"], teacher_states = self.teachers.score(
+                batch, inputs, input_ids, attention_mask, model_inputs, want_states
             )
         if self.args.reward_extrapolation != 1.0:
             if self.base_model is None:  # PEFT: the initial student is the base weights with the adapter disabled
                 with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None):
                     scores["base"], _, _ = log_probs(self.model)
             else:  # on the teacher's device when the reference is placed like the teacher
-                scores["base"] = self._placed_log_probs(
-                    self.base_model, self._base_offload_to, input_ids, attention_mask, completion_length, model_inputs
-                )
+                score_with, placing = self._get_per_token_logps_and_entropies, (self.base_model, self._base_offload_to)
+                scoring = (input_ids, attention_mask, completion_length, model_inputs, self.accelerator.device)
+                scores["base"] = placed_log_probs(score_with, *placing, *scoring)
         if want_kl:
             mask = batch["completion_mask"].bool()
             kl = reverse_kl_per_token(
@@ -399,9 +384,8 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
         metrics["gndpo/advantage_std"].append(advantage_var.sqrt().item())
         metrics["gndpo/advantage_abs_max"].append(abs_max.item())
         if n_finite < n_mask:
-            logger.warning(
-                f"GNDPO: {int(n_mask - n_finite)} completion tokens with a non-finite log-prob were masked."
-            )
+            masked = int(n_mask - n_finite)
+            logger.warning(f"GNDPO: {masked} completion tokens with a non-finite log-prob were masked.")
 
     def _select_informative_tokens(self, entropy, divergence, valid, metrics) -> torch.Tensor:
         """TIP: keep the high-entropy share of tokens, and/or the high-divergence low-entropy ones (Q3), or draw the
@@ -473,7 +457,10 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
 
         policy_loss = loss = aggregate(per_token_loss)
         if vgs:
-            vgs_loss = self._vgs_loss(model, inputs, torch.cat(states), aggregate, mode)
+            measure_eta = mode == "train" and self.state.global_step < self.args.vgs_eta_measure_steps
+            training, metrics = self.model.training, self._metrics[mode]
+            vgs_loss = self.steering.loss(model, inputs, torch.cat(states), aggregate, training, measure_eta, metrics)
+            metrics["vgs/loss"].append(self._logged_loss(vgs_loss, mode))
             loss = mixed_loss(self.args.vgs_mode, self.args.vgs_alpha, loss, vgs_loss)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
@@ -489,10 +476,7 @@ class GNDPOTrainer(TeachersMixin, SteeringMixin, CalibrationMixin, GRPOTrainer):
         metrics["policy_loss"].append(self._logged_loss(policy_loss, mode))
         return loss
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # Reductions over every process.
-
-    def _reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+    def _reduce_sum(self, x: torch.Tensor) -> torch.Tensor:  # the reductions over every process
         return self.accelerator.reduce(x, reduction="sum")
 
     def _global_mean(self, values: torch.Tensor) -> float:

@@ -1,24 +1,21 @@
-"""The teacher side of GNDPO: loading, freezing and placing scoring-only models, and reading their hidden states.
+"""Frozen scoring models (the teachers, G-OPD's reference): loading, freezing, placing, and scoring on their device.
 
-A scoring-only model (the teacher, ExOPD's reference) is frozen, given TRL's fused log-prob head and prepared like
-TRL's reference model, or kept on its own device (`teacher_device`) or in CPU memory between scoring passes
-(`teacher_offload`). The hidden-state helpers serve the estimators that need the full distribution (vOPD's KL, VGS).
+A scoring-only model is frozen, given TRL's fused log-prob head and prepared like TRL's reference model, or kept on its
+own device (`teacher_device`) or in CPU memory between scoring passes (`teacher_offload`).
 """
 
+import copy
 import os
 from contextlib import contextmanager
 
 import torch
 from transformers import AutoProcessor, BitsAndBytesConfig, PreTrainedModel
 from transformers.utils import logging
-from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
-from . import functional
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
-from .modules import backbone, vocabulary_head
 
 logger = logging.get_logger(__name__)
 
@@ -41,6 +38,28 @@ def load_teacher(name: str, args: GNDPOConfig, revision: bool = True) -> PreTrai
         kwargs["device_map"] = None  # "auto" fails under distributed training
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     return create_model_from_path(name, **kwargs)
+
+
+def load_reference(reference_model, model, args: GNDPOConfig, peft: bool):
+    """ExOPD's reference, before `GRPOTrainer.__init__`: the given reference model (G-OPD's reward correction; a name
+    or path is loaded like the teacher), else a frozen copy of the initial student (`model`, a name or a model), taken
+    before training touches it, when `reward_extrapolation != 1`. With a PEFT adapter (`peft`), the base weights with
+    the adapter disabled serve instead: no copy.
+
+    Returns (the model or None, whether it was given, its processor or None).
+    """
+    reference = reference_model if reference_model is not None else args.reference_model_name_or_path
+    processing = None
+    if isinstance(reference, str):
+        processing = load_teacher_processing_class(reference, args)
+        reference = load_teacher(reference, args, revision=False)
+    if reference is not None:
+        return reference, True, processing
+    if args.reward_extrapolation == 1.0 or peft:
+        return None, False, None
+    if isinstance(model, str):
+        return create_model_from_path(model, **dict(args.model_init_kwargs or {})), False, None
+    return copy.deepcopy(model), False, None
 
 
 def default_teacher_dtype(args: GNDPOConfig) -> str:
@@ -105,84 +124,11 @@ def placed(model: torch.nn.Module, offload_to: "torch.device | None"):
             model.to("cpu")
 
 
-@contextmanager
-def capture_completion_states(model, completion_length: int, enabled: bool = True, detach: bool = True):
-    """Collect the backbone's last hidden states at the positions that predict the completion tokens.
-
-    A forward hook on the backbone that TRL's fused head calls, so the batch chunking and image slicing of
-    `_get_per_token_logps_and_entropies` apply unchanged; keeps `(chunk, completion_length, hidden)` per call,
-    detached unless `detach=False` (a loss then backpropagates through them into the model).
-    """
-    states = []
-    if not enabled:
-        yield states
-        return
-
-    def keep(module, inputs, output):
-        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        hidden = hidden[:, -completion_length - 1 : -1]
-        states.append(hidden.detach() if detach else hidden)
-
-    handle = backbone(model).register_forward_hook(keep)
-    try:
-        yield states
-    finally:
-        handle.remove()
-
-
-def completion_states(model, input_ids, attention_mask, completion_length: int, batch_size: int) -> torch.Tensor:
-    """Last hidden states at the positions that predict the completion tokens, from the backbone alone (no vocabulary
-    head), `batch_size` rows at a time. Text-only inputs: the model derives its (Qwen: 3-D) rotary positions itself."""
-    decoder = backbone(model)
-    states = []
-    for start in range(0, len(input_ids), batch_size):
-        rows = slice(start, start + batch_size)
-        hidden = decoder(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).last_hidden_state
-        states.append(hidden[:, -completion_length - 1 : -1])
-    return torch.cat(states)
-
-
-def reverse_kl_per_token(student, student_states, teacher, teacher_states, top_k: int | None = None) -> torch.Tensor:
-    """KL(p || q) per position from both models' hidden states, vocabulary chunk by vocabulary chunk (TRL's kernel),
-    or with `top_k` its approximation on the student's top-k tokens (`functional.top_k_reverse_kl`).
-
-    The teacher's head is cut to the student's vocabulary rows (a teacher may pad its embedding further).
-    """
-    heads = [vocabulary_head(student), vocabulary_head(teacher)]
-    rows, device = heads[0].weight.shape[0], student_states.device
-    teacher_states = teacher_states.to(device)  # a teacher on its own device, or offloaded
-    scale_and_cap = []
-    for m in (student, teacher):
-        config = m.config.get_text_config()
-        scale_and_cap += [
-            getattr(config, "logit_scale", None) or 1.0,
-            getattr(config, "final_logit_softcapping", None),
-        ]
-    if top_k is not None:
-        s_scale, s_cap, t_scale, t_cap = scale_and_cap
-        teacher_bias = heads[1].bias
-        return functional.top_k_reverse_kl(
-            student_states,
-            heads[0].weight,
-            teacher_states,
-            heads[1].weight[:rows],
-            top_k,
-            heads[0].bias,
-            None if teacher_bias is None else teacher_bias[:rows],
-            student_scale=s_scale,
-            student_softcap=s_cap,
-            teacher_scale=t_scale,
-            teacher_softcap=t_cap,
-        )
-    kl, _ = ChunkedDivergenceFunction.apply(
-        student_states,
-        heads[0].weight,
-        heads[0].bias,
-        teacher_states,
-        heads[1].weight[:rows].to(device),
-        None if heads[1].bias is None else heads[1].bias[:rows].to(device),
-        1.0,  # beta = 1: reverse KL(student || teacher)
-        1.0,
-        *scale_and_cap,
-    )
-    return kl
+def placed_log_probs(log_probs, model, offload_to, input_ids, attention_mask, completion_length, model_inputs, device):
+    """Log-probs of the sampled tokens under a frozen scoring model (a teacher, or G-OPD's reference) on the device it
+    is placed on (`placed`), returned on `device` (the training device). `log_probs`: GRPOTrainer's
+    `_get_per_token_logps_and_entropies`."""
+    with placed(model, offload_to) as at:
+        moved = {k: v.to(at) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()}
+        logps, _, _ = log_probs(model, input_ids.to(at), attention_mask.to(at), completion_length, **moved)
+    return logps.to(device)
