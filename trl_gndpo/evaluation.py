@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig, Trainer, TrainerCallback
 
-from .teacher import completion_states, reverse_kl_per_token
+from .hidden_states import completion_states, reverse_kl_per_token
 
 
 def _tokenizer(processing_class):
