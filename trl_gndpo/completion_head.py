@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from .modules import backbone
+from .hidden_states import backbone
 
 
 def project_completions_only(model: torch.nn.Module) -> None:
