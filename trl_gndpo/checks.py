@@ -45,7 +45,8 @@ def check_setup(
     check_datasets(datasets, trainer._is_vlm, trainer.environment_factories is not None, args.max_checked_rows)
     warn_if_checkpoints_split_generations(args)
     warn_if_rollout_feeds_several_steps(args)
-    check_routing(args, trainer, list(teacher_models), datasets)
+    served = args.teacher_model_server_url
+    check_routing(args, trainer, list(served) if isinstance(served, dict) else list(teacher_models), datasets)
     student = trainer.accelerator.unwrap_model(trainer.model)
     for name, teacher in teacher_models.items():
         check_teacher(

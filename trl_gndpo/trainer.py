@@ -127,9 +127,9 @@ class GNDPOTrainer(GRPOTrainer):
         reference = (base_model if reference_given else None, reference_processing)
         checks.check_setup(self, teacher_models, teacher_processing, *reference, grpo_kwargs)
         student = self.accelerator.unwrap_model(self.model)
-        self.teacher_server = None
-        if args.teacher_model_server_url is not None:  # a served teacher: nothing to load, check or place here
-            self.teacher_server = teacher_server.connect(args, self.processing_class, student, self._is_vlm)
+        servers = {}  # served teachers: nothing to load, check or place here
+        if args.teacher_model_server_url is not None:
+            servers = teacher_server.connect_all(args, self.processing_class, student, self._is_vlm)
         project_completions_only(student.get_base_model() if is_peft_model(student) else student)
         self._invalid_batches = InvalidBatchGuard(args.max_invalid_generation_batches)
         offload_to = self.accelerator.device if args.teacher_offload else None
@@ -146,6 +146,7 @@ class GNDPOTrainer(GRPOTrainer):
             self._get_per_token_logps_and_entropies,
             text_view,
             self.accelerator,
+            servers,
         )
         self.teacher_model = self.teachers.first  # the teacher, the first of several, or None
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
@@ -310,14 +311,9 @@ class GNDPOTrainer(GRPOTrainer):
                 with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                     scores["student"], scores["entropy"], _ = log_probs(self.model, compute_entropy=want_entropy)
         want_states = want_kl or self.args.visual_gradient_steering
-        if self.teacher_server is not None:  # NaN where the server gave no log-prob: masked and counted downstream
-            ids = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-            images = {k: batch[k] for k in teacher_server.IMAGE_KEYS if k in batch}  # a vision-language student's
-            scores["teacher"], teacher_states = self.teacher_server.score(*(batch[k] for k in ids), **images), []
-        else:
-            scores["teacher"], teacher_states = self.teachers.score(
-                batch, inputs, input_ids, attention_mask, model_inputs, want_states
-            )
+        scores["teacher"], teacher_states = self.teachers.score(  # local or served teachers
+            batch, inputs, input_ids, attention_mask, model_inputs, want_states
+        )
         if self.args.reward_extrapolation != 1.0:
             if self.base_model is None:  # PEFT: the initial student is the base weights with the adapter disabled
                 with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None):
