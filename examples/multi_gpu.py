@@ -2,13 +2,14 @@
 
     accelerate launch --config_file examples/accelerate/zero3.yaml examples/multi_gpu.py \
         --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct --teacher_model_name_or_path Qwen/Qwen2.5-VL-32B-Instruct \
-        --output_dir Qwen2.5-VL-7B-Instruct-GNDPO
+        --output_dir Qwen2.5-VL-7B-Instruct-GNDPO [--resume_from_checkpoint DIR] [--push_to_hub --hub_model_id ID]
 
 Flags: every `GNDPOConfig` field (teacher, token signal, batch sizes, `--use_vllm` ...), `trl.ScriptArguments`
 (`--dataset_name`, `--dataset_train_split`) and `trl.ModelConfig` (`--dtype`, `--use_peft`, `--lora_*`,
 `--load_in_4bit`), or a YAML file of them with `--config`. examples/README.md has one launch line per setup. The
 dataset is Geometry3K, another with its columns (`problem`, `images`), or one already in TRL's conversational format
-(`prompt` + `image` or `images`).
+(`prompt` + `image` or `images`). Structured like TRL's scripts (trl/scripts/grpo.py): `make_parser()` and `main()`,
+which trains (resuming with `--resume_from_checkpoint`), saves and pushes with the dataset name (`--push_to_hub`).
 """
 
 from datasets import load_dataset
@@ -18,12 +19,12 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_qu
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, GNDPOConfig, ModelConfig]:
-    parser = TrlParser((ScriptArguments, GNDPOConfig, ModelConfig))
+def make_parser(prog: str | None = None) -> TrlParser:
+    parser = TrlParser((ScriptArguments, GNDPOConfig, ModelConfig), prog=prog)
     # ModelConfig defaults to float32 weights and LoRA dropout 0.05: bf16, and no dropout that would make the token
     # signal noisy, unless the command line says otherwise.
     parser.set_defaults(dataset_name="hiyouga/geometry3k", dtype="bfloat16", lora_dropout=0.0)
-    return parser.parse_args_and_config(argv)
+    return parser
 
 
 def build_trainer(script_args: ScriptArguments, args: GNDPOConfig, model_args: ModelConfig) -> GNDPOTrainer:
@@ -48,7 +49,17 @@ def build_trainer(script_args: ScriptArguments, args: GNDPOConfig, model_args: M
     )
 
 
+def main(script_args: ScriptArguments, training_args: GNDPOConfig, model_args: ModelConfig) -> GNDPOTrainer:
+    trainer = build_trainer(script_args, training_args, model_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+    trainer.end()  # finish the trackers and destroy the process group, as TRL's scripts do
+    return trainer
+
+
 if __name__ == "__main__":
-    trainer = build_trainer(*parse_args())
-    trainer.train()
-    trainer.save_model()
+    main(*make_parser().parse_args_and_config())

@@ -1,5 +1,5 @@
 """GNDPO under a sharding engine, two CPU processes (launched by tests/test_engines.py with `accelerate launch` and the
-project's own config: examples/accelerate/zero2.yaml, zero3.yaml or fsdp.yaml).
+project's own config: examples/accelerate/zero2.yaml, zero3.yaml or fsdp2.yaml).
 
 `engine_run.py OUT ENGINE` (ENGINE: zero2, zero3, fsdp2 or zero3_bf16) trains several tiny runs in one launch and
 saves, per rank, what the test compares (`OUT/<ENGINE>_rank<r>.pt`: a dict run name -> record):

@@ -193,3 +193,34 @@ def test_every_logged_metric_is_documented():
     text = (DOCS / "metrics.md").read_text()
     missing = sorted(key for key in gndpo_keys | logged_keys | dropped_keys if f"`{key}`" not in text)
     assert not missing, f"docs/metrics.md does not mention {missing}"
+
+
+def test_the_citation_is_the_one_the_model_card_uses():
+    """docs/index.md quotes the BibTeX entry that `GNDPOTrainer._paper` puts in every model card, character for
+    character; a change to one fails here until the other gets it too."""
+    from trl_gndpo import GNDPOTrainer
+
+    blocks = re.findall(r"```bibtex\n(.*?)\n```", (DOCS / "index.md").read_text(), re.S)
+    assert blocks == [GNDPOTrainer._paper["citation"]]
+    assert GNDPOTrainer._paper["id"] in blocks[0] and GNDPOTrainer._paper["title"] in blocks[0]
+
+
+def test_extras_have_trls_names_and_every_documented_extra_exists():
+    """`quantization` and `vllm` as TRL names its extras (`qlora` kept as an alias of `quantization`), and every
+    `pip install ...[extra]` in the docs, the README and the examples names an extra that setup.cfg defines."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    extras = {name: value.split() for name, value in setup["options.extras_require"].items()}
+    assert extras["quantization"] == extras["qlora"] and any(r.startswith("bitsandbytes") for r in extras["qlora"])
+    trl_pin = next(r for r in setup["options"]["install_requires"].split() if r.startswith("trl"))
+    assert extras["vllm"] == [trl_pin.replace("trl", "trl[vllm]", 1)]  # the vLLM versions TRL supports
+    texts = [p.read_text() for p in MARKDOWN_FILES + sorted((ROOT / "examples").rglob("*.*"))]
+    used = {
+        e
+        for text in texts
+        for group in re.findall(r"(?:-e \"?\.|trl-gndpo)\[([\w,]+)\]", text)
+        for e in group.split(",")
+    }
+    assert used and used <= set(extras), used - set(extras)

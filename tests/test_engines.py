@@ -16,7 +16,7 @@ from tiny_models import make_text_model
 
 TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "examples" / "accelerate"
-ENGINES = {"zero2": "zero2.yaml", "zero3": "zero3.yaml", "fsdp2": "fsdp.yaml", "zero3_bf16": "zero3.yaml"}
+ENGINES = {"zero2": "zero2.yaml", "zero3": "zero3.yaml", "fsdp2": "fsdp2.yaml", "zero3_bf16": "zero3.yaml"}
 RUNS = {"zero2": ("base", "vgs"), "zero3": ("base", "resumed", "full", "lora"), "fsdp2": ("base", "lora")}
 RUNS["zero3_bf16"] = ("base",)
 TEACHER_HEAD, STUDENT_HEAD = (320, 128), (320, 64)  # vocabulary rows x hidden size of the tiny teacher / student

@@ -27,7 +27,7 @@ from trl_gndpo import GNDPOConfig, GNDPOTrainer
         ({"whitening_eps": 0.0}, "whitening_eps"),
         ({"outcome_advantage_weight": -1.0}, "outcome_advantage_weight"),
         ({"max_log_ratio": -1.0}, "max_log_ratio"),
-        ({"beta": 0.04}, "beta=0.0"),
+        ({"beta": 0.04}, r"in GNDPO `beta` is GRPO's KL coefficient .* must be 0 .* DistillationConfig `beta` picks"),
         ({"loss_type": "cispo"}, "loss_type"),
         ({"importance_sampling_level": "sentence"}, "importance_sampling_level"),
         ({"entropy_coef": 0.01}, "entropy_coef"),

@@ -2,6 +2,8 @@
 callback on GNDPOTrainer and TRL's DistillationTrainer."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +150,27 @@ def test_callback_refuses_bad_arguments(cpu_config_kwargs):
     with pytest.raises(ValueError, match="eval_steps"):
         ReverseKLCallback(trainer, prompts=PROMPTS, eval_steps=0)
     assert ReverseKLCallback(trainer, prompts=make_text_dataset(2)).teacher is trainer.teacher_model
+
+
+def test_callback_plots_the_heldout_kl_into_output_dir(cpu_config_kwargs):
+    from PIL import Image
+
+    student, teacher, tokenizer = pair()
+    trainer = gndpo_trainer(student, teacher, tokenizer, cpu_config_kwargs)
+    callback = ReverseKLCallback(trainer, teacher, PROMPTS, eval_steps=1, max_new_tokens=6, plot=True)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.plot_path == str(Path(trainer.args.output_dir) / "reverse_kl.png")
+    with Image.open(callback.plot_path) as image:  # a real PNG, redrawn after the last of the 3 evaluations
+        assert image.format == "PNG" and image.size == (720, 432)
+        assert len(set(image.convert("L").getdata())) > 10, "an empty canvas"
+    assert [r["step"] for r in callback.history] == [0, 1, 2]
+
+
+def test_plotting_without_matplotlib_says_how_to_get_it(cpu_config_kwargs, monkeypatch):
+    student, teacher, tokenizer = pair()
+    trainer = gndpo_trainer(student, teacher, tokenizer, cpu_config_kwargs)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an import of it fails, as when it is not installed
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        ReverseKLCallback(trainer, prompts=PROMPTS, plot=True)
+    assert ReverseKLCallback(trainer, prompts=PROMPTS).plot_path is None  # without plot=True it is not needed

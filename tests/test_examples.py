@@ -23,9 +23,7 @@ README's vLLM colocate line is parsed and must select vLLM in colocate mode, the
 `use_vllm` forced off, so vLLM generation itself is not tested here.
 """
 
-import ast
 import configparser
-import difflib
 import importlib.util
 import json
 import math
@@ -108,6 +106,11 @@ def cpu_overrides(tmp_path, **overrides) -> dict:
     return cpu_grpo_kwargs(output_dir=str(tmp_path / "output"), max_steps=1, **overrides)
 
 
+def parse(example, argv: list[str]) -> tuple:
+    """An example's flags, parsed as its `__main__` does (TRL's script structure: `make_parser()`)."""
+    return example.make_parser().parse_args_and_config(argv)
+
+
 def as_flags(kwargs: dict) -> list[str]:
     return [item for key, value in kwargs.items() for item in (f"--{key}", str(value))]
 
@@ -171,19 +174,6 @@ def test_lora_script_trains_a_language_model_adapter(checkpoints, geometry3k, tm
     train_one_step(trainer)
 
 
-def script_statements(path: Path) -> list[ast.stmt]:
-    """The script's statements, docstring dropped and the `if __name__ == "__main__":` block unwrapped."""
-    statements = []
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-            continue
-        if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'":
-            statements.extend(node.body)
-        else:
-            statements.append(node)
-    return statements
-
-
 def notebook_code_cells() -> tuple[list[str], list[str]]:
     """(install cells, other code cells) as source strings, after checking the nbformat 4 structure."""
     notebook = json.loads(NOTEBOOK.read_text())
@@ -198,50 +188,114 @@ def notebook_code_cells() -> tuple[list[str], list[str]]:
     return install, code
 
 
-def test_notebook_installs_this_repository():
+def test_notebook_installs_the_package_as_trls_notebooks_do():
+    """`%pip install "trl-gndpo[quantization]" trackio`: the package by its distribution name (no clone), with
+    extras that setup.cfg defines, and the tracker it logs to."""
     install, _ = notebook_code_cells()
     assert len(install) == 1
     commands = [line for line in install[0].splitlines() if line and not line.startswith("#")]
     assert len(commands) == 1 and commands[0].startswith("%pip install")
-    target = (EXAMPLES / commands[0].split()[-1]).resolve()  # relative to the notebook's folder
+    requirements = [word.strip('"') for word in commands[0].split()[2:] if not word.startswith("-")]
     setup = configparser.ConfigParser()
-    setup.read(target / "setup.cfg")
-    assert setup["metadata"]["name"] == "trl-gndpo"
+    setup.read(ROOT / "setup.cfg")
+    package = re.fullmatch(r"([\w-]+)\[([\w,]+)\]", requirements[0])
+    assert package and package[1] == setup["metadata"]["name"], requirements
+    assert set(package[2].split(",")) <= set(setup["options.extras_require"]) and "quantization" in package[2]
+    assert "trackio" in requirements[1:]
 
 
-def test_notebook_is_the_script_and_runs(checkpoints, geometry3k, tmp_path, capsys):
+def run_notebook(checkpoints, geometry3k, tmp_path, monkeypatch, push: bool) -> dict:
+    """Every code cell but the install one, in order, in one namespace: the tiny models bound to `build_trainer`'s
+    defaults, the local Geometry3K to `load_prompts`, and `PUSH_TO_HUB` set to `push` (a fake Hub receives it)."""
+    import transformers.trainer
+    from test_cli import FakeHub
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    pushed = []
+    for owner in ("transformers.PreTrainedModel", "transformers.ProcessorMixin"):  # each has its own copy of it
+        monkeypatch.setattr(f"{owner}.push_to_hub", lambda self, repo, **kw: pushed.append(repo))
     _, cells = notebook_code_cells()
+    namespace = {"__name__": "__main__", "trainers": []}
     for i, source in enumerate(cells):
-        compile(source, f"{NOTEBOOK.name} code cell {i}", "exec")
-    notebook = [ast.unparse(s) for s in ast.parse("\n".join(cells)).body]
-    script = [ast.unparse(s) for s in script_statements(EXAMPLES / "qwen2_5_vl_lora.py")]
-    assert notebook == script, "the notebook and qwen2_5_vl_lora.py differ:\n" + "\n".join(
-        difflib.unified_diff(script, notebook, "qwen2_5_vl_lora.py", NOTEBOOK.name, lineterm="")
-    )
-
-    namespace = {"__name__": "__main__"}
-    for source in cells:
-        exec(compile(source, NOTEBOOK.name, "exec"), namespace)
+        exec(compile(source, f"{NOTEBOOK.name} code cell {i}", "exec"), namespace)
+        if "PUSH_TO_HUB" in namespace and "defaults" not in namespace:
+            namespace["defaults"] = {
+                "PUSH_TO_HUB": namespace["PUSH_TO_HUB"],
+                "HUB_MODEL_ID": namespace["HUB_MODEL_ID"],
+            }
+            namespace.update(PUSH_TO_HUB=push, HUB_MODEL_ID="someone/tiny-vl-qlora" if push else None)
+        load = namespace.get("load_prompts")
+        if load is not None and not hasattr(load, "tiny"):
+            namespace["load_prompts"] = lambda name=None, split=None, load=load: load(geometry3k, "train")
+            namespace["load_prompts"].tiny = True
         build = namespace.get("build_trainer")
         if build is not None and not hasattr(build, "tiny"):  # bind the tiny models as soon as it is defined
             student, teacher = checkpoints
-            dataset = namespace["load_prompts"](geometry3k, "train")
 
-            def tiny_build(build=build, student=student, teacher=teacher, dataset=dataset):
-                return build(student, teacher, dataset=dataset, **cpu_overrides(tmp_path))
+            def tiny_build(build=build, student=student, teacher=teacher):
+                overrides = cpu_overrides(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+                trainer = build(student, teacher, dataset=namespace["load_prompts"](), **overrides)
+                namespace["trainers"].append(trainer)
+                return trainer
 
             tiny_build.tiny = True
             namespace["build_trainer"] = tiny_build
-    trainer = namespace["trainer"]
-    assert trainer.state.global_step == 1
+    namespace["hub"], namespace["pushed"] = hub, pushed
+    return namespace
+
+
+@pytest.mark.slow
+def test_notebook_runs_with_tiny_models(checkpoints, geometry3k, tmp_path, monkeypatch, capsys):
+    namespace = run_notebook(checkpoints, geometry3k, tmp_path, monkeypatch, push=False)
+    assert namespace["defaults"] == {"PUSH_TO_HUB": False, "HUB_MODEL_ID": None}, "the notebook pushes on request only"
+    (trainer,) = namespace["trainers"]
+    assert trainer.state.global_step == 1 and namespace["hub"].uploads == [] and namespace["pushed"] == []
+    assert trainer.model.get_base_model().is_loaded_in_4bit  # QLoRA student
+    assert trainer.accelerator.unwrap_model(trainer.teacher_model).is_loaded_in_4bit  # 4-bit teacher
+    check_language_model_lora(trainer.model)
     assert (tmp_path / "output" / "adapter_model.safetensors").exists()  # the notebook's save_model()
-    # The merged student loads without peft and carries the trained adapter in the language model only.
+    # The held-out evaluation ran before and after the step, printed and plotted
+    out = capsys.readouterr().out
+    assert re.search(r"^step +0 +held-out reverse KL \d+\.\d{4}", out, re.M)
+    assert re.search(r"^step +1 +held-out reverse KL \d+\.\d{4}", out, re.M)
+    assert f"curve: {tmp_path / 'output' / 'reverse_kl.png'}" in out
+    assert (tmp_path / "output" / "reverse_kl.png").exists()
+    # The merged student (bf16 base + adapter) loads without peft and differs in the language model's projections only
     merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "output" / "merged").state_dict()
-    initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(student).state_dict()
+    initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoints[0]).state_dict()
     assert merged.keys() == initial.keys()
     changed = {name for name in merged if not torch.equal(merged[name], initial[name].to(merged[name].dtype))}
     assert changed and all(".language_model." in name and name.endswith("_proj.weight") for name in changed), changed
-    assert re.search(r"^step +1 +reverse KL -?\d+\.\d{4} .*advantage std \d\.\d\d$", capsys.readouterr().out, re.M)
+
+
+@pytest.mark.slow
+def test_notebook_pushes_when_asked(checkpoints, geometry3k, tmp_path, monkeypatch):
+    namespace = run_notebook(checkpoints, geometry3k, tmp_path, monkeypatch, push=True)
+    repo, message, card = namespace["hub"].uploads[-1]
+    assert (repo, message) == ("someone/tiny-vl-qlora", "End of training")
+    assert "datasets: hiyouga/geometry3k" in card  # push_to_hub(dataset_name=DATASET) names the Hub dataset
+    assert namespace["pushed"] == ["someone/tiny-vl-qlora-merged"] * 2  # the merged model and its processor
+
+
+def test_notebook_defaults_fit_the_stated_budget():
+    """The notebook's config, as written, is a valid GPU config for QLoRA on one 16 GB GPU: 4-bit student and teacher,
+    trackio, a small generation batch; the markdown states the budget."""
+    _, cells = notebook_code_cells()
+    namespace = {}
+    for source in cells:
+        if "CONFIG = dict(" in source:
+            source = source[: source.index("def build_trainer")]
+            exec("PUSH_TO_HUB, HUB_MODEL_ID = False, None\n" + source, namespace)
+    config = namespace["CONFIG"]
+    assert config["report_to"] == "trackio" and config["push_to_hub"] is False
+    quantization = BitsAndBytesConfig(**namespace["QUANTIZATION"])
+    assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "nf4"
+    assert config["teacher_model_init_kwargs"]["quantization_config"] is namespace["QUANTIZATION"]
+    args = GNDPOConfig(**config, use_cpu=True)
+    assert args.generation_batch_size == 16 and args.steps_per_generation == args.gradient_accumulation_steps
+    text = NOTEBOOK.read_text()
+    assert "16 GB" in text and "about 13 GB" in text
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -300,6 +354,72 @@ def test_single_gpu_defaults_are_a_valid_gpu_recipe(name, monkeypatch):
         assert student.bnb_4bit_use_double_quant
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl_lora", "qlora"])
+def test_single_gpu_flags_default_to_the_recipe(name):
+    """`python examples/<name>.py` with no flag trains the recipe; flags replace single fields, as in TRL's scripts."""
+    example = load_example(name)
+    script_args, args = parse(example, ["--use_cpu", "--bf16", "false"])
+    assert (script_args.dataset_name, script_args.dataset_train_split) == ("hiyouga/geometry3k", "train[:1024]")
+    expected = GNDPOConfig(**{**example.RECIPE, "use_cpu": True, "bf16": False})
+    assert args.to_dict() == expected.to_dict()
+    _, args = parse(example, ["--use_cpu", "--bf16", "false", "--max_steps", "10", "--resume_from_checkpoint", "c"])
+    assert (args.max_steps, args.resume_from_checkpoint, args.num_generations) == (10, "c", expected.num_generations)
+
+
+@pytest.mark.slow
+def test_lora_script_resumes_and_pushes_with_the_dataset_name(checkpoints, geometry3k, tmp_path, monkeypatch):
+    """`main()` as `python examples/qwen2_5_vl_lora.py --resume_from_checkpoint ... --push_to_hub` runs it (fake Hub):
+    the run continues from the checkpoint's step, the card names the dataset, the adapter is merged."""
+    import transformers.trainer
+    from test_cli import FakeHub
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    lora = load_example("qwen2_5_vl_lora")
+    student, teacher = checkpoints
+    flags = ["--dataset_name", geometry3k, "--dataset_train_split", "train", "--save_strategy", "steps"]
+    flags += [
+        "--save_steps",
+        "1",
+        *as_flags({k: v for k, v in cpu_overrides(tmp_path).items() if k != "save_strategy"}),
+    ]
+    first = lora.main(*parse(lora, flags), student=student, teacher=teacher)
+    assert first.state.global_step == 1 and hub.uploads == []
+    checkpoint = str(tmp_path / "output" / "checkpoint-1")
+    resumed_flags = flags + ["--max_steps", "2", "--resume_from_checkpoint", checkpoint]
+    resumed_flags += ["--push_to_hub", "--hub_model_id", "someone/tiny-vl-gndpo"]
+    trainer = lora.main(*parse(lora, resumed_flags), student=student, teacher=teacher)
+    steps = [entry["step"] for entry in trainer.state.log_history if "gndpo/reverse_kl" in entry]
+    assert trainer.state.global_step == 2 and steps == [1, 2], "step 1 comes from the checkpoint, step 2 is trained"
+    repo, message, card = hub.uploads[-1]
+    assert (repo, message) == ("someone/tiny-vl-gndpo", "End of training") and geometry3k in card
+    assert (tmp_path / "output" / "merged" / "model.safetensors").exists()
+
+
+def test_multi_gpu_main_pushes_with_the_dataset_name(checkpoints, geometry3k, tmp_path, monkeypatch):
+    import transformers.trainer
+    from test_cli import FakeHub
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    multi_gpu = load_example("multi_gpu")
+    student, teacher = checkpoints
+    argv = ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", geometry3k]
+    argv += [
+        "--use_peft",
+        "--lora_target_modules",
+        "q_proj",
+        "v_proj",
+        "--push_to_hub",
+        "--hub_model_id",
+        "someone/vl",
+    ]
+    trainer = multi_gpu.main(*parse(multi_gpu, argv + as_flags(cpu_overrides(tmp_path))))
+    assert trainer.state.global_step == 1 and (tmp_path / "output" / "adapter_model.safetensors").exists()
+    repo, _, card = hub.uploads[-1]
+    assert repo == "someone/vl" and geometry3k in card
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # multi_gpu.py
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,7 +429,7 @@ def test_multi_gpu_parses_and_builds_lora(checkpoints, geometry3k, tmp_path):
     target = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
     argv = ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", geometry3k]
     argv += ["--use_peft", "--lora_target_modules", target, "--teacher_model_init_kwargs", '{"dtype": "bfloat16"}']
-    script_args, args, model_args = multi_gpu.parse_args(argv + as_flags(cpu_overrides(tmp_path)))
+    script_args, args, model_args = parse(multi_gpu, argv + as_flags(cpu_overrides(tmp_path)))
     assert isinstance(args, GNDPOConfig) and args.teacher_model_name_or_path == teacher and args.max_steps == 1
     assert args.teacher_model_init_kwargs == {"dtype": "bfloat16"}  # JSON on the command line
     assert (model_args.dtype, model_args.lora_dropout, model_args.lora_target_modules) == ("bfloat16", 0.0, target)
@@ -326,14 +446,14 @@ def test_multi_gpu_parses_and_builds_lora(checkpoints, geometry3k, tmp_path):
 
 def test_multi_gpu_defaults_and_4bit_student(checkpoints, geometry3k, tmp_path):
     multi_gpu = load_example("multi_gpu")
-    script_args, args, model_args = multi_gpu.parse_args(["--model_name_or_path", "m", "--use_cpu"])
+    script_args, args, model_args = parse(multi_gpu, ["--model_name_or_path", "m", "--use_cpu"])
     assert script_args.dataset_name == "hiyouga/geometry3k" and not model_args.use_peft  # full fine-tune by default
     assert not model_args.load_in_4bit and args.teacher_model_name_or_path is None
 
     student, teacher = checkpoints
     argv = ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", geometry3k]
     argv += ["--load_in_4bit", "--use_peft", "--lora_target_modules", "q_proj", "v_proj"]
-    trainer = multi_gpu.build_trainer(*multi_gpu.parse_args(argv + as_flags(cpu_overrides(tmp_path))))
+    trainer = multi_gpu.build_trainer(*parse(multi_gpu, argv + as_flags(cpu_overrides(tmp_path))))
     base = trainer.model.get_base_model()
     assert base.is_loaded_in_4bit and isinstance(base.model.language_model.layers[0].mlp.up_proj, Linear4bit)
     assert {name.rsplit(".", 1)[-1] for name in lora_modules(trainer.model)} == {"q_proj", "v_proj"}
@@ -356,16 +476,20 @@ def launch(argv: list[str], monkeypatch):
     return launcher, args, {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
 
 
-EXPECTED_YAML = {
-    "ddp.yaml": ("multi_gpu_launcher", DistributedType.MULTI_GPU),
+EXPECTED_YAML = {  # named as TRL names the configs it ships (trl/accelerate_configs)
+    "multi_gpu.yaml": ("multi_gpu_launcher", DistributedType.MULTI_GPU),
     "zero2.yaml": ("deepspeed_launcher", DistributedType.DEEPSPEED),
     "zero3.yaml": ("deepspeed_launcher", DistributedType.DEEPSPEED),
-    "fsdp.yaml": ("multi_gpu_launcher", DistributedType.FSDP),
+    "fsdp2.yaml": ("multi_gpu_launcher", DistributedType.FSDP),
 }
 
 
 def test_every_accelerate_config_is_tested():
+    import importlib.resources
+
     assert sorted(p.name for p in (EXAMPLES / "accelerate").iterdir()) == sorted(EXPECTED_YAML)
+    shipped = {p.name for p in importlib.resources.files("trl.accelerate_configs").iterdir()}
+    assert set(EXPECTED_YAML) <= shipped, "each config carries the name of TRL's config for the same engine"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_YAML))
@@ -387,7 +511,7 @@ def test_accelerate_config(name, monkeypatch):
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     for key, value in env.items():  # the worker processes build accelerate's plugins from this environment
         monkeypatch.setenv(key, value)
-    if name == "ddp.yaml":
+    if name == "multi_gpu.yaml":
         assert "ACCELERATE_USE_DEEPSPEED" not in env and "ACCELERATE_USE_FSDP" not in env
     elif name.startswith("zero"):
         plugin = DeepSpeedPlugin()
@@ -425,27 +549,57 @@ def test_readme_lists_every_example_and_config():
 def command_id(command: str) -> str:
     """`zero3.yaml` (the accelerate config) or `qlora.py`, plus `-vllm` or `-vgs`: a failing line is easy to find."""
     words = shlex.split(command)
-    target = words[words.index("--config_file") + 1] if "--config_file" in words else words[-1]
+    flag = next((f for f in ("--config_file", "--accelerate_config", "--config") if f in words), None)
+    target = words[words.index(flag) + 1] if flag else words[-1]
     return Path(target).name + ("-vllm" if "--use_vllm" in words else "") + ("-vgs" if "--vgs_eta" in words else "")
+
+
+def test_vlm_recipe_trains_on_geometry3k_as_the_hub_serves_it(checkpoints, geometry3k, tmp_path):
+    """recipes/vlm_lora.yaml with only the models, the dataset path and the CPU flags replaced: Geometry3K's own
+    columns (problem, images, answer) are mapped by the recipe's prompt_column / image_column, and a step trains."""
+    student, teacher = checkpoints
+    cpu = {k: v for k, v in cpu_overrides(tmp_path).items() if not k.startswith(("per_device", "gradient_acc"))}
+    argv = ["--config", str(EXAMPLES / "recipes" / "vlm_lora.yaml"), "--model_name_or_path", student]
+    argv += ["--teacher_model_name_or_path", teacher, "--dataset_name", geometry3k, "--dtype", "float32"]
+    argv += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--num_generations", "2"]
+    script_args, _, _, dataset_args = cli.parse(argv + as_flags(cpu))
+    assert (script_args.prompt_column, script_args.image_column) == ("problem", "images")
+    row = cli.load_datasets(script_args, dataset_args)["train"][0]
+    assert row["prompt"] == [{"role": "user", "content": "Find x if AB = 2."}] and len(row["images"]) == 1
+    trainer = cli.run(argv + as_flags(cpu))
+    assert trainer.state.global_step == 1 and math.isfinite(trainer.state.log_history[0]["gndpo/reverse_kl"])
+    check_language_model_lora(trainer.model)
 
 
 @pytest.mark.parametrize("command", readme_commands(), ids=command_id)
 def test_readme_launch_line(command, checkpoints, geometry3k, tmp_path, monkeypatch):
     words = shlex.split(command)
     if words[0] in ("python", "jupyter"):
-        assert (ROOT / words[-1]).is_file() and words[-1].startswith("examples/")
+        script = next(w for w in words if w.startswith("examples/"))
+        assert (ROOT / script).is_file()
+        if script.endswith(".py"):  # its flags parse with the script's own parser (TRL's script structure)
+            flags = words[words.index(script) + 1 :]
+            _, args = parse(load_example(Path(script).stem), flags + ["--use_cpu", "--bf16", "false"])
+            assert args.resume_from_checkpoint == (flags[1] if "--resume_from_checkpoint" in flags else None)
+            assert args.push_to_hub == ("--push_to_hub" in flags)
         return
-    if "--config" in words:  # a YAML recipe of the CLI: its values parse and validate (test_cli.py covers the rest)
-        if words[0] == "accelerate":
-            assert launch(words[2:], monkeypatch)[1].training_script == "trl_gndpo"
-        _, config, model_args, _ = cli.parse(["--config", words[-1], "--output_dir", str(tmp_path)])
+    if words[0] == "trl-gndpo":  # the CLI: launch options resolve, values parse and validate (and test_cli.py)
+        launch_args, training_args = cli.split_launch_args(words[1:])
+        if "--accelerate_config" in words:  # resolved by TRL to a config file that accelerate reads
+            assert launch_args[0] == "--config_file" and load_config_from_file(launch_args[1]).num_processes == 8
+        else:
+            assert launch_args == []
+        script_args, config, model_args, _ = cli.parse(training_args + ["--output_dir", str(tmp_path)])
         assert model_args.model_name_or_path and config.teacher_model_name_or_path
+        if "--config" not in words:  # the full command line: its dataset mapping and the reference batch
+            assert (script_args.prompt_column, script_args.image_column) == ("problem", "images")
+            assert config.generation_batch_size * 8 // config.num_generations == 32
         return
     assert words[:2] == ["accelerate", "launch"], command
     launcher, args, _ = launch(words[2:], monkeypatch)
     assert Path(args.training_script) == Path("examples/multi_gpu.py")
     multi_gpu = load_example("multi_gpu")
-    script_args, config, model_args = multi_gpu.parse_args(args.training_script_args + ["--use_cpu"])  # no GPU here
+    script_args, config, model_args = parse(multi_gpu, args.training_script_args + ["--use_cpu"])  # no GPU here
     assert model_args.model_name_or_path.startswith("Qwen/Qwen2.5-VL-")
     assert config.teacher_model_name_or_path.startswith("Qwen/Qwen2.5-VL-")
     assert config.output_dir and script_args.dataset_name == "hiyouga/geometry3k"
@@ -458,7 +612,7 @@ def test_readme_launch_line(command, checkpoints, geometry3k, tmp_path, monkeypa
     cpu = {k: v for k, v in cpu_overrides(tmp_path).items() if not k.startswith(("per_device", "gradient_acc"))}
     argv = args.training_script_args + ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher]
     argv += ["--dataset_name", geometry3k, "--use_vllm", "false", *as_flags(cpu)]
-    trainer = multi_gpu.build_trainer(*multi_gpu.parse_args(argv))
+    trainer = multi_gpu.build_trainer(*parse(multi_gpu, argv))
     assert isinstance(trainer, GNDPOTrainer) and not trainer.use_vllm
     assert isinstance(trainer.model, PeftModel) == ("--use_peft" in words)
     if "--use_peft" in words:

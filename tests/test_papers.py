@@ -416,12 +416,12 @@ def paper_rows() -> list[dict]:
     for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
-        paper, setting, config, needs, _ = (cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1]))
+        paper, setting, config, needs, source = (cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1]))
         assert config.startswith("`") and config.endswith("`"), f"{setting}: the config is one code span"
         call = ast.parse(f"GNDPOConfig({config.strip('`')})", mode="eval").body
         assert not call.args, f"{setting}: keywords only"
         kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-        rows.append({"paper": paper, "setting": setting, "config": kwargs, "needs": needs})
+        rows.append({"paper": paper, "setting": setting, "config": kwargs, "needs": needs, "source": source})
     return rows
 
 
@@ -503,3 +503,137 @@ def test_prompt_group_mask_and_entropy_sampling_span_two_processes(two_process_r
 def test_new_estimator_options_are_validated(overrides, message, cpu_config_kwargs):
     with pytest.raises(ValueError, match=message):
         GNDPOConfig(**cpu_config_kwargs(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 24: the papers' settings as the pages and the config's help state them.
+
+DOCS = PAPERS_PAGE.parent
+
+
+def row_named(paper: str, setting: str) -> dict:
+    (row,) = [r for r in paper_rows() if r["paper"] == paper and r["setting"].startswith(setting)]
+    return row
+
+
+def code_block(page: str, heading: str, language: str) -> str:
+    """The first ```language block after `heading` in docs/<page>."""
+    text = (DOCS / page).read_text()
+    after = text[text.index(f"\n{heading}\n") :]
+    return re.search(rf"```{language}\n(.*?)```", after, re.S)[1]
+
+
+def uniopd_reference_kwargs() -> dict:
+    """The keywords of the `GNDPOConfig(...)` call of docs/uniopd.md's reference settings."""
+    tree = ast.parse(code_block("uniopd.md", "## Reference settings", "python"))
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "GNDPOConfig")
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+
+
+def test_uniopd_reference_settings_are_one_config_on_both_pages(cpu_config_kwargs):
+    """docs/uniopd.md's example, its command line and docs/papers.md's "Reference recipe" row describe one config,
+    which reproduces the reference: the raw log-ratio (no whitening), no effective clamp under the guard."""
+    row = row_named("Uni-OPD", "Reference recipe")["config"]
+    example = uniopd_reference_kwargs()
+    batch = {"output_dir", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps"}
+    from_row = GNDPOConfig(**cpu_config_kwargs(**row))
+    from_example = GNDPOConfig(**cpu_config_kwargs(**{k: v for k, v in example.items() if k not in batch}))
+    for name in sorted(set(row) | set(example) - batch):
+        assert getattr(from_row, name) == getattr(from_example, name), name
+    assert from_row.normalization_scope == "none" and from_row.token_signal_clamp == 10.0
+    assert from_row.max_abs_log_ratio == 10.0 and from_row.token_signal_clamp >= from_row.max_abs_log_ratio
+    assert (from_row.margin_mode, from_row.margin_delta, from_row.balance_ratio) == ("mean", 0.4, 1.0)
+    flags = dict(re.findall(r"--(\w+) (\S+)", code_block("uniopd.md", "## Reference settings", "bash")))
+    for name, value in row.items():
+        assert name in flags and type(value)(flags[name]) == value, f"the command line lacks --{name} {value}"
+
+
+def test_margin_delta_states_its_units_in_the_help_and_the_generated_page():
+    field = GNDPOConfig.__dataclass_fields__["margin_delta"]
+    assert "standard deviations" in field.metadata["help"] and "'none'" in field.metadata["help"]
+    (line,) = [x for x in (DOCS / "configuration.md").read_text().splitlines() if x.startswith("| `margin_delta`")]
+    assert "standard deviations" in line and 'normalization_scope="none"' in line and "token_signal_clamp=10.0" in line
+
+
+@pytest.mark.parametrize(
+    ("calibration", "mode", "expected"),
+    [
+        ("group_mask", None, "minmax"),  # the paper's m(q) with its prompt-group mask
+        ("shift", None, "mean"),  # the reference scripts
+        ("mask", None, "mean"),
+        ("none", None, "mean"),
+        ("group_mask", "mean", "mean"),  # an explicit choice is kept
+        ("shift", "minmax", "minmax"),
+    ],
+)
+def test_margin_mode_defaults_to_each_calibrations_pairing(calibration, mode, expected, cpu_config_kwargs):
+    overrides = {"margin_calibration": calibration} | ({} if mode is None else {"margin_mode": mode})
+    assert GNDPOConfig(**cpu_config_kwargs(**overrides)).margin_mode == expected
+
+
+def test_the_papers_group_mask_row_gets_the_papers_margin(cpu_config_kwargs):
+    row = row_named("Uni-OPD", "Prompt-group masking")["config"]
+    assert "margin_mode" not in row and GNDPOConfig(**cpu_config_kwargs(**row)).margin_mode == "minmax"
+
+
+def test_vgs_refuses_a_sampling_temperature_it_would_not_apply(cpu_config_kwargs):
+    with pytest.raises(ValueError, match="set temperature=1.0, or visual_gradient_steering=False"):
+        GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, temperature=0.7))
+    GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, temperature=1.0))
+    GNDPOConfig(**cpu_config_kwargs(temperature=0.7))  # GNDPO itself applies it
+
+
+def test_vgs_eta_says_which_pair_it_was_measured_for():
+    help_text = GNDPOConfig.__dataclass_fields__["vgs_eta"].metadata["help"]
+    assert "Qwen3-VL-8B -> 2B" in help_text and "vgs_eta_measure_steps" in help_text
+    (line,) = [x for x in (DOCS / "vgs.md").read_text().splitlines() if x.startswith("| `vgs_eta` |")]
+    assert "Qwen3-VL-8B -> 2B" in line and "vgs_eta_measure_steps" in line
+    assert "one pair" in row_named("VGS", "VGS alone (main results")["source"]
+
+
+def tip_share(rule: str, ratio: float, n: int = 200_000) -> float:
+    """The share of tokens a TIP rule keeps when entropy and divergence are drawn independently."""
+    g = torch.Generator().manual_seed(0)
+    entropy, divergence = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    if rule == "entropy_sampling":
+        return ratio  # exactly that share is drawn
+    high_entropy = entropy >= torch.quantile(entropy, 1 - ratio)
+    high_divergence = divergence >= torch.quantile(divergence, 1 - ratio)
+    return F.tip_keep(rule, high_entropy, high_divergence).float().mean().item()
+
+
+@pytest.mark.parametrize("row", [r for r in paper_rows() if r["paper"] == "TIP"], ids=lambda r: r["setting"])
+def test_each_tip_row_states_the_share_it_keeps(row):
+    stated = re.search(r"keeps (?:about )?(\d+)%", row["source"])
+    assert stated, f"{row['setting']}: say the share of tokens it keeps"
+    share = tip_share(row["config"]["token_selection"], row["config"]["token_selection_ratio"])
+    assert abs(100 * share - int(stated[1])) <= 1.5, (row["setting"], share)
+    # and the paper's bound, where the setting quotes one
+    bound = re.search(r"(?:<|under |fewer than )(\d+)%", row["setting"] + " " + row["source"])
+    if bound and row["config"]["token_selection"] == "q3":
+        assert 100 * share < int(bound[1])
+
+
+def test_g_opd_rows_aggregate_like_its_code():
+    """G-OPD's `token-mean` runs on micro-batches of one sequence in its scripts: sequence-mean-token-mean."""
+    rows = [r for r in paper_rows() if r["paper"] == "ExOPD / G-OPD"]
+    assert len(rows) == 3 and all(r["config"].get("loss_type") == "grpo" for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hinted"),
+    [({}, True), ({"vgs_eta": 0.36}, True), ({"vgs_eta_measure_steps": 2}, False), ({"vgs_eta": 1.0}, False)],
+)
+def test_a_fixed_vgs_eta_gets_a_one_time_hint_to_measure_it(overrides, hinted, cpu_config_kwargs, caplog):
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    with caplog.at_level(logging.WARNING):
+        GNDPOTrainer(
+            model=student,
+            teacher_model=make_vlm("qwen2_vl", seed=1)[0],
+            args=GNDPOConfig(**cpu_config_kwargs(visual_gradient_steering=True, **overrides)),
+            train_dataset=mixed_dataset(),
+            processing_class=processor,
+        )
+    assert caplog.text.count("set vgs_eta_measure_steps") == (1 if hinted else 0)
+    if hinted:
+        assert "one pair only" in caplog.text and f"vgs_eta={overrides.get('vgs_eta', 0.41)}" in caplog.text

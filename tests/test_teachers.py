@@ -17,9 +17,9 @@ from trl_gndpo import GNDPOConfig, GNDPOTrainer
 LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
 
-def routed_dataset(values) -> Dataset:
+def routed_dataset(values, column="teacher") -> Dataset:
     dataset = make_text_dataset(8)
-    return dataset.add_column("teacher", [values[i % len(values)] for i in range(len(dataset))])
+    return dataset.add_column(column, [values[i % len(values)] for i in range(len(dataset))])
 
 
 def record(trainer, extra=None) -> list[dict]:
@@ -51,24 +51,27 @@ def count_rows(model) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("values", "device"), [(["math", "code"], None), ([1, 0, 0], {"code": "cpu"})], ids=["names", "indices"]
+    ("values", "device", "column"),
+    [(["math", "code"], None, "teacher_id"), ([1, 0, 0], {"code": "cpu"}, "teacher")],
+    ids=["names-in-trl-teacher_id", "indices-in-teacher"],
 )
-def test_each_sample_is_scored_by_its_own_teacher(values, device, cpu_config_kwargs):
+def test_each_sample_is_scored_by_its_own_teacher(values, device, column, cpu_config_kwargs):
+    """Routed by TRL's `teacher_id` column or by this package's earlier `teacher` column, without `teacher_column`."""
     math, code = make_text_model(seed=1, hidden_size=128), make_text_model(seed=2, num_hidden_layers=3)
     seen = {"math": count_rows(math), "code": count_rows(code)}
     trainer = GNDPOTrainer(
         model=make_text_model(seed=0),
         teacher_model={"math": math, "code": code},
         args=GNDPOConfig(**cpu_config_kwargs(max_steps=3, teacher_device=device)),
-        train_dataset=routed_dataset(values),
+        train_dataset=routed_dataset(values, column),
         processing_class=make_tokenizer(),
     )
     records = record(trainer, {"math": math, "code": code})
     trainer.train()
     routed = {"math": 0, "code": 0}
-    assert any(len({str(x["teacher"]) for x in r["inputs"]}) == 2 for r in records), "a batch mixes both teachers"
+    assert any(len({str(x[column]) for x in r["inputs"]}) == 2 for r in records), "a batch mixes both teachers"
     for r in records:
-        names = [v if isinstance(v, str) else ["math", "code"][v] for v in (x["teacher"] for x in r["inputs"])]
+        names = [v if isinstance(v, str) else ["math", "code"][v] for v in (x[column] for x in r["inputs"])]
         for name in names:
             routed[name] += 1
         q = torch.stack([r[name][i] for i, name in enumerate(names)])
@@ -115,7 +118,10 @@ def test_two_copies_of_one_teacher_train_like_that_teacher_alone(lora, cpu_confi
 @pytest.mark.parametrize(
     ("overrides", "dataset", "message"),
     [
-        ({}, make_text_dataset(8), "column 'teacher'"),
+        ({}, make_text_dataset(8), "column 'teacher_id'"),  # TRL's name is the one asked for
+        ({"teacher_column": "domain"}, routed_dataset(["a", "b"]), "column 'domain'"),
+        # with both columns, TRL's `teacher_id` routes (here to an unknown teacher), not `teacher`
+        ({}, routed_dataset(["a", "x"], "teacher_id").add_column("teacher", ["a"] * 8), "'teacher_id' is 'x'"),
         ({}, routed_dataset(["a", "x"]), "names none of the teachers"),
         ({}, routed_dataset([0, 2]), "names none of the teachers"),
         ({"value_baseline": True}, routed_dataset(["a", "b"]), "several teachers"),
@@ -365,3 +371,107 @@ def test_several_teachers_in_evaluation(cpu_config_kwargs):
     logged = [e for e in trainer.state.log_history if "eval_gndpo/teacher/a/token_frac" in e]
     assert len(logged) == 1
     assert abs(logged[0]["eval_gndpo/teacher/a/token_frac"] + logged[0]["eval_gndpo/teacher/b/token_frac"] - 1) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 24: image rows scored by a text-only teacher are counted and warned about; G-OPD's teacher temperature
+
+
+def text_view_image_fracs(trainer) -> list[float]:
+    key = "gndpo/teacher/text_view_image_frac"
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+@pytest.mark.parametrize("images", [True, False], ids=["image rows", "text rows"])
+def test_image_rows_scored_by_a_text_only_teacher_are_counted_and_warned_about_once(images, cpu_config_kwargs, caplog):
+    """Uni-OPD sends its text teacher text-domain rows (0, no warning); an image row read on its text view is not
+    that setting, so it is counted (every row here) and warned about, once."""
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    trainer = GNDPOTrainer(
+        model=student,
+        teacher_model=make_text_model(seed=1, hidden_size=128),
+        args=GNDPOConfig(**cpu_config_kwargs(cross_modal_distillation=True, max_steps=3, logging_steps=1)),
+        train_dataset=make_image_dataset(8) if images else make_text_dataset(8),
+        processing_class=processor,
+        teacher_processing_class=make_tokenizer("qwen2_5_vl"),
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    fracs = text_view_image_fracs(trainer)
+    assert len(fracs) == 3 and all(f == (1.0 if images else 0.0) for f in fracs)
+    assert caplog.text.count("image rows were scored by a text-only teacher") == (1 if images else 0)
+
+
+def test_image_rows_routed_to_the_text_teacher_are_the_share_logged(cpu_config_kwargs):
+    student, processor = make_vlm("qwen2_vl", seed=0)
+    vision, text = make_vlm("qwen2_vl", seed=1, hidden_size=128)[0], make_text_model(seed=2, hidden_size=128)
+    trainer = GNDPOTrainer(
+        model=student,
+        teacher_model={"vision": vision, "text": text},
+        args=GNDPOConfig(**cpu_config_kwargs(cross_modal_distillation=True, per_device_train_batch_size=8)),
+        train_dataset=make_image_dataset(8).add_column("teacher", ["vision", "text"] * 4),
+        processing_class=processor,
+        teacher_processing_class={"vision": processor, "text": make_tokenizer("qwen2_5_vl")},
+    )
+    records = record(trainer)
+    trainer.train()
+    expected = [sum(x["teacher"] == "text" for x in r["inputs"]) / len(r["inputs"]) for r in records]
+    assert text_view_image_fracs(trainer) == pytest.approx(expected) and 0 < sum(expected) < len(expected)
+
+
+def tempered_logps(model, batch, temperature):
+    """log softmax(logits / temperature)(y_t) of the completion tokens, in float64."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention_mask).logits.double()
+    length = batch["completion_ids"].size(1)
+    logps = (logits[:, -length - 1 : -1] / temperature).log_softmax(-1)
+    return logps.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("extrapolation", [1.0, 1.25])
+def test_the_teacher_scores_at_g_opds_temperature(extrapolation, cpu_config_kwargs):
+    """G-OPD's code scores teacher, student and references at the rollout temperature; GNDPO's scores its teacher at
+    temperature 1. At temperature 0.7: the teacher at 0.7 under reward_extrapolation != 1, at 1 otherwise."""
+    teacher, reference = make_text_model(seed=1, hidden_size=128), make_text_model(seed=3, hidden_size=128)
+    trainer = GNDPOTrainer(
+        model=make_text_model(seed=0),
+        teacher_model=teacher,
+        reference_model=reference if extrapolation != 1.0 else None,
+        args=GNDPOConfig(
+            **cpu_config_kwargs(reward_extrapolation=extrapolation, temperature=0.7, normalization_scope="none")
+        ),
+        train_dataset=make_text_dataset(),
+        processing_class=make_tokenizer(),
+    )
+    assert trainer.args.teacher_temperature == (0.7 if extrapolation != 1.0 else 1.0)
+    records, generate = [], trainer._generate_and_score_completions
+
+    def spy(inputs):
+        batch = generate(inputs)
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        records.append((batch, *(tempered_logps(m, batch, 0.7) for m in (student, teacher, reference))))
+        records[-1] += (tempered_logps(teacher, batch, 1.0),)
+        return batch
+
+    trainer._generate_and_score_completions = spy
+    trainer.train()
+    for batch, p, q, ref, q_one in records:
+        mask = batch["completion_mask"].bool()
+        if extrapolation == 1.0:
+            signal = q_one - p
+        else:
+            signal = extrapolation * (q - ref) - (p - ref)
+        expected = signal.clamp(-5, 5) * mask
+        torch.testing.assert_close(batch["advantages"].double() * mask, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_served_teacher_cannot_score_at_g_opds_temperature(cpu_config_kwargs):
+    with pytest.raises(ValueError, match="a teacher server returns log-probs at temperature 1"):
+        GNDPOConfig(
+            **cpu_config_kwargs(
+                teacher_model_server_url="http://localhost:1", reward_extrapolation=1.25, temperature=0.7
+            )
+        )

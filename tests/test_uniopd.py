@@ -1,6 +1,7 @@
 """Uni-OPD: margin calibration and balancing on hand-checkable inputs, then end to end on tiny models."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -210,9 +211,11 @@ def test_offline_difficulty_balancing_with_sampled_pass_rates():
 
     dataset = make_text_dataset(6)
     model, tokenizer = make_text_model(seed=0), make_tokenizer()
-    rates = estimate_pass_rates(model, tokenizer, dataset, parity_reward, num_samples=4, max_new_tokens=5, seed=0)
+    with pytest.warns(UserWarning, match="unfinished"):  # a random model never ends within 5 tokens
+        rates = estimate_pass_rates(model, tokenizer, dataset, parity_reward, num_samples=4, max_new_tokens=5, seed=0)
+        again = estimate_pass_rates(model, tokenizer, dataset, parity_reward, num_samples=4, max_new_tokens=5)
     assert len(rates) == 6 and all(r in (0.0, 0.25, 0.5, 0.75, 1.0) for r in rates)
-    assert rates == estimate_pass_rates(model, tokenizer, dataset, parity_reward, num_samples=4, max_new_tokens=5)
+    assert rates == again
     assert 0 < sum(rates) < 6, "a parity reward on random text gives mixed outcomes"
 
     balanced = difficulty_balanced_dataset(dataset.add_column("pass_rate", rates), "pass_rate", num_bins=4, seed=0)
@@ -221,3 +224,32 @@ def test_offline_difficulty_balancing_with_sampled_pass_rates():
     assert {str(p) for p in balanced["prompt"]} == {str(p) for p in dataset["prompt"]}
     with pytest.raises(ValueError, match="must lie in"):
         difficulty_balanced_dataset(dataset, [1.5] * 6)
+
+
+def test_pass_rates_sample_with_the_training_cap_and_warn_when_it_truncates(cpu_config_kwargs, monkeypatch):
+    from trl_gndpo.uniopd_dataset import estimate_pass_rates
+
+    dataset = make_text_dataset(2)
+    model, tokenizer = make_text_model(seed=0), make_tokenizer()
+    with pytest.raises(ValueError, match="max_completion_length"):  # no silent 256-token default
+        estimate_pass_rates(model, tokenizer, dataset, parity_reward)
+    calls, generate = [], model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    args = GNDPOConfig(**cpu_config_kwargs(max_completion_length=3, temperature=0.7))
+    with pytest.warns(UserWarning, match="reached max_new_tokens=3 unfinished"):  # a random model never stops in 3
+        estimate_pass_rates(model, tokenizer, dataset, parity_reward, args=args, num_samples=2)
+    assert {(c["max_new_tokens"], c["temperature"]) for c in calls} == {(3, 0.7)}
+
+    def finished(**kwargs):  # every sample ends with eos at once: nothing truncated, no warning
+        prompt = kwargs["input_ids"].repeat(kwargs["num_return_sequences"], 1)
+        return torch.cat([prompt, torch.full((len(prompt), 1), tokenizer.eos_token_id)], 1)
+
+    monkeypatch.setattr(model, "generate", finished)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        estimate_pass_rates(model, tokenizer, dataset, parity_reward, args=args, num_samples=2)

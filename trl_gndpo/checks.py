@@ -45,6 +45,7 @@ def check_setup(
     check_datasets(datasets, trainer._is_vlm, trainer.environment_factories is not None, args.max_checked_rows)
     warn_if_checkpoints_split_generations(args)
     warn_if_rollout_feeds_several_steps(args)
+    hint_fixed_vgs_eta(args)
     served = args.teacher_model_server_url
     check_routing(args, trainer, list(served) if isinstance(served, dict) else list(teacher_models), datasets)
     student = trainer.accelerator.unwrap_model(trainer.model)
@@ -168,6 +169,17 @@ def warn_if_rollout_feeds_several_steps(args: GNDPOConfig) -> None:
         )
 
 
+def hint_fixed_vgs_eta(args: GNDPOConfig) -> None:
+    """VGS's fixed eta was measured by the paper for one student-teacher pair; once per trainer, say how to measure it
+    for others."""
+    if args.visual_gradient_steering and args.vgs_eta_measure_steps == 0 and args.vgs_eta != 1.0:
+        logger.warning(
+            f"VGS uses a fixed vgs_eta={args.vgs_eta}. The paper measured eta = ||grad L_Std|| / ||grad L_Std + gamma "
+            "grad L_Vis|| for one pair only (Qwen3-VL-8B teacher: 0.41 for its 2B student, 0.36 for its 4B); for "
+            "another student-teacher pair, set vgs_eta_measure_steps (e.g. 20) to measure it over the first steps."
+        )
+
+
 def check_datasets(datasets: list, is_vlm: bool, has_environments: bool, max_rows: int | None = None) -> None:
     """Every dataset has a `prompt` column, image columns only go with a vision-language student, and the first
     `max_rows` rows (all if None) hold prompts and images the student can use (see `check_rows`)."""
@@ -207,15 +219,16 @@ def check_routing(args: GNDPOConfig, trainer, names: list[str], datasets: list) 
         columns = getattr(dataset, "column_names", None)
         if columns is None:
             continue
-        if args.teacher_column not in columns:
+        column = teachers.routing_column(args.teacher_column, columns)  # `teacher_id` (TRL's name) or `teacher`
+        if column not in columns:
             raise ValueError(
-                f"With several teachers ({names}) each sample names its teacher in the column "
-                f"{args.teacher_column!r} (`teacher_column`), which the dataset lacks; it has {columns}."
+                f"With several teachers ({names}) each sample names its teacher in the column {column!r} "
+                f"(`teacher_column`), which the dataset lacks; it has {columns}."
             )
         if not isinstance(dataset, Dataset):
             continue  # a stream: its rows are checked as they are scored
-        values = set(dataset[args.teacher_column])
-        teachers.route([{args.teacher_column: value} for value in values], args.teacher_column, names)
+        values = set(dataset[column])
+        teachers.route([{column: value} for value in values], column, names)
 
 
 def check_cross_modal(args: GNDPOConfig, models: dict, is_vlm: bool) -> None:

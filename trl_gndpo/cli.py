@@ -2,12 +2,19 @@
 
     trl-gndpo --model_name_or_path STUDENT --teacher_model_name_or_path TEACHER --dataset_name DATASET [...]
     trl-gndpo --config recipe.yaml            # e.g. examples/recipes/*.yaml; a `datasets:` list is a mixture
+    trl-gndpo --accelerate_config zero3 --num_processes 8 [...]   # several processes, through `accelerate launch`
     trl-gndpo                                 # nothing given: the embedded offline demo (SmolLM2-135M-Instruct, CPU)
 
 Every `GNDPOConfig`, `trl.ModelConfig` (`--use_peft`, `--lora_r`, `--load_in_4bit`, ...), `trl.ScriptArguments`
 (`--dataset_name`, `--dataset_streaming`, ...) and `trl.DatasetMixtureConfig` (`datasets`, `streaming`) field is a
 flag; `--config` reads them from YAML. The run follows `trl grpo` (trl/scripts/grpo.py): load, train, save, push to
 the Hub with `--push_to_hub`.
+
+Launching follows `trl grpo` too, with TRL's own functions: the flags (and `--config` keys) that are no training
+option are `accelerate launch` options (`--num_processes`, `--mixed_precision`, `--main_process_port`, ...);
+`--accelerate_config NAME|PATH` is a config file, or the name of one TRL ships (`multi_gpu`, `single_gpu`, `zero1`,
+`zero2`, `zero3`, `fsdp1`, `fsdp2`). With any of them, `accelerate launch` runs `trl_gndpo/scripts/gndpo.py` with the
+training options in every process; without, the run stays in this process.
 """
 
 import importlib
@@ -15,6 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers.utils import logging
@@ -41,11 +49,24 @@ class GNDPOScriptArguments(ScriptArguments):
         reward_funcs (`list[str]`, *optional*):
             Outcome rewards, logged and used by the Uni-OPD options: names from `trl.rewards` (e.g.
             `accuracy_reward`, `think_format_reward`) or dotted import paths (`my_lib.rewards.my_reward`).
+        prompt_column (`str`, *optional*):
+            A dataset without TRL's conversational `prompt` column: the column of plain-text questions that becomes
+            it, each a one-turn user message (an `<image>` placeholder in the text is dropped: TRL places the images).
+        image_column (`str`, *optional*):
+            The dataset column holding each row's image or list of images, given to the trainer as TRL's `images`
+            column (a list per row).
     """
 
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={"help": "Outcome rewards: names from `trl.rewards` (e.g. accuracy_reward) or dotted import paths."},
+    )
+    prompt_column: str | None = field(
+        default=None,
+        metadata={"help": "Column of plain-text questions turned into the conversational `prompt` column."},
+    )
+    image_column: str | None = field(
+        default=None, metadata={"help": "Column of each row's image(s), given as TRL's `images` column."}
     )
 
     demo_cache_dir: str | None = field(
@@ -82,17 +103,51 @@ Arguments = tuple[GNDPOScriptArguments, GNDPOConfig, ModelConfig, DatasetMixture
 def make_parser() -> TrlParser:
     parser = TrlParser((GNDPOScriptArguments, GNDPOConfig, ModelConfig, DatasetMixtureConfig), prog="trl-gndpo")
     parser.description = __doc__.split("\n\n")[0]
+    parser.epilog = (
+        "Several processes, as with `trl grpo`: --accelerate_config NAME|PATH (a config TRL ships: multi_gpu, "
+        "single_gpu, zero1, zero2, zero3, fsdp1, fsdp2; or a file) and any other `accelerate launch` option "
+        "(--num_processes N, --mixed_precision, --main_process_port, ...) launch the run through accelerate."
+    )
     if not torch.cuda.is_available():  # TRL defaults to bf16, which fails on a CPU-only machine
         parser.set_defaults_with_config(use_cpu=True, bf16=False)
     return parser
 
 
-def parse(argv: Sequence[str] | None = None) -> Arguments:
+# What `accelerate launch` runs in every process (TRL's launcher runs trl/scripts/<command>.py the same way).
+LAUNCH_SCRIPT = Path(__file__).parent / "scripts" / "gndpo.py"
+
+
+def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`(accelerate launch arguments, training arguments)`, split as `trl grpo` splits them: what the parser does not
+    know, on the command line or as a `--config` key, is for `accelerate launch`, with `--accelerate_config
+    NAME|PATH` turned into `--config_file` by TRL's resolver. Both empty of launcher options: no launch."""
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from trl.cli.commands.training import _subtract_subsequence
+
+    argv = list(argv)
+    *_, config_remaining, cli_remaining = make_parser().parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
+    return launch_args, _subtract_subsequence(argv, cli_remaining)
+
+
+def launch(launch_args: list[str], training_args: list[str]) -> None:
+    """`accelerate launch LAUNCH_ARGS trl_gndpo/scripts/gndpo.py TRAINING_ARGS`, through TRL's launcher. It looks
+    scripts up in trl/scripts; an absolute path, as here, replaces that folder (`Path.joinpath`)."""
+    from trl.cli.accelerate_launcher import launch_training_script
+
+    launch_training_script(str(LAUNCH_SCRIPT), launch_args, training_args)
+
+
+def parse(argv: Sequence[str] | None = None, fail_with_unknown_args: bool = True) -> Arguments:
     """Parse flags and `--config`; when no student, dataset or teacher is named, parse again over the demo's defaults.
-    A dataset or teacher without a student is an error, not the demo."""
+    A dataset or teacher without a student is an error, not the demo. `fail_with_unknown_args=False` ignores `--config`
+    keys that are no training option (`accelerate launch` options, in a launched process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
+    options = {"fail_with_unknown_args": fail_with_unknown_args}
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv, **options)
     if model_args.model_name_or_path is None:
         given = {
             "--dataset_name": script_args.dataset_name,
@@ -108,7 +163,7 @@ def parse(argv: Sequence[str] | None = None) -> Arguments:
                 "of them to run the embedded demo."
             )
         parser.set_defaults_with_config(**DEMO_DEFAULTS)
-        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
+        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv, **options)
     return script_args, training_args, model_args, dataset_args
 
 
@@ -128,22 +183,54 @@ def load_reward_func(name: str):
 
 
 def load_datasets(script_args: GNDPOScriptArguments, dataset_args: DatasetMixtureConfig):
-    """The dataset splits, as `trl grpo` loads them: the `datasets` mixture if given, else `--dataset_name`."""
+    """The dataset splits, as `trl grpo` loads them: the `datasets` mixture if given, else `--dataset_name`; then
+    `--prompt_column` / `--image_column` map another layout to TRL's `prompt` and `images` columns."""
     from datasets import load_dataset
     from trl import get_dataset
 
     if dataset_args.datasets:
         if script_args.dataset_name:
             logger.warning("Both `datasets` and `dataset_name` are given: the `datasets` mixture is used.")
-        return get_dataset(dataset_args)
-    if script_args.dataset_name is None:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name is None:
         raise ValueError(
             "--dataset_name (or a `datasets` mixture in --config) is required with --model_name_or_path (omit "
             "both to run the demo)."
         )
-    return load_dataset(
-        script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
-    )
+    else:
+        dataset = load_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    return map_columns(dataset, script_args.prompt_column, script_args.image_column)
+
+
+def map_columns(dataset, prompt_column: str | None, image_column: str | None):
+    """Every split with the `prompt` conversation made from `prompt_column` and the `images` list from `image_column`
+    (each left alone when not given); a named column that a split lacks is an error."""
+    if prompt_column is None and image_column is None:
+        return dataset
+    for name, split in dataset.items():
+        missing = [
+            c for c in (prompt_column, image_column) if c and split.column_names and c not in split.column_names
+        ]
+        if missing:
+            raise ValueError(
+                f"--prompt_column / --image_column name {missing}, which the {name!r} split lacks; it has "
+                f"{split.column_names}."
+            )
+
+    def to_trl_columns(row: dict) -> dict:
+        columns = {}
+        if prompt_column:
+            question = row[prompt_column].replace("<image>", "").strip()
+            columns["prompt"] = [{"role": "user", "content": question}]
+        if image_column:
+            images = row[image_column]
+            columns["images"] = images if isinstance(images, list) else [images]
+        return columns
+
+    drop = [image_column] if image_column not in (None, "images") else []
+    return dataset.map(to_trl_columns, remove_columns=drop or None)
 
 
 def train(
@@ -185,11 +272,12 @@ def train(
 
 
 def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> tuple[float, float]:
-    """Distill SmolLM2-135M-Instruct into its layer-pruned copy; print the reverse KL before and after."""
+    """Distill SmolLM2-135M-Instruct into its layer-pruned copy; print the held-out reverse KL before and after, and
+    where its curve (measured every quarter of the run by `ReverseKLCallback`) is drawn."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .demo import demo_prompts, prepare_models
-    from .evaluation import heldout_reverse_kl
+    from .evaluation import ReverseKLCallback
     from .trainer import GNDPOTrainer
 
     print(
@@ -201,21 +289,6 @@ def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> t
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     train_dataset, heldout = demo_prompts()
-
-    conversations = [[{"role": "user", "content": question}] for question in heldout]
-
-    def reverse_kl(model) -> float:
-        return heldout_reverse_kl(
-            model,
-            teacher,
-            tokenizer,
-            conversations,
-            script_args.demo_eval_samples,
-            training_args.max_completion_length,
-        )
-
-    before = reverse_kl(student)
-    print(f"Reverse KL to the teacher on {len(heldout)} held-out prompts before training: {before:.4f} nats/token")
     trainer = GNDPOTrainer(
         model=student,
         teacher_model=teacher,
@@ -224,26 +297,42 @@ def run_demo(script_args: GNDPOScriptArguments, training_args: GNDPOConfig) -> t
         processing_class=tokenizer,
         teacher_processing_class=tokenizer,
     )
+    heldout_kl = ReverseKLCallback(
+        trainer,
+        prompts=[[{"role": "user", "content": question}] for question in heldout],
+        eval_steps=max(1, training_args.max_steps // 4),
+        num_samples=script_args.demo_eval_samples,
+        max_new_tokens=training_args.max_completion_length,
+        plot=True,
+    )
+    trainer.add_callback(heldout_kl)
     trainer.train()
-    after = reverse_kl(trainer.model)
+    before, after = heldout_kl.history[0]["reverse_kl"], heldout_kl.history[-1]["reverse_kl"]
     print(
         f"Reverse KL to the teacher on {len(heldout)} held-out prompts: before {before:.4f}, after {after:.4f} "
         f"nats/token ({after - before:+.4f})."
     )
+    print(f"Held-out reverse KL against the step, plotted in {heldout_kl.plot_path}")
     return before, after
 
 
-def run(argv: Sequence[str] | None = None):
-    """Parse and run: the trainer of a real run, or the demo's (before, after) reverse KL."""
-    script_args, training_args, model_args, dataset_args = parse(argv)
+def run(argv: Sequence[str] | None = None, fail_with_unknown_args: bool = True):
+    """Parse and run in this process: the trainer of a real run, or the demo's (before, after) reverse KL."""
+    script_args, training_args, model_args, dataset_args = parse(argv, fail_with_unknown_args)
     if model_args.model_name_or_path is None:
         return run_demo(script_args, training_args)
     return train(script_args, training_args, model_args, dataset_args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: returns nothing, so the exit status is 0 on success."""
-    run(argv)
+    """Console entry point: with launcher options, `accelerate launch` the run; else run it here. Returns nothing, so
+    the exit status is 0 on success."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    launch_args, training_args = split_launch_args(argv)
+    if launch_args:
+        launch(launch_args, training_args)
+    else:
+        run(training_args)
 
 
 if __name__ == "__main__":

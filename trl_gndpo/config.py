@@ -89,9 +89,10 @@ class GNDPOConfig(GRPOConfig):
             scored by the teacher its `teacher_column` names; every teacher scores only its samples, once per
             generation batch. Alternative to `teacher_model_name_or_path`. Not with DeepSpeed ZeRO-3 or FSDP,
             `value_baseline` or `visual_gradient_steering`.
-        teacher_column (`str`, *optional*, defaults to `"teacher"`):
+        teacher_column (`str`, *optional*):
             With several teachers, the dataset column that routes each sample: a teacher's name, or its index in
-            `teacher_models` (0-based, in the order given).
+            `teacher_models` (0-based, in the order given). Defaults to `"teacher_id"` (the column TRL's async
+            distillation routes by) or, in a dataset without it, `"teacher"` (this package's earlier default).
         teacher_device (`str` or `dict[str, str]`, *optional*):
             Keep the teacher on this device (e.g. `"cuda:1"`, or `"cpu"`) instead of the training device; its inputs
             are moved there for scoring and its log-probs moved back. With several teachers, a dict teacher name ->
@@ -122,7 +123,9 @@ class GNDPOConfig(GRPOConfig):
             Allow a text-only teacher for a vision-language student (Uni-OPD's cross-modal setting): a text-only
             teacher scores the text view of each sample (the conversation with its images removed, built like VGS's
             text view), while the student trains on the image view. Vision-language teachers still see the images.
-            The teacher must share the student's tokenizer.
+            The teacher must share the student's tokenizer. Uni-OPD's cross-modal setting gives its text teachers
+            text-domain rows; an image row scored by a text-only teacher (which cannot see the image) is counted in
+            `gndpo/teacher/text_view_image_frac`, with a warning the first time.
 
         > Parameters that control the GNDPO token signal
 
@@ -144,7 +147,9 @@ class GNDPOConfig(GRPOConfig):
             ExOPD / G-OPD (arXiv 2602.12125) scale `lambda` on the teacher-minus-reference signal: the raw signal is
             `lambda (log q - log p_base) - (log p_old - log p_base)` with `p_base` the initial student (with a PEFT
             adapter, the base weights with the adapter disabled, so no copy is kept), or `reference_model_name_or_path`
-            when given. `1.0` is plain OPD exactly; ExOPD uses `1.25`.
+            when given. `1.0` is plain OPD exactly; ExOPD uses `1.25`. With `reward_extrapolation != 1` the teacher
+            scores at the sampling `temperature`, like the student and the reference (G-OPD's code scores all of them
+            at the rollout temperature); at `1.0` it scores at temperature 1, as GNDPO's reference code does.
         reference_model_name_or_path (`str`, *optional*):
             G-OPD's reward correction for strong-to-weak distillation: the reference `p_base` of
             `reward_extrapolation` is this model, the teacher's base model before its RL, instead of the initial
@@ -166,6 +171,9 @@ class GNDPOConfig(GRPOConfig):
             only those low-entropy, high-divergence tokens (TIP's Q3, overconfident and wrong); `"entropy_sampling"`
             draws `token_selection_ratio` of the tokens at random without replacement, with probability proportional
             to the student's entropy (TIP's entropy-based sampling). Dropped tokens leave the statistics and the loss.
+            At ratio `r` the share kept is `r` (`"entropy"`, `"entropy_sampling"`), about `r (2 - r)` (`"quadrant"`,
+            75% at 0.5) and about `r (1 - r)` (`"q3"`, 25% at 0.5) when entropy and divergence are independent;
+            `gndpo/tip_kept_frac` logs it.
         token_selection_ratio (`float`, *optional*, defaults to `0.5`):
             The share used by `token_selection`: of high-entropy tokens, of high-divergence tokens, and the share
             drawn by `"entropy_sampling"` (TIP: keeping 50% by entropy-based sampling matched all-token training).
@@ -209,15 +217,24 @@ class GNDPOConfig(GRPOConfig):
             responses that close the gap, greedily (the reference code). `"group_mask"`: drop every response of a
             prompt group whose gap is below `margin_delta` (the paper's "discards prompt groups", with its margin
             `margin_mode="minmax"`; groups only). The three are alternatives; `"none"` disables calibration. It acts
-            on the advantages after normalization, i.e. on what the loss sees.
+            on the advantages after normalization, i.e. on what the loss sees: with the default
+            `normalization_scope="global"` after GNDPO's whitening, while the Uni-OPD reference calibrates the raw
+            log-ratio (`normalization_scope="none"`), see `margin_delta`.
         margin_scope (`str`, *optional*, defaults to `"group"`):
             `"group"`: one margin per prompt group; `"global"`: one over the whole generation batch, all processes.
-        margin_mode (`str`, *optional*, defaults to `"mean"`):
+        margin_mode (`str`, *optional*):
             Gap statistic: `"mean"` (mean correct - mean incorrect) or `"minmax"` (min correct - max incorrect).
+            `None` (default) takes each calibration's own pairing: `"minmax"` under `"group_mask"` (the paper's
+            margin `m(q)`, with which it discards prompt groups), `"mean"` under `"shift"` and `"mask"` (the reference
+            scripts).
         margin_direction (`str`, *optional*, defaults to `"both"`):
             Who moves under `"shift"`: `"both"` (half each), `"correct_up"` or `"incorrect_down"`.
         margin_delta (`float`, *optional*, defaults to `0.4`):
-            The margin to reach.
+            The margin to reach, in the units of the advantage it calibrates: with `normalization_scope="global"`
+            (the default) calibration runs after GNDPO's whitening, so `0.4` is 0.4 standard deviations of the token
+            signal; the Uni-OPD reference calibrates the raw log-ratio, where its `0.4` is in nats: set
+            `normalization_scope="none"` (and `token_signal_clamp=10.0` with `max_abs_log_ratio=10.0`, which leaves
+            the kept tokens unclamped as the reference does) to reproduce it.
         margin_min_retain_ratio (`float`, *optional*, defaults to `0.25`):
             Under `"mask"`, the share of each class (at least one response) that is never dropped.
         balance_ratio (`float`, *optional*):
@@ -233,7 +250,8 @@ class GNDPOConfig(GRPOConfig):
             `l_LP = 1[VDS_t > quantile] * KL(p_text || q_text)` over the full vocabulary. `p_text` and `q_text` score
             the same completion on a text-only view of the sample (the conversation with its images removed); `q*` is
             the student's text-only distribution (detached) moved by the teacher's image-minus-text log-prob gain,
-            renormalized; `VDS_t = KL(q || q_text)`. Needs a vision-language student and teacher; not with FSDP,
+            renormalized; `VDS_t = KL(q || q_text)`. Needs a vision-language student and teacher and
+            `temperature=1` (the KLs compare the untempered distributions, as the paper samples); not with FSDP,
             DeepSpeed ZeRO-3, tools or environments. Costs one more teacher pass per generation batch and one more
             student pass per micro-step (both on the text-only view).
         vgs_mode (`str`, *optional*, defaults to `"alone"`):
@@ -259,9 +277,9 @@ class GNDPOConfig(GRPOConfig):
         vgs_eta (`float`, *optional*, defaults to `0.41`):
             Fixed loss scale `eta`. The paper measures `eta = ||grad L_Std|| / ||grad L_Std + gamma grad L_Vis||`
             once, keeps it fixed, and reports 0.41 for its 2B and 0.36 for its 4B Qwen3-VL student (Qwen3-VL-8B
-            teacher, `gamma = 2`); the default is the 2B value. For another pair, measure it with
-            `vgs_eta_measure_steps`. `1.0` is the paper's "no normalization" ablation, in which `gamma` also scales
-            the step size.
+            teacher, `gamma = 2`); the default is the 2B value, measured for that one pair only. For another pair,
+            measure it with `vgs_eta_measure_steps` (the trainer logs a one-time hint when a fixed `eta` is used).
+            `1.0` is the paper's "no normalization" ablation, in which `gamma` also scales the step size.
         vgs_eta_measure_steps (`int`, *optional*, defaults to `0`):
             If > 0, measure `eta` from the gradient norms (over the trainable parameters, two extra backward passes
             per micro-step) during the first this-many optimizer steps, use the running mean meanwhile, then keep
@@ -316,9 +334,12 @@ class GNDPOConfig(GRPOConfig):
             "teacher its `teacher_column` names. Alternative to `teacher_model_name_or_path`."
         },
     )
-    teacher_column: str = field(
-        default="teacher",
-        metadata={"help": "With several teachers, the dataset column holding each sample's teacher name or index."},
+    teacher_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "With several teachers, the dataset column holding each sample's teacher name or index; "
+            "defaults to `teacher_id` (TRL's name) or, without it, `teacher`."
+        },
     )
     teacher_device: dict[str, str] | str | None = field(
         default=None,
@@ -353,7 +374,8 @@ class GNDPOConfig(GRPOConfig):
         default=False,
         metadata={
             "help": "Allow a text-only teacher for a vision-language student: it scores the text view of each "
-            "sample (images removed) while the student trains on the image view (Uni-OPD cross-modal)."
+            "sample (images removed) while the student trains on the image view. Uni-OPD's cross-modal setting "
+            "gives text teachers text-domain rows; image rows they score are counted and warned about."
         },
     )
 
@@ -391,7 +413,8 @@ class GNDPOConfig(GRPOConfig):
     reward_extrapolation: float = field(
         default=1.0,
         metadata={
-            "help": "ExOPD lambda on the teacher-minus-initial-student signal; 1.0 is plain OPD, ExOPD uses 1.25."
+            "help": "ExOPD lambda on the teacher-minus-initial-student signal; 1.0 is plain OPD, ExOPD uses 1.25. "
+            "With lambda != 1 the teacher scores at the sampling temperature (G-OPD's code), else at 1 (GNDPO's)."
         },
     )
     reference_model_name_or_path: str | None = field(
@@ -422,7 +445,10 @@ class GNDPOConfig(GRPOConfig):
     )
     token_selection_ratio: float = field(
         default=0.5,
-        metadata={"help": "Share of tokens counted as high entropy (and high divergence), or drawn, by TIP."},
+        metadata={
+            "help": "Share of tokens counted as high entropy (and high divergence), or drawn, by TIP; the share kept "
+            "is r for 'entropy', about r(2 - r) for 'quadrant', about r(1 - r) for 'q3'."
+        },
     )
     max_prompt_length: int | None = field(
         default=None,
@@ -465,9 +491,10 @@ class GNDPOConfig(GRPOConfig):
     margin_calibration: str = field(
         default="none",
         metadata={
-            "help": "Uni-OPD margin calibration on the normalized advantages: 'shift' the classes apart, 'mask' "
-            "the responses that close the gap, 'group_mask' whole prompt groups below the margin (alternatives), or "
-            "'none'.",
+            "help": "Uni-OPD margin calibration on the normalized advantages (after GNDPO's whitening by default; "
+            "the reference calibrates the raw log-ratio: normalization_scope='none'): 'shift' the classes apart, "
+            "'mask' the responses that close the gap, 'group_mask' whole prompt groups below the margin "
+            "(alternatives), or 'none'.",
             "choices": ["none", "shift", "mask", "group_mask"],
         },
     )
@@ -475,10 +502,11 @@ class GNDPOConfig(GRPOConfig):
         default="group",
         metadata={"help": "One margin per prompt group, or one global margin.", "choices": ["group", "global"]},
     )
-    margin_mode: str = field(
-        default="mean",
+    margin_mode: str | None = field(
+        default=None,
         metadata={
-            "help": "Gap: mean correct - mean incorrect, or min correct - max incorrect.",
+            "help": "Gap: mean correct - mean incorrect, or min correct - max incorrect. None: 'minmax' under "
+            "'group_mask' (the paper's margin), 'mean' under 'shift' and 'mask' (the reference scripts).",
             "choices": ["mean", "minmax"],
         },
     )
@@ -486,7 +514,13 @@ class GNDPOConfig(GRPOConfig):
         default="both",
         metadata={"help": "Who moves under 'shift'.", "choices": ["both", "correct_up", "incorrect_down"]},
     )
-    margin_delta: float = field(default=0.4, metadata={"help": "The margin to reach."})
+    margin_delta: float = field(
+        default=0.4,
+        metadata={
+            "help": "The margin to reach, in the advantage's units: standard deviations after GNDPO's whitening "
+            "(normalization_scope='global', the default), nats of the log-ratio with 'none' (the Uni-OPD reference)."
+        },
+    )
     margin_min_retain_ratio: float = field(
         default=0.25, metadata={"help": "Under 'mask', the share of each class that is never dropped."}
     )
@@ -535,7 +569,8 @@ class GNDPOConfig(GRPOConfig):
         default=0.41,
         metadata={
             "help": "Fixed VGS loss scale eta = ||grad L_Std|| / ||grad L_Std + gamma grad L_Vis||; default: the "
-            "paper's value for its 2B student (0.36 for its 4B). 1.0 is the paper's no-normalization ablation."
+            "paper's value measured for one pair, Qwen3-VL-8B -> 2B (0.36 for -> 4B); for other pairs measure it "
+            "with vgs_eta_measure_steps. 1.0 is the paper's no-normalization ablation."
         },
     )
     vgs_eta_measure_steps: int = field(
@@ -618,6 +653,8 @@ class GNDPOConfig(GRPOConfig):
             )
         if self.teacher_device is not None and self.teacher_offload:
             raise ValueError("teacher_device and teacher_offload are alternatives: set one of them.")
+        if self.margin_mode is None:  # each calibration's own pairing: the paper's m(q) for its group mask
+            self.margin_mode = "minmax" if self.margin_calibration == "group_mask" else "mean"
         self._check_choices()
         self._check_teachers()
         self._check_teacher_server()
@@ -631,6 +668,13 @@ class GNDPOConfig(GRPOConfig):
             raise ValueError(f"outcome_advantage_weight must be >= 0, got {self.outcome_advantage_weight}.")
         if not self.max_log_ratio > 0:
             raise ValueError(f"max_log_ratio must be > 0, got {self.max_log_ratio}.")
+        if self.visual_gradient_steering and self.temperature != 1.0:
+            raise ValueError(
+                f"visual_gradient_steering computes its KLs (KL(p || q), KL(p || q*), VDS, KL(p_text || q_text)) from "
+                f"the untempered vocabulary heads, while temperature={self.temperature} tempers the student's samples "
+                "and policy log-probs: the VGS loss would train another distribution than the one sampled (the paper "
+                "gives no temperature for its KLs): set temperature=1.0, or visual_gradient_steering=False."
+            )
         if self.value_baseline and self.temperature != 1.0:
             raise ValueError(
                 f"value_baseline (vOPD) compares the distributions at temperature 1; set temperature=1.0 (got "
@@ -689,8 +733,10 @@ class GNDPOConfig(GRPOConfig):
             )
         if self.beta != 0.0:
             raise ValueError(
-                f"GNDPO has no KL-to-reference term (the teacher's token signal takes its place): set beta=0.0, "
-                f"got {self.beta}."
+                f"beta={self.beta}: in GNDPO `beta` is GRPO's KL coefficient (a KL penalty to a reference model), "
+                f"which GNDPO replaces by the teacher's token signal, so it must be 0 (set beta=0.0); in TRL's "
+                f"DistillationConfig `beta` picks the divergence instead (0 forward KL, 1 reverse KL, 0.5 JSD), and "
+                f"GNDPO's signal is always the reverse KL."
             )
         for name, default in _UNSUPPORTED_GRPO_OPTIONS.items():
             if getattr(self, name) != default:
@@ -755,6 +801,13 @@ class GNDPOConfig(GRPOConfig):
             )
 
     @property
+    def teacher_temperature(self) -> float:
+        """The temperature the teacher scores at: 1 (GNDPO's reference code: its teacher's logits are not divided by
+        the temperature), or the sampling temperature under G-OPD's `reward_extrapolation != 1` (G-OPD's code scores
+        its teacher, the student and both base models at the rollout temperature)."""
+        return 1.0 if self.reward_extrapolation == 1.0 else self.temperature
+
+    @property
     def rescores_each_generation(self) -> bool:
         """Whether GRPOTrainer re-scores each generation batch with the student for its importance ratio (stored as
         `old_per_token_logps`): TRL's condition, `gradient_accumulation_steps` not a multiple of `steps_per_generation
@@ -779,6 +832,12 @@ class GNDPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.teacher_model_server_url is None:
             return
+        if self.teacher_temperature != 1.0:
+            raise ValueError(
+                f"reward_extrapolation={self.reward_extrapolation} scores the teacher at the sampling temperature "
+                f"({self.temperature}), as G-OPD's code does, but a teacher server returns log-probs at temperature "
+                "1: set temperature=1.0, or use a local teacher instead of teacher_model_server_url."
+            )
         local = ("teacher_model_name_or_path", "teacher_models", "teacher_model_revision", "teacher_model_init_kwargs")
         local += ("teacher_device", "teacher_offload", "cross_modal_distillation")
         given = [name for name in local if getattr(self, name)]

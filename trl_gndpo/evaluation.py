@@ -1,12 +1,14 @@
 """Held-out evaluation of a student against its teacher: the exact full-vocabulary reverse KL on the student's samples.
 
 `heldout_reverse_kl` measures it once; `ReverseKLCallback` measures it every `eval_steps` optimizer steps of any
-transformers `Trainer` (`GNDPOTrainer`, TRL's `DistillationTrainer`, ...) and logs it as `eval/reverse_kl`.
+transformers `Trainer` (`GNDPOTrainer`, TRL's `DistillationTrainer`, ...), logs it as `eval/reverse_kl` and, with
+`plot=True`, draws it against the step in `output_dir/reverse_kl.png` (`plot_reverse_kl`, with matplotlib).
 The vocabulary is processed chunk by chunk (`teacher.reverse_kl_per_token`): no batch x length x vocabulary tensor.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -137,6 +139,44 @@ def heldout_reverse_kl(
     return total / max(count, 1)
 
 
+PLOT_NAME = "reverse_kl.png"
+
+
+def require_matplotlib() -> None:
+    """matplotlib is an optional dependency: say how to get it before any training step needs it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "Plotting the held-out reverse KL needs matplotlib: `pip install matplotlib` (the `demo` and `test` "
+            "extras include it), or leave `plot=False`."
+        ) from error
+
+
+def plot_reverse_kl(history: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> str:
+    """Draw the held-out reverse KL (`history` records of `ReverseKLCallback`: `step`, `reverse_kl`) against the
+    optimizer step and save it as a PNG at `path`; returns the path. Uses matplotlib's object API (no pyplot state)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = [record["step"] for record in history]
+    values = [record["reverse_kl"] for record in history]
+    figure = Figure(figsize=(6, 3.6), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(steps, values, marker="o", color="tab:blue")
+    for step, value in ((steps[0], values[0]), (steps[-1], values[-1])):
+        axes.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(0, 7), ha="center")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("KL(student || teacher), nats/token")
+    axes.set_title(title or "Held-out reverse KL to the teacher")
+    axes.grid(alpha=0.3)
+    axes.margins(x=0.05, y=0.15)
+    figure.savefig(path)
+    return str(path)
+
+
 class ReverseKLCallback(TrainerCallback):
     """Log the held-out exact reverse KL of the student to the teacher every `eval_steps` optimizer steps.
 
@@ -162,6 +202,8 @@ class ReverseKLCallback(TrainerCallback):
         num_samples, max_new_tokens, seed, batch_size: as in `heldout_reverse_kl` (`batch_size`: rows per generation
             and per scoring pass).
         at_start: also evaluate before the first step.
+        plot: after each evaluation, redraw `history` as a PNG in the trainer's `output_dir` (`reverse_kl.png`, on
+            the main process; its path is `plot_path`). Needs matplotlib, checked here.
     """
 
     def __init__(
@@ -175,7 +217,10 @@ class ReverseKLCallback(TrainerCallback):
         seed: int = 0,
         batch_size: int = 8,
         at_start: bool = True,
+        plot: bool = False,
     ):
+        if plot:
+            require_matplotlib()
         if hasattr(prompts, "column_names"):
             prompts = list(prompts["prompt"])
         if not prompts:
@@ -191,6 +236,7 @@ class ReverseKLCallback(TrainerCallback):
         self.eval_steps, self.at_start = eval_steps, at_start
         self.sampling = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
         self.history: list[dict] = []
+        self.plot_path = os.path.join(trainer.args.output_dir, PLOT_NAME) if plot else None
         self._start, self._eval_seconds, self._last_step = None, 0.0, None
 
     def evaluate(self, step: int) -> dict:
@@ -235,6 +281,9 @@ class ReverseKLCallback(TrainerCallback):
         should_log = trainer.control.should_log
         Trainer.log(trainer, {"eval/reverse_kl": record["reverse_kl"], "eval/reverse_kl_tokens": float(count)})
         trainer.control.should_log = should_log
+        if self.plot_path is not None and accelerator.is_main_process:
+            os.makedirs(os.path.dirname(self.plot_path) or ".", exist_ok=True)
+            plot_reverse_kl(self.history, self.plot_path)
         self._eval_seconds += time.perf_counter() - began
         self._last_step = step
         return record

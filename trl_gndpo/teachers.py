@@ -7,14 +7,27 @@ whitening do not change: the teachers' log-probs are put back in row order befor
 """
 
 import torch
+from transformers.utils import logging
 from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
 from . import teacher_server
 from .hidden_states import capture_completion_states
 from .scoring_models import load_teacher, load_teacher_processing_class, placed_log_probs
 
+logger = logging.get_logger(__name__)
+
 # The name of the only teacher when one is given (metrics and `teacher_device` use names only with several).
 SINGLE = "teacher"
+# The routing columns looked for without `teacher_column`: TRL's async distillation's name, then this package's first.
+ROUTING_COLUMNS = ("teacher_id", "teacher")
+
+
+def routing_column(column: str | None, columns) -> str:
+    """The column that names each sample's teacher: `column` (`teacher_column`) if given, else the first of
+    `ROUTING_COLUMNS` among `columns`."""
+    if column is not None:
+        return column
+    return next((column for column in ROUTING_COLUMNS if column in columns), ROUTING_COLUMNS[0])
 
 
 def named(teacher_model) -> dict:
@@ -48,6 +61,11 @@ def is_text_only(model) -> bool:
 def text_only_names(models: dict, is_vlm: bool) -> set[str]:
     """The text-only teachers of a vision-language student (cross-modal distillation)."""
     return {name for name, model in models.items() if is_vlm and is_text_only(model)}
+
+
+def has_images(row: dict) -> bool:
+    """Whether a dataset row carries images (TRL's `image` or `images` column)."""
+    return row.get("image") is not None or bool(row.get("images"))
 
 
 def device_of(args, name: str):
@@ -109,6 +127,7 @@ class Teachers:
         self.log_probs, self.text_view, self.accelerator = log_probs, text_view, accelerator
         self.servers = servers or {}
         self.names = list(self.servers or self.models)  # routing order
+        self.warned_about_image_rows = False  # image rows read by a text-only teacher: warned once per trainer
 
     @property
     def first(self):
@@ -119,13 +138,14 @@ class Teachers:
         """Each local row's teacher index (in `names`), or None with a single teacher, local or served."""
         if len(self.names) <= 1:
             return None
-        return route(inputs, self.column, self.names).to(self.accelerator.device)
+        column = routing_column(self.column, inputs[0])
+        return route(inputs, column, self.names).to(self.accelerator.device)
 
     def score(self, batch, inputs, input_ids, attention_mask, model_inputs, want_states):
-        """Log-probs of the sampled tokens under each row's teacher (temperature 1), in row order, and the teachers'
-        completion hidden states when `want_states` (a single teacher). `inputs`: the rows behind `batch`. Text-only
-        teachers of a vision-language student read the text view of their rows; the others read exactly the
-        student's inputs."""
+        """Log-probs of the sampled tokens under each row's teacher (at `args.teacher_temperature`, set when the
+        teachers were prepared), in row order, and the teachers' completion hidden states when `want_states` (a
+        single teacher). `inputs`: the rows behind `batch`. Text-only teachers of a vision-language student read the
+        text view of their rows; the others read exactly the student's inputs."""
         if self.servers:  # each server scores its rows; NaN where it gave no log-prob (masked and counted downstream)
             return teacher_server.score_routed(self.servers, self.routes(inputs), batch), []
         completion_length = batch["completion_ids"].size(1)
@@ -186,3 +206,26 @@ class Teachers:
             # a teacher without valid tokens has nothing to average: NaN, which TRL's `log` leaves out (never 0)
             metrics[f"gndpo/teacher/{name}/reverse_kl"].append((kl / count).item() if count > 0 else float("nan"))
             metrics[f"gndpo/teacher/{name}/teacher_logp"].append((logp / count).item() if count > 0 else float("nan"))
+
+    def text_view_images(self, metrics, inputs) -> None:
+        """`gndpo/teacher/text_view_image_frac`: the share of the generation batch's image rows (all processes) that
+        a text-only teacher scored on their text view, which is not Uni-OPD's cross-modal setting (its text teachers
+        get text-domain rows); a warning the first time it is not 0. Nothing without a text-only teacher."""
+        if not self.text_only:
+            return
+        routes = self.routes(inputs)
+        names = list(self.models)
+        text = [names[i] in self.text_only for i in ([0] * len(inputs) if routes is None else routes.tolist())]
+        images = [has_images(x) for x in inputs]
+        counts = [sum(t and i for t, i in zip(text, images, strict=True)), sum(images)]
+        counts = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
+        scored, total = self.accelerator.reduce(counts, reduction="sum").tolist()
+        metrics["gndpo/teacher/text_view_image_frac"].append(scored / total if total else 0.0)
+        if scored and not self.warned_about_image_rows:
+            self.warned_about_image_rows = True
+            logger.warning(
+                f"{scored:g} of {total:g} image rows were scored by a text-only teacher on their text view (images "
+                "removed): that teacher cannot see the image, and Uni-OPD's cross-modal setting sends text teachers "
+                "text-domain rows only. Route image rows to a vision-language teacher (teacher_models with "
+                "teacher_column) unless this is what you want; gndpo/teacher/text_view_image_frac logs the share."
+            )

@@ -8,7 +8,6 @@ owns which concern, and how a generation batch flows through them: docs/architec
 """
 
 import os
-import textwrap
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from .config import GNDPOConfig
 from .fsdp2_on_cpu import select_fsdp2_on_cpu
 from .hidden_states import capture_completion_states, reverse_kl_per_token, vocabulary_head
 from .invalid_batches import InvalidBatchGuard
+from .paper import PAPER
 from .resume import EpochRepeatSampler, has_full_weights, load_full_weights, warn_missing_checkpoint_parts
 from .scoring_models import load_reference, placed_log_probs, prepare_scoring_model
 from .text_view import TextView
@@ -81,19 +81,9 @@ class GNDPOTrainer(GRPOTrainer):
             `peft_config`, `callbacks`, `optimizers`, `quantization_config`, ...).
     """
 
-    _tag_names = ["trl", "gndpo"]
+    _tag_names = ["trl", "gndpo", "distillation"]  # "distillation": listed with TRL's distillation models
     _name = "GNDPO"
-    _paper = {
-        "title": "Stabilizing On-Policy Distillation for MLLM Reasoning with Global Normalization",
-        "id": "2606.09091",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @article{gndpo2026,
-                title        = {{Stabilizing On-Policy Distillation for MLLM Reasoning with Global Normalization}},
-                year         = 2026,
-                eprint       = {arXiv:2606.09091},
-            }"""),
-    }
+    _paper = PAPER  # trl_gndpo/paper.py, also quoted by docs/index.md
 
     def __init__(
         self,
@@ -137,7 +127,9 @@ class GNDPOTrainer(GRPOTrainer):
         text_view = TextView(self.processing_class, *template, self._tokenizer.pad_token_id, self.accelerator.device)
         self.teachers = teachers.Teachers(
             {
-                name: prepare_scoring_model(self, t, 1.0, placed=True, device=teachers.device_of(args, name))
+                name: prepare_scoring_model(
+                    self, t, args.teacher_temperature, placed=True, device=teachers.device_of(args, name)
+                )
                 for name, t in teacher_models.items()
             },
             teachers.text_only_names(teacher_models, self._is_vlm),
@@ -272,6 +264,7 @@ class GNDPOTrainer(GRPOTrainer):
 
         self._log_token_statistics(metrics, mask, finite, valid, scores, signal, (mean, var), advantages)
         self.teachers.statistics(metrics, inputs, valid, scores["student"], scores["teacher"])
+        self.teachers.text_view_images(metrics, inputs)
         return batch
 
     def _responses(self, rewards: torch.Tensor, valid: torch.Tensor) -> uniopd_batch.Responses:
@@ -285,11 +278,11 @@ class GNDPOTrainer(GRPOTrainer):
         `inputs`: the rows behind `batch` (teacher routing, text views).
 
         `student` and `teacher`: log-probs of the sampled tokens (student on the training side, at the sampling
-        temperature, or the sampler's own with `old_logps_from_sampler`; teacher at temperature 1, each row by its own
-        teacher, on the text view for a text-only teacher, or from the teacher server). With the estimators that need
-        them: `entropy` (student, TIP), `base` (the reference of ExOPD: the initial student or the given reference
-        model), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden states at the
-        completion positions, in its own dtype, VGS).
+        temperature, or the sampler's own with `old_logps_from_sampler`; teacher at `args.teacher_temperature`, each
+        row by its own teacher, on the text view for a text-only teacher, or from the teacher server). With the
+        estimators that need them: `entropy` (student, TIP), `base` (the reference of ExOPD: the initial student or
+        the given reference model), `kl` (full-vocabulary KL(p || q), vOPD), `teacher_states` (the teacher's hidden
+        states at the completion positions, in its own dtype, VGS).
         """
         completion_length = batch["completion_ids"].size(1)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)

@@ -1,9 +1,10 @@
 """Uni-OPD offline difficulty-aware balancing: estimate each prompt's pass rate, then flatten the histogram.
 
-rates = estimate_pass_rates(student, tokenizer, dataset, reward_funcs=[accuracy_reward], num_samples=8)
+rates = estimate_pass_rates(student, tokenizer, dataset, reward_funcs=[accuracy_reward], args=args, num_samples=8)
 train_dataset = difficulty_balanced_dataset(dataset, rates, num_bins=5, seed=0)
 """
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -40,10 +41,11 @@ def estimate_pass_rates(
     tokenizer,
     dataset: Dataset,
     reward_funcs: Callable | list[Callable],
+    args=None,
     num_samples: int = 8,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     threshold: float = 0.5,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     seed: int = 0,
 ) -> list[float]:
     """Share of `num_samples` sampled completions per prompt whose summed reward reaches `threshold`.
@@ -51,7 +53,21 @@ def estimate_pass_rates(
     Samples `model` (a text student with its tokenizer) on each row's `prompt`, conversational or plain, and scores the
     completions with TRL-style reward functions `f(prompts, completions, completion_ids, **columns) -> list[float]`,
     which receive the row's other columns repeated per sample, as during training.
+
+    Completions are capped at `max_new_tokens`, by default the training config's `max_completion_length` (`args`, the
+    `GNDPOConfig` you train with), and sampled at `temperature`, by default `args.temperature` (1.0 without `args`).
+    Give one of `args` and `max_new_tokens`: a cap shorter than the training one cuts long reasoning before its answer,
+    so those samples score as failures. A warning says when most samples reach the cap unfinished.
     """
+    if max_new_tokens is None:
+        if args is None:
+            raise ValueError(
+                "estimate_pass_rates needs the completion cap you train with: pass args=<your GNDPOConfig> (its "
+                "max_completion_length) or max_new_tokens; a shorter cap truncates long answers into failures."
+            )
+        max_new_tokens = args.max_completion_length
+    if temperature is None:
+        temperature = 1.0 if args is None else args.temperature
     if "prompt" not in dataset.column_names:
         raise ValueError(f"The dataset needs a `prompt` column; it has {dataset.column_names}.")
     if any(column in dataset.column_names for column in ("image", "images")):
@@ -59,7 +75,9 @@ def estimate_pass_rates(
     reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    rates = []
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else []
+    eos = (set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}) - {None}
+    rates, unfinished = [], 0
     for row in dataset:
         prompt = row["prompt"]
         conversational = isinstance(prompt, list)
@@ -79,6 +97,7 @@ def estimate_pass_rates(
             pad_token_id=tokenizer.pad_token_id,
         )
         completion_ids = [seq[ids["input_ids"].size(1) :].tolist() for seq in generated]
+        unfinished += sum(len(c) >= max_new_tokens and not eos.intersection(c) for c in completion_ids)
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         columns = {k: [v] * num_samples for k, v in row.items() if k != "prompt"}
@@ -90,4 +109,12 @@ def estimate_pass_rates(
             totals += torch.tensor([float("nan") if s is None else s for s in scores]).nan_to_num(0.0)
         rates.append((totals >= threshold).double().mean().item())
     torch.random.set_rng_state(rng_state)
+    share = unfinished / max(len(dataset) * num_samples, 1)
+    if share > 0.5:
+        warnings.warn(
+            f"{share:.0%} of the sampled completions reached max_new_tokens={max_new_tokens} unfinished, so most "
+            "pass rates count truncated answers as failures: raise max_new_tokens to the max_completion_length you "
+            "train with (pass args=<your GNDPOConfig>).",
+            stacklevel=3,  # the caller, past torch.no_grad's wrapper
+        )
     return rates
