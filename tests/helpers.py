@@ -94,6 +94,27 @@ def record_references(trainer, teacher=None, full=False) -> list[tuple]:
     return records
 
 
+def routed_dataset(values, column="teacher") -> Dataset:
+    dataset = make_text_dataset(8)
+    return dataset.add_column(column, [values[i % len(values)] for i in range(len(dataset))])
+
+
+def record(trainer, extra=None) -> list[dict]:
+    """Each generation batch with its inputs and the float64 log-probs of the student (and `extra` models)."""
+    records, generate = [], trainer._generate_and_score_completions
+
+    def spy(inputs):
+        batch = generate(inputs)
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        entry = {"inputs": inputs, "batch": batch, "p": reference_logps(student, batch)}
+        entry.update({name: reference_logps(model, batch) for name, model in (extra or {}).items()})
+        records.append(entry)
+        return batch
+
+    trainer._generate_and_score_completions = spy
+    return records
+
+
 def snapshot(model):
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 

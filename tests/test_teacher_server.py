@@ -18,15 +18,43 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from helpers import assert_same_state, calls, configure_server, free_port, served_requests, served_teacher
-from tiny_models import _trained_bpe, cpu_grpo_kwargs, make_text_dataset, make_text_model, make_tokenizer, save_tiny
+from helpers import (
+    assert_same_state,
+    calls,
+    configure_server,
+    free_port,
+    record,
+    routed_dataset,
+    served_requests,
+    served_teacher,
+    whiten,
+)
+from tiny_models import (
+    VLM_FAMILIES,
+    _trained_bpe,
+    cpu_grpo_kwargs,
+    make_image,
+    make_processor,
+    make_text_dataset,
+    make_text_model,
+    make_tokenizer,
+    save_tiny,
+)
 from transformers import Qwen2Tokenizer
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 from trl import GRPOTrainer
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer, functional, teacher_server
-from trl_gndpo.teacher_server import TeacherServer, TeacherServerError, completion_logps, request_sequences
+from trl_gndpo.teacher_server import (
+    TeacherServer,
+    TeacherServerError,
+    completion_logps,
+    images_from_pixel_values,
+    one_placeholder_per_image,
+    request_sequences,
+    rows_images,
+)
 
 TESTS = Path(__file__).parent
 SECRET = "s3cret-Key-0123456789"  # an API key or URL token that must never be written anywhere
@@ -59,6 +87,16 @@ def test_completion_logps_align_with_the_mask_and_mark_unscored_tokens_nan():
         completion_logps([[[-1.0]] * 3], [2], completion_mask)
 
 
+def test_several_server_urls_are_a_dict_or_its_json(cpu_config_kwargs):
+    urls = {"math": "http://a:8001", "code": "http://b:8002"}
+    config = GNDPOConfig(
+        **cpu_config_kwargs(teacher_model_server_url='{"math": "http://a:8001", "code": "http://b:8002"}')
+    )
+    assert config.teacher_model_server_url == urls
+    with pytest.raises(ValueError, match="names each teacher's server"):
+        GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url={"math": " "}))
+
+
 def test_served_teacher_is_compatible_with_token_selection(cpu_config_kwargs):
     config = GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url="http://x:8000", token_selection="quadrant"))
     assert config.teacher_model_server_url == "http://x:8000"
@@ -70,10 +108,57 @@ def test_a_local_and_a_served_teacher_together_are_refused(cpu_config_kwargs):
         GNDPOTrainer(model=make_text_model(), teacher_model=served_teacher(), args=args, train_dataset=None)
 
 
-def test_vision_language_students_are_refused_before_connecting(cpu_config_kwargs):
+def test_a_vision_language_student_needs_a_qwen_vl_processor(cpu_config_kwargs):
     args = GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url="http://127.0.0.1:1"))
-    with pytest.raises(ValueError, match="takes no images"):
-        teacher_server.connect(args, processing_class=None, student=None, is_vlm=True)
+    with pytest.raises(ValueError, match="needs a Qwen2-VL / Qwen2.5-VL / Qwen3-VL processor"):
+        teacher_server.connect(args, processing_class=make_tokenizer(), student=None, is_vlm=True)
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_images_rebuilt_from_pixel_values_give_the_same_pixel_values(family):
+    """The images a vision-language student's batch is sent with are its own pixels: rebuilt from `pixel_values` and
+    processed again by the family's processor, they give the same patches, for images of different sizes."""
+    image_processor = make_processor(family).image_processor
+    images = [make_image(0, 32), make_image(3, 48).resize((80, 40)), make_image(5, 64)]
+    processed = image_processor(images=images, return_tensors="pt")
+    rebuilt = images_from_pixel_values(processed["pixel_values"], processed["image_grid_thw"], image_processor)
+    again = image_processor(images=rebuilt, return_tensors="pt")
+    assert torch.equal(again["image_grid_thw"], processed["image_grid_thw"])
+    assert torch.equal(again["pixel_values"], processed["pixel_values"])
+    assert len({image.size for image in rebuilt}) > 1  # each at its own resized size
+
+
+def test_one_placeholder_per_image():
+    assert one_placeholder_per_image([1, 6, 6, 6, 2, 6, 6, 3, 6], image_token_id=6) == [1, 6, 2, 6, 3, 6]
+    assert one_placeholder_per_image([6, 6], image_token_id=6) == [6]
+
+
+def test_rows_images_select_each_rows_images():
+    grid = torch.tensor([[1, 2, 2], [1, 2, 4], [1, 2, 2]])  # row 0: one image (4 patches); row 1: none; row 2: two
+    images = {"pixel_values": torch.arange(16.0)[:, None], "image_grid_thw": grid, "num_images": [1, 0, 2]}
+    last = rows_images(images, [2])
+    assert last["pixel_values"][:, 0].tolist() == list(range(4, 16)) and last["num_images"] == [2]
+    assert torch.equal(last["image_grid_thw"], grid[1:])
+    first = rows_images(images, [0, 1])
+    assert first["pixel_values"][:, 0].tolist() == [0, 1, 2, 3] and first["num_images"] == [1, 0]
+    assert rows_images({"pixel_values": None}, [0]) == {}
+
+
+def test_several_servers_each_score_their_rows_once():
+    class Server:
+        def __init__(self, value):
+            self.value, self.calls = value, []
+
+        def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask, **images):
+            self.calls.append(prompt_ids[:, -1].tolist())
+            return torch.full(completion_mask.shape, self.value)
+
+    servers = {"math": Server(-1.0), "code": Server(-2.0)}
+    batch = {"prompt_ids": torch.tensor([[10], [11], [12]]), "prompt_mask": torch.ones(3, 1),
+             "completion_ids": torch.zeros(3, 2, dtype=torch.long), "completion_mask": torch.ones(3, 2)}  # fmt: skip
+    out = teacher_server.score_routed(servers, torch.tensor([1, 0, 1]), batch)
+    assert out[:, 0].tolist() == [-2.0, -1.0, -2.0]
+    assert servers["math"].calls == [[11]] and servers["code"].calls == [[10, 12]]
 
 
 def test_server_down_is_a_clear_error_naming_the_url():
@@ -194,6 +279,17 @@ def test_a_slow_server_raises_a_timeout_naming_the_server(server):
             client.score(torch.tensor([[5, 6]]), torch.ones(1, 2), torch.tensor([[7, 8]]), torch.ones(1, 2))
     finally:
         configure_server(server, delay=0.0)
+
+
+@pytest.mark.slow
+def test_a_server_without_the_token_in_endpoint_is_an_error_saying_how_to_start_it(server):
+    """A vision-language student's teacher needs `vllm serve --enable-scale-out` (the stand-in, like a plain `vllm
+    serve`, has no /inference/v1/generate)."""
+    from trl_gndpo.teacher_server import VisionTeacherServer
+
+    client = VisionTeacherServer(server, image_processor=None, image_token_id=6, timeout=30)
+    with pytest.raises(TeacherServerError, match="start it with `vllm serve TEACHER --enable-scale-out`"):
+        client.score(torch.tensor([[5, 6]]), torch.ones(1, 2), torch.tensor([[7, 8]]), torch.ones(1, 2))
 
 
 def other_tokenizer(directory):
@@ -501,3 +597,49 @@ def test_a_server_down_for_good_stops_the_run_and_its_last_checkpoint_resumes_ex
     finally:
         stop(process)
     assert_same_training(uninterrupted, trainer)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Several served teachers
+
+
+@pytest.mark.slow
+def test_several_served_teachers_each_score_their_routed_rows(server, tmp_path, cpu_config_kwargs):
+    """`teacher_model_server_url={"math": URL, "code": URL}` with the `teacher` column: each server scores only the
+    rows routed to it, once per generation batch, and the advantages are those of the two local teachers routed the
+    same way (one whitening over both); per-teacher metrics are logged as for local teachers."""
+    code_teacher = make_text_model(seed=2, num_hidden_layers=3)
+    process, code_url = start_server(save_tiny(code_teacher, make_tokenizer(), tmp_path / "code"))
+    try:
+        urls = {"math": server, "code": code_url}
+        args = GNDPOConfig(**cpu_config_kwargs(teacher_model_server_url=urls, per_device_train_batch_size=8))
+        trainer = GNDPOTrainer(
+            model=make_text_model(seed=0), args=args, train_dataset=routed_dataset(["math", "code"]),
+            processing_class=make_tokenizer(),
+        )  # fmt: skip
+        for url in urls.values():  # forget the start-up checks' requests
+            configure_server(url, clear_requests=True)
+        records = record(trainer, {"math": served_teacher(), "code": code_teacher})
+        trainer.train()
+        asked = {name: served_requests(url) for name, url in urls.items()}
+    finally:
+        stop(process)
+    routed = {"math": [], "code": []}
+    for r in records:
+        names = [x["teacher"] for x in r["inputs"]]
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        rows, sequences, _ = request_sequences(*(r["batch"][k] for k in keys))
+        for row, sequence in zip(rows, sequences, strict=True):
+            routed[names[row]].append(sequence)
+        q = torch.stack([r[name][i] for i, name in enumerate(names)])
+        mask = r["batch"]["completion_mask"].bool()
+        expected = whiten((q - r["p"]).clamp(-5, 5), mask)
+        torch.testing.assert_close(r["batch"]["advantages"].double(), expected, rtol=1e-4, atol=1e-4)
+    assert any(len({x["teacher"] for x in r["inputs"]}) == 2 for r in records), "a batch mixes both teachers"
+    for name in ("math", "code"):
+        assert len(asked[name]) == len(records)  # one request per generation batch (chunks of 16)
+        assert sorted(ids for r in asked[name] for ids in r["ids"]) == sorted(routed[name])
+    logged = [entry for entry in trainer.state.log_history if "gndpo/teacher/math/token_frac" in entry]
+    assert logged and all(
+        abs(e["gndpo/teacher/math/token_frac"] + e["gndpo/teacher/code/token_frac"] - 1) < 1e-6 for e in logged
+    )

@@ -5,35 +5,13 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
-from helpers import reference_logps, unpadded, whiten, without_vision_spans
+from helpers import record, routed_dataset, unpadded, whiten, without_vision_spans
 from peft import LoraConfig
 from tiny_models import make_image_dataset, make_text_dataset, make_text_model, make_tokenizer, make_vlm
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
 
 LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-
-
-def routed_dataset(values, column="teacher") -> Dataset:
-    dataset = make_text_dataset(8)
-    return dataset.add_column(column, [values[i % len(values)] for i in range(len(dataset))])
-
-
-def record(trainer, extra=None) -> list[dict]:
-    """Each generation batch with its inputs and the float64 log-probs of the student (and `extra` models)."""
-    records, generate = [], trainer._generate_and_score_completions
-
-    def spy(inputs):
-        batch = generate(inputs)
-        student = trainer.accelerator.unwrap_model(trainer.model)
-        entry = {"inputs": inputs, "batch": batch, "p": reference_logps(student, batch)}
-        entry.update({name: reference_logps(model, batch) for name, model in (extra or {}).items()})
-        records.append(entry)
-        return batch
-
-    trainer._generate_and_score_completions = spy
-    return records
 
 
 def count_rows(model) -> list[int]:

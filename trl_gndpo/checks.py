@@ -46,7 +46,8 @@ def check_setup(
     warn_if_checkpoints_split_generations(args)
     warn_if_rollout_feeds_several_steps(args)
     hint_fixed_vgs_eta(args)
-    check_routing(args, trainer, list(teacher_models), datasets)
+    served = args.teacher_model_server_url
+    check_routing(args, trainer, list(served) if isinstance(served, dict) else list(teacher_models), datasets)
     student = trainer.accelerator.unwrap_model(trainer.model)
     if args.cross_tokenizer_distillation:
         check_own_tokenizers(trainer, teacher_models, teacher_processing)

@@ -122,14 +122,17 @@ class GNDPOConfig(GRPOConfig):
             Keep the teacher in CPU memory and move it to the training device only for its scoring pass (once per
             generation batch): less GPU memory, one host-device copy of the teacher per generation batch. Not with
             DeepSpeed, FSDP, a quantized teacher or `teacher_device`.
-        teacher_model_server_url (`str`, *optional*):
+        teacher_model_server_url (`str` or `dict[str, str]`, *optional*):
             Base URL of a vLLM server that serves the teacher (`vllm serve TEACHER`, e.g. `"http://teacher:8000"`),
             used instead of a local teacher: each process sends its completions' token ids (prompt + completion) to
             `/v1/completions` with `prompt_logprobs=0` and receives the teacher's log-prob of each sampled token, once
-            per generation batch. The served model must share the student's tokenizer (checked at start-up). Text
-            students only; not with a local teacher or its options, `value_baseline` or
-            `visual_gradient_steering`, which need more than the sampled tokens' log-probs. A token the server does
-            not score is masked and counted in `gndpo/nonfinite_frac`.
+            per generation batch. The served model must share the student's tokenizer (checked at start-up). For a
+            vision-language student (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), serve a teacher of its family with
+            `--enable-scale-out`: each sequence goes with its images to `/inference/v1/generate`. Several served
+            teachers: a dict teacher name -> URL (or its JSON string), each sample scored by the server its
+            `teacher_column` names, as with `teacher_models`. Not with a local teacher or its options,
+            `value_baseline` or `visual_gradient_steering`, which need more than the sampled tokens' log-probs. A
+            token the server does not score is masked and counted in `gndpo/nonfinite_frac`.
         teacher_model_server_timeout (`float`, *optional*, defaults to `300.0`):
             Seconds to wait for the teacher server to come up at start-up, and for each scoring request; a request
             that takes longer stops training with an error naming the server.
@@ -352,6 +355,7 @@ class GNDPOConfig(GRPOConfig):
         "teacher_model_init_kwargs",
         "teacher_models",
         "teacher_device",
+        "teacher_model_server_url",
     ]
 
     # Teacher
@@ -397,11 +401,12 @@ class GNDPOConfig(GRPOConfig):
         default=False,
         metadata={"help": "Keep the teacher in CPU memory, moving it to the training device only to score."},
     )
-    teacher_model_server_url: str | None = field(
+    teacher_model_server_url: dict[str, str] | str | None = field(
         default=None,
         metadata={
-            "help": "Base URL of a vLLM server serving the teacher (`vllm serve TEACHER`), used instead of a local "
-            "teacher to score the sampled tokens. Text students only."
+            "help": "Base URL of a vLLM server serving the teacher (`vllm serve TEACHER`, with `--enable-scale-out` "
+            "for a vision-language student), used instead of a local teacher to score the sampled tokens; or a dict "
+            "teacher name -> URL, routed by `teacher_column`."
         },
     )
     teacher_model_server_timeout: float = field(
@@ -935,10 +940,18 @@ class GNDPOConfig(GRPOConfig):
 
     def _check_teacher_server(self) -> None:
         """A served teacher replaces the local one and gives only the sampled tokens' log-probs."""
-        if self.teacher_model_server_url is not None and not self.teacher_model_server_url.strip():
+        urls = self.teacher_model_server_url
+        if isinstance(urls, dict):
+            if not urls or not all(isinstance(url, str) and url.strip() for url in urls.values()):
+                raise ValueError(
+                    f"teacher_model_server_url as a dict names each teacher's server: teacher name -> base URL, got "
+                    f"{urls!r}."
+                )
+        elif urls is not None and not urls.strip():
             raise ValueError("teacher_model_server_url is empty: give the server's base URL, or None.")
-        if self.teacher_model_server_url is not None and url_problem(self.teacher_model_server_url) is not None:
-            raise ValueError(f"teacher_model_server_url {url_problem(self.teacher_model_server_url)}.")
+        for url in urls.values() if isinstance(urls, dict) else [] if urls is None else [urls]:
+            if url_problem(url) is not None:
+                raise ValueError(f"teacher_model_server_url {url_problem(url)}.")
         if self.teacher_model_server_api_key is not None and self.teacher_model_server_url is None:
             raise ValueError(
                 "teacher_model_server_api_key is set without teacher_model_server_url: set both, or neither."

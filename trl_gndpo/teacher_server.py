@@ -402,22 +402,241 @@ class TeacherServer:
             )
 
 
-def connect(args, processing_class, student, is_vlm: bool) -> TeacherServer:
-    """Refuse what a served teacher cannot do, connect, and check the server's tokenizer against the student's."""
-    if is_vlm:
-        raise ValueError(
-            "teacher_model_server_url scores token ids through vLLM's /v1/completions, which takes no images, so "
-            "the teacher would score a vision-language student's completions without seeing the images. Use a "
-            "local teacher (teacher_model / teacher_model_name_or_path) for vision-language students."
-        )
-    server = TeacherServer(
-        args.teacher_model_server_url,
+def server_options(args) -> dict:
+    """`TeacherServer`'s keyword arguments from a `GNDPOConfig` (the key from the config, else the environment)."""
+    return dict(
         timeout=args.teacher_model_server_timeout,
         chunk_size=args.teacher_model_server_chunk_size,
         max_concurrent_requests=args.teacher_model_server_max_concurrent_requests,
         api_key=args.teacher_model_server_api_key or os.environ.get(API_KEY_ENV) or None,
         retry_timeout=args.teacher_model_server_retry_timeout,
     )
+
+
+def connect(args, processing_class, student, is_vlm: bool) -> TeacherServer:
+    """Refuse what a served teacher cannot do, connect, and check the server's tokenizer against the student's."""
+    if is_vlm:  # the images go with the token ids through vLLM's token-in endpoint (below)
+        return connect_vision(args, processing_class, student)
+    server = TeacherServer(args.teacher_model_server_url, **server_options(args))
     server.check_tokenizer(processing_class, student.config.get_text_config().vocab_size)
     logger.info(f"GNDPO: the teacher {server.client.model} served at {server.url} scores the sampled tokens.")
     return server
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Vision-language students: the token ids with the images, through vLLM's token-in endpoint
+#
+# `/v1/completions` takes no images, but vLLM's `POST /inference/v1/generate` (served with `--enable-scale-out`) takes
+# `token_ids` with `content_parts` (images as URLs, data URLs included) and `sampling_params` carrying
+# `prompt_logprobs`. vLLM renders such a prompt with the model's multimodal processor, which expands each image
+# placeholder token (`<|image_pad|>`) into as many as the image has merged patches: the request must carry ONE
+# placeholder per image (a pre-expanded run would be expanded again from its first token), and `return_token_ids`
+# gives back the expanded ids, checked here against the student's. The images sent are the student's own pixels: each
+# is rebuilt from the batch's `pixel_values` at the size the student's processor resized it to, so the server's
+# processor (the same family's, resizing a size it already accepts) gives the same patches.
+
+GENERATE_PATH = "/inference/v1/generate"
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "num_images")
+
+
+def images_from_pixel_values(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, image_processor) -> list:
+    """The images behind Qwen2-VL / Qwen2.5-VL / Qwen3-VL `pixel_values`, as RGB PIL images at the size the processor
+    resized them to: the processor's patch flattening and `(x * rescale_factor - mean) / std` undone, rounded to
+    8-bit. Processing them again gives the same `pixel_values` (tested on the three families)."""
+    from PIL import Image
+
+    patch, merge, temporal = (
+        image_processor.patch_size,
+        image_processor.merge_size,
+        image_processor.temporal_patch_size,
+    )
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float64).view(3, 1, 1)
+    images, start = [], 0
+    for t, h, w in image_grid_thw.tolist():
+        patches = pixel_values[start : start + t * h * w].to(torch.float64).cpu()
+        start += t * h * w
+        frames = patches.reshape(t, h // merge, w // merge, merge, merge, 3, temporal, patch, patch)
+        frames = frames.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * temporal, 3, h * patch, w * patch)
+        pixels = (frames[0] * std + mean) / image_processor.rescale_factor
+        array = pixels.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        images.append(Image.fromarray(array, mode="RGB"))
+    if start != pixel_values.size(0):
+        raise ValueError(f"image_grid_thw covers {start} patches but pixel_values has {pixel_values.size(0)}.")
+    return images
+
+
+def one_placeholder_per_image(ids: list[int], image_token_id: int) -> list[int]:
+    """`ids` with every run of the image placeholder token collapsed to one, as vLLM expects a prompt's images."""
+    return [t for i, t in enumerate(ids) if t != image_token_id or i == 0 or ids[i - 1] != image_token_id]
+
+
+def _data_url(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # lossless: the server decodes exactly these pixels
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class VisionTeacherServer(TeacherServer):
+    """A vision-language teacher served by vLLM (`vllm serve TEACHER --enable-scale-out`): each sequence is scored
+    with its images through `POST /inference/v1/generate`, one request per sequence, up to
+    `max_concurrent_requests` in flight.
+
+    Args:
+        image_processor: the student's image processor (its patch layout and normalisation rebuild the images).
+        image_token_id: the student's image placeholder token.
+        Others as `TeacherServer`.
+    """
+
+    def __init__(self, url: str, image_processor, image_token_id: int, **kwargs):
+        super().__init__(url, **kwargs)
+        self.image_processor, self.image_token_id = image_processor, image_token_id
+
+    def _generate(self, ids: list[int], images: list) -> dict:
+        payload = {
+            "model": self.client.model,
+            "token_ids": one_placeholder_per_image(ids, self.image_token_id) if images else ids,
+            "sampling_params": {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0, "detokenize": False},
+            "return_token_ids": True,
+        }
+        if images:
+            payload["content_parts"] = [{"type": "image_url", "url": _data_url(image)} for image in images]
+        try:  # retried while the server is down, with the key, as the text path's requests
+            answer = self.client._post(f"{self.url}{GENERATE_PATH}", json=payload)
+        except _ReplyError as error:
+            if not str(error).startswith("HTTP 404"):
+                raise
+            raise TeacherServerError(
+                f"The teacher server at {self.url} has no {GENERATE_PATH} (vLLM's token-in endpoint), which a "
+                "vision-language student needs to send its images: start it with `vllm serve TEACHER "
+                "--enable-scale-out`."
+            ) from error
+        _check_completions({"choices": [answer]}, [answer.get("prompt_token_ids") or ids])
+        return answer
+
+    def sequence_logprobs_with_images(
+        self, sequences: list[list[int]], prompt_lengths: list[int], images: list[list]
+    ) -> list[list[list[float]]]:
+        """As `sequence_logprobs`, each sequence scored with its images (placeholders expanded as the student's)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(ids, prompt_length, row_images):
+            answer = self._generate(ids, row_images)
+            if answer.get("prompt_token_ids") not in (None, ids):
+                served = answer["prompt_token_ids"]
+                raise TeacherServerError(
+                    f"The teacher server at {self.url} expanded a prompt's {len(row_images)} image(s) into "
+                    f"{served.count(self.image_token_id)} placeholder tokens where the student's processor has "
+                    f"{ids.count(self.image_token_id)}: the teacher would see the images at another resolution. Serve "
+                    "a teacher of the student's family with the student's image processor settings (min/max pixels)."
+                )
+            logprobs = answer["prompt_logprobs"]
+            out = []
+            for position in range(prompt_length, len(ids)):
+                entry = (logprobs[position] or {}).get(str(ids[position]))
+                out.append([entry["logprob"] if entry is not None else -math.inf])
+            return out
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(self.max_concurrent_requests, 1)) as pool:
+                return list(pool.map(one, sequences, prompt_lengths, images))
+        except TeacherServerError:
+            raise
+        except Exception as error:
+            raise self._error(f"score {len(sequences)} sequences with their images", error) from error
+
+    @torch.no_grad()
+    def score(
+        self, prompt_ids, prompt_mask, completion_ids, completion_mask, pixel_values=None, image_grid_thw=None,
+        num_images=None,
+    ) -> torch.Tensor:  # fmt: skip
+        """`log q(y_t)` of every completion token, each row scored with its own images; `(B, T)` float32."""
+        rows, sequences, prompt_lengths = request_sequences(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        per_row = [[] for _ in range(prompt_ids.size(0))]
+        if pixel_values is not None:
+            images = images_from_pixel_values(pixel_values, image_grid_thw, self.image_processor)
+            counts = num_images if num_images is not None else [1] * len(images)
+            if sum(counts) != len(images):
+                raise ValueError(f"num_images counts {sum(counts)} images, image_grid_thw {len(images)}.")
+            offsets = [sum(counts[:i]) for i in range(len(counts))]
+            per_row = [images[o : o + n] for o, n in zip(offsets, counts, strict=True)]
+        logps = self.sequence_logprobs_with_images(sequences, prompt_lengths, [per_row[row] for row in rows])
+        return completion_logps(logps, rows, completion_mask)
+
+
+def connect_vision(args, processing_class, student) -> VisionTeacherServer:
+    """Connect to a vision-language teacher served with `--enable-scale-out` and check its tokenizer (text only: the
+    images' expansion is checked on every request)."""
+    image_processor = getattr(processing_class, "image_processor", None)
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    image_token = getattr(processing_class, "image_token", "<|image_pad|>")
+    if image_processor is None or not hasattr(image_processor, "merge_size"):
+        raise ValueError(
+            "teacher_model_server_url with a vision-language student needs a Qwen2-VL / Qwen2.5-VL / Qwen3-VL "
+            f"processor (patch_size, merge_size), got {type(processing_class).__name__}. Use a local teacher."
+        )
+    server = VisionTeacherServer(
+        args.teacher_model_server_url,
+        image_processor=image_processor,
+        image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+        **server_options(args),
+    )
+    server.check_tokenizer(tokenizer, student.config.get_text_config().vocab_size)
+    server.sequence_logprobs_with_images([tokenizer("probe", add_special_tokens=False)["input_ids"] * 2], [1], [[]])
+    logger.info(f"GNDPO: the vision-language teacher {server.client.model} served at {server.url} scores the samples.")
+    return server
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Several served teachers: `teacher_model_server_url` as a dict teacher name -> URL, routed by `teacher_column` as
+# local teachers are; each server scores only its rows, once per generation batch.
+
+
+def connect_all(args, processing_class, student, is_vlm: bool) -> dict:
+    """`{name: connected server}`: one per teacher of a dict `teacher_model_server_url`, else `{"teacher": server}`."""
+    import copy
+
+    urls = args.teacher_model_server_url
+    if not isinstance(urls, dict):
+        return {"teacher": connect(args, processing_class, student, is_vlm)}
+    servers = {}
+    for name, url in urls.items():
+        one = copy.copy(args)  # the same settings with this teacher's URL (no re-validation)
+        one.teacher_model_server_url = url
+        servers[name] = connect(one, processing_class, student, is_vlm)
+    return servers
+
+
+def rows_images(images: dict, rows: list[int]) -> dict:
+    """The `pixel_values`, `image_grid_thw` and `num_images` of some rows of a batch (each row's images in order)."""
+    if images.get("pixel_values") is None:
+        return {}
+    counts = images.get("num_images") or [1] * images["image_grid_thw"].size(0)
+    patches = images["image_grid_thw"].prod(-1).tolist()
+    first_image = [sum(counts[:row]) for row in range(len(counts))]
+    image_ids = [i for row in rows for i in range(first_image[row], first_image[row] + counts[row])]
+    starts = [sum(patches[:i]) for i in range(len(patches))]
+    patch_ids = [p for i in image_ids for p in range(starts[i], starts[i] + patches[i])]
+    return {
+        "pixel_values": images["pixel_values"][patch_ids],
+        "image_grid_thw": images["image_grid_thw"][image_ids],
+        "num_images": [counts[row] for row in rows],
+    }
+
+
+def score_routed(servers: dict, routes, batch: dict) -> torch.Tensor:
+    """`log q(y_t)` of every completion token, `(B, T)` float32: each row scored by the server `routes` names (its
+    index in `servers`; None: the only server), each server once, with its rows only."""
+    ids = [batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+    images = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+    if routes is None:
+        return next(iter(servers.values())).score(*ids, **images)
+    out = torch.full(batch["completion_mask"].shape, math.nan, device=batch["completion_mask"].device)
+    for index, server in enumerate(servers.values()):
+        rows = (routes == index).nonzero().squeeze(1).tolist()
+        if rows:
+            out[rows] = server.score(*(x[rows] for x in ids), **rows_images(images, rows)).to(out.device)
+    return out

@@ -11,6 +11,7 @@ from datasets import IterableDataset
 from transformers.utils import logging
 from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
+from . import teacher_server
 from .hidden_states import capture_completion_states
 from .scoring_models import load_teacher, load_teacher_processing_class, placed_log_probs
 
@@ -130,6 +131,8 @@ class Teachers:
         log_probs: GRPOTrainer's `_get_per_token_logps_and_entropies`.
         text_view: renders the text view of the rows' prompts (a `TextView`).
         accelerator: the trainer's accelerator (its device, and the reductions of the metrics).
+        servers: name -> connected teacher server (`teacher_server.py`), in routing order, when the teachers are
+            served (`teacher_model_server_url`); then `models` is empty.
         own_tokenizers: with `cross_tokenizer_distillation`, the teachers' own tokenizers and processors (an
             `OwnTokenizers`); they then score their own tokens (`score_own_tokens`), else None.
     """
@@ -143,11 +146,13 @@ class Teachers:
         log_probs,
         text_view,
         accelerator,
+        servers=None,
         own_tokenizers=None,
     ):
         self.models, self.text_only, self.column, self.offload_to = models, text_only, column, offload_to
         self.log_probs, self.text_view, self.accelerator = log_probs, text_view, accelerator
-        self.own_tokenizers = own_tokenizers
+        self.servers, self.own_tokenizers = servers or {}, own_tokenizers
+        self.names = list(self.servers or self.models)  # routing order
         self.warned_about_image_rows = False  # image rows read by a text-only teacher: warned once per trainer
 
     @property
@@ -156,17 +161,19 @@ class Teachers:
         return next(iter(self.models.values()), None)
 
     def routes(self, inputs: list[dict]) -> "torch.Tensor | None":
-        """Each local row's teacher index, or None with a single teacher (or a served one)."""
-        if len(self.models) <= 1:
+        """Each local row's teacher index (in `names`), or None with a single teacher, local or served."""
+        if len(self.names) <= 1:
             return None
         column = routing_column(self.column, inputs[0])
-        return route(inputs, column, list(self.models)).to(self.accelerator.device)
+        return route(inputs, column, self.names).to(self.accelerator.device)
 
     def score(self, batch, inputs, input_ids, attention_mask, model_inputs, want_states):
         """Log-probs of the sampled tokens under each row's teacher (at `args.teacher_temperature`, set when the
         teachers were prepared), in row order, and the teachers' completion hidden states when `want_states` (a
         single teacher). `inputs`: the rows behind `batch`. Text-only teachers of a vision-language student read the
         text view of their rows; the others read exactly the student's inputs."""
+        if self.servers:  # each server scores its rows; NaN where it gave no log-prob (masked and counted downstream)
+            return teacher_server.score_routed(self.servers, self.routes(inputs), batch), []
         completion_length = batch["completion_ids"].size(1)
         routes = self.routes(inputs)
         logps = torch.zeros(batch["completion_ids"].shape, device=self.accelerator.device)
@@ -228,12 +235,12 @@ class Teachers:
         if routes is None:
             return
         sums = []
-        for index in range(len(self.models)):
+        for index in range(len(self.names)):
             mine = valid & (routes == index).unsqueeze(1)
             sums += [mine.sum(), torch.where(mine, student - teacher, 0).sum(), torch.where(mine, teacher, 0).sum()]
         sums = self.accelerator.reduce(torch.stack(sums).to(torch.float64), reduction="sum").view(-1, 3)
         total = sums[:, 0].sum().clamp(min=1.0)
-        for name, (count, kl, logp) in zip(self.models, sums, strict=True):
+        for name, (count, kl, logp) in zip(self.names, sums, strict=True):
             metrics[f"gndpo/teacher/{name}/token_frac"].append((count / total).item())
             # a teacher without valid tokens has nothing to average: NaN, which TRL's `log` leaves out (never 0)
             metrics[f"gndpo/teacher/{name}/reverse_kl"].append((kl / count).item() if count > 0 else float("nan"))

@@ -131,9 +131,9 @@ class GNDPOTrainer(GRPOTrainer):
         self.train_dataset = teachers.checked_stream(self.train_dataset, args.teacher_column, names, "training")
         self.eval_dataset = teachers.checked_stream(self.eval_dataset, args.teacher_column, names, "evaluation")
         student = self.accelerator.unwrap_model(self.model)
-        self.teacher_server = None
-        if args.teacher_model_server_url is not None:  # a served teacher: nothing to load, check or place here
-            self.teacher_server = teacher_server.connect(args, self.processing_class, student, self._is_vlm)
+        servers = {}  # served teachers: nothing to load, check or place here
+        if args.teacher_model_server_url is not None:
+            servers = teacher_server.connect_all(args, self.processing_class, student, self._is_vlm)
         project_completions_only(student.get_base_model() if is_peft_model(student) else student)
         self._invalid_batches = InvalidBatchGuard(args.max_invalid_generation_batches)
         offload_to = self.accelerator.device if args.teacher_offload else None
@@ -152,7 +152,8 @@ class GNDPOTrainer(GRPOTrainer):
             self._get_per_token_logps_and_entropies,
             text_view,
             self.accelerator,
-            None
+            servers=servers,
+            own_tokenizers=None
             if not args.cross_tokenizer_distillation
             else OwnTokenizers(
                 self.processing_class, teacher_processing, self.eos_token_ids, self.chat_template_kwargs
@@ -354,13 +355,10 @@ class GNDPOTrainer(GRPOTrainer):
                     scores["student"], scores["entropy"], _ = log_probs(self.model, compute_entropy=want_entropy)
         want_states = want_kl or self.args.visual_gradient_steering
         placement = None
-        if self.teacher_server is not None:  # NaN where the server gave no log-prob: masked and counted downstream
-            ids = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-            scores["teacher"], teacher_states = self.teacher_server.score(*(batch[k] for k in ids)), []
-        elif self.teachers.own_tokenizers is not None:  # their own tokens, summed over spans (placement)
+        if self.teachers.own_tokenizers is not None:  # their own tokens, summed over spans (placement)
             scores["teacher"], placement = self.teachers.score_own_tokens(batch, inputs, self._chunk_size(mode))
             teacher_states = []
-        else:
+        else:  # local or served teachers
             scores["teacher"], teacher_states = self.teachers.score(
                 batch, inputs, input_ids, attention_mask, model_inputs, want_states
             )
