@@ -151,8 +151,9 @@ def reference_advantages(alignments, student_logps, teacher_logps, bound, eps):
             p = sum(float(student_logps[i, t]) for t in tokens)
             spans.append((i, tokens, min(max(q - p, -bound), bound)))
     values = [r for _, _, r in spans]
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    mean = sum(values) / max(len(values), 1)
+    # Bessel's variance; one span carries no spread (0, as functional.mean_and_unbiased_var defines it)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
     out = torch.zeros(student_logps.shape, dtype=torch.float64)
     for i, tokens, r in spans:
         out[i, tokens] = (r - mean) / math.sqrt(var + eps)

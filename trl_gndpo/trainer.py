@@ -19,7 +19,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from . import checks, functional, sampler_logps, teacher_server, teachers, token_alignment, uniopd_batch
+from . import checks, functional, sampler_logps, teacher_server, teachers, token_alignment, token_metrics, uniopd_batch
 from .completion_head import project_completions_only
 from .config import GNDPOConfig
 from .cross_tokenizer import OwnTokenizers
@@ -139,6 +139,10 @@ class GNDPOTrainer(GRPOTrainer):
         offload_to = self.accelerator.device if args.teacher_offload else None
         template = (self.chat_template, self.chat_template_kwargs)
         text_view = TextView(self.processing_class, *template, self._tokenizer.pad_token_id, self.accelerator.device)
+        own_tokenizers = None  # teachers from another family read their own tokens of the completion text
+        if args.cross_tokenizer_distillation:
+            own = (self.processing_class, teacher_processing, self.eos_token_ids, self.chat_template_kwargs)
+            own_tokenizers = OwnTokenizers(*own)
         self.teachers = teachers.Teachers(
             {
                 name: prepare_scoring_model(
@@ -153,11 +157,7 @@ class GNDPOTrainer(GRPOTrainer):
             text_view,
             self.accelerator,
             servers=servers,
-            own_tokenizers=None
-            if not args.cross_tokenizer_distillation
-            else OwnTokenizers(
-                self.processing_class, teacher_processing, self.eos_token_ids, self.chat_template_kwargs
-            ),
+            own_tokenizers=own_tokenizers,
         )
         self.teacher_model = self.teachers.first  # the teacher, the first of several, or None
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
@@ -207,9 +207,8 @@ class GNDPOTrainer(GRPOTrainer):
             self.steering.load(checkpoint)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """GRPO's outcome rewards (all processes' completions x reward functions), also handed to the Uni-OPD steps:
-        TRL computes them inside `_generate_and_score_completions` and does not return them, so this hook keeps them
-        for that call, which takes them (and drops them) right after TRL's part of it returns."""
+        """GRPO's outcome rewards (all processes' completions x reward functions), kept for the Uni-OPD steps: TRL
+        does not return them, so `_generate_and_score_completions` takes (and drops) them right after TRL's part."""
         self._outcome_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         return self._outcome_rewards
 
@@ -258,7 +257,7 @@ class GNDPOTrainer(GRPOTrainer):
             for key in ("student", "base"):
                 if key in scores:
                     scores[key] = token_alignment.student_span_sums(scores[key], placement)
-            self._log_unaligned(metrics, batch["completion_mask"], placement)
+            token_metrics.log_unaligned(metrics, batch["completion_mask"], placement, self._reduce_sum)
         student_logps, teacher_logps = scores["student"], scores["teacher"]
         signal, finite = functional.clamped_log_ratio(
             teacher_logps,
@@ -306,11 +305,14 @@ class GNDPOTrainer(GRPOTrainer):
         batch["num_items_in_batch"] = self.accelerator.gather(loss_tokens.sum()).sum()  # "dapo": the loss tokens
 
         if self.steering is not None:
-            self.steering.add_text_view(
-                batch, inputs, scores["teacher_states"], valid, self._chunk_size(mode), metrics
-            )
+            chunk_size = self._chunk_size(mode)
+            self.steering.add_text_view(batch, inputs, scores["teacher_states"], valid, chunk_size, metrics)
 
-        self._log_token_statistics(metrics, mask, finite, valid, scores, signal, (mean, var), advantages)
+        counts = token_metrics.log_token_statistics(
+            metrics, mask, finite, valid, scores, signal, (mean, var), advantages, self.args, self.accelerator
+        )
+        if self.model.training:
+            self._invalid_batches.update(*counts)
         self.teachers.statistics(metrics, inputs, valid, scores["student"], scores["teacher"])
         self.teachers.text_view_images(metrics, inputs)
         return batch
@@ -386,60 +388,6 @@ class GNDPOTrainer(GRPOTrainer):
         if placement is not None:
             scores["placement"] = placement
         return scores
-
-    def _log_unaligned(self, metrics, completion_mask, placement) -> None:
-        """`gndpo/unaligned_token_frac`: the share of completion tokens (all processes) in spans that could not be
-        aligned with the teacher's tokens; they are masked, never given a zero signal."""
-        counts = torch.stack([(placement.unaligned & completion_mask.bool()).sum(), completion_mask.sum()])
-        unaligned, total = self._reduce_sum(counts.to(torch.float64)).tolist()
-        if total > 0:
-            metrics["gndpo/unaligned_token_frac"].append(unaligned / total)
-
-    def _log_token_statistics(self, metrics, mask, finite, valid, scores, signal, signal_moments, advantages):
-        """The `gndpo/` metrics over the whole generation batch on every process (one sum and one max reduction).
-
-        `signal_moments`: the mean and unbiased variance of the token signal, as the whitening used them.
-        """
-
-        def valid_sum(x: torch.Tensor) -> torch.Tensor:
-            return torch.where(valid, x, 0).to(torch.float64).sum()
-
-        student_logps, teacher_logps = scores["student"], scores["teacher"]
-        sums = torch.stack(
-            [
-                valid_sum(student_logps - teacher_logps),
-                valid_sum(teacher_logps),
-                valid_sum(student_logps),
-                valid_sum((signal.abs() >= self.args.token_signal_clamp).float()),
-                mask.sum().to(torch.float64),
-                finite.sum().to(torch.float64),
-                *functional.masked_moments(advantages, valid),
-            ]
-        )
-        kl, teacher, student, clamped, n_mask, n_finite, *advantage_moments = self._reduce_sum(sums)
-        advantage_mean, advantage_var = functional.mean_and_unbiased_var(torch.stack(advantage_moments))
-        abs_max = self.accelerator.reduce(torch.where(valid, advantages.abs(), 0).amax().to(torch.float64), "max")
-        n = advantage_moments[0]
-        if self.model.training:
-            self._invalid_batches.update(n_mask.item(), n_finite.item(), n.item())
-        if n_mask > 0:
-            metrics["gndpo/nonfinite_frac"].append(((n_mask - n_finite) / n_mask).item())
-            metrics["gndpo/valid_token_frac"].append((n / n_mask).item())
-        if n == 0:  # nothing to average: the averages stay unlogged rather than read 0
-            return
-        signal_mean, signal_var = signal_moments
-        metrics["gndpo/reverse_kl"].append((kl / n).item())
-        metrics["gndpo/teacher_logp"].append((teacher / n).item())
-        metrics["gndpo/student_logp"].append((student / n).item())
-        metrics["gndpo/signal_mean"].append(signal_mean.item())
-        metrics["gndpo/signal_std"].append(signal_var.sqrt().item())
-        metrics["gndpo/clamped_frac"].append((clamped / n).item())
-        metrics["gndpo/advantage_mean"].append(advantage_mean.item())
-        metrics["gndpo/advantage_std"].append(advantage_var.sqrt().item())
-        metrics["gndpo/advantage_abs_max"].append(abs_max.item())
-        if n_finite < n_mask:
-            masked = int(n_mask - n_finite)
-            logger.warning(f"GNDPO: {masked} completion tokens with a non-finite log-prob were masked.")
 
     def _select_informative_tokens(self, entropy, divergence, valid, metrics) -> torch.Tensor:
         """TIP: keep the high-entropy share of tokens, and/or the high-divergence low-entropy ones (Q3), or draw the
