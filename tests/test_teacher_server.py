@@ -524,8 +524,8 @@ def assert_same_training(expected: GNDPOTrainer, actual: GNDPOTrainer) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(server, tmp_path_factory):
-    return train_against(server, tmp_path_factory.mktemp("uninterrupted"))
+def uninterrupted(teacher_server_url, tmp_path_factory):
+    return train_against(teacher_server_url, tmp_path_factory.mktemp("uninterrupted"))
 
 
 @pytest.mark.slow
