@@ -417,7 +417,8 @@ def check_teacher(
     if teacher_rows < student_rows:
         raise ValueError(
             f"The teacher's vocabulary ({teacher_rows} rows) is smaller than the student's ({student_rows}): the "
-            "teacher cannot score every token the student can sample. Use a teacher with the student's tokenizer."
+            "teacher cannot score every token the student can sample. Use a teacher with the student's tokenizer, "
+            "or set cross_tokenizer_distillation=True to let the teacher score its own tokens of the completion text."
         )
     if teacher_processing_class is not None:
         student_vocab = getattr(processing_class, "tokenizer", processing_class).get_vocab()
