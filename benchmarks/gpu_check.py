@@ -196,7 +196,7 @@ def run_served_case(case: str, student: str, teacher: str, settings: dict, workd
     """The teacher served by vLLM on this GPU; the student trained against it, its first batch also scored locally."""
     if dry_run:
         return {"case": case, "status": "skipped", "reason": "needs vLLM on a GPU (CPU: tests/test_real_vllm.py)"}
-    from vllm_server import Server
+    from tests.vllm_server import Server
 
     from trl_gndpo import teacher_server
 
