@@ -17,6 +17,7 @@ Two processes: tests/test_faults.py::test_a_killed_rank_stops_the_other_within_a
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,13 +114,26 @@ def kill_in_save(trainer, step: int, after: str) -> None:
         TrainerState.save_to_json = killing
 
 
-def run_killed(kind: str, output_dir: Path, kill, resume: bool = False, timeout: float = 300) -> None:
-    """Train `kind` in a child process that `kill(trainer)` arranges to die by SIGKILL; fail unless it does."""
+def kill_after_rotation(trainer) -> None:
+    """SIGKILL right after Trainer deleted a checkpoint over `save_total_limit`."""
+    rmtree = shutil.rmtree
+
+    def killing(path, *args, **kwargs):
+        rmtree(path, *args, **kwargs)
+        if Path(path).name.startswith("checkpoint-"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    shutil.rmtree = killing  # the child process dies: patching the module here touches no other test
+
+
+def run_killed(kind: str, output_dir: Path, kill, resume: bool = False, timeout: float = 300, **overrides) -> None:
+    """Train `kind` (`overrides`: its config's) in a child process that `kill(trainer)` arranges to die by SIGKILL;
+    fail unless it does."""
     pid = os.fork()
     if pid == 0:  # the child never returns into pytest
         code = 1
         try:
-            trainer = build(kind, output_dir)
+            trainer = build(kind, output_dir, **overrides)
             kill(trainer)
             trainer.train(resume_from_checkpoint=True if resume else None)
             code = 0
@@ -219,6 +233,19 @@ def test_killed_run_resumes_exactly(tmp_path, kind, kill):
     run_killed(kind, run, kill)
     resumed, _ = resume(kind, run)
     assert_same_end_state(uninterrupted(kind, tmp_path / "full"), resumed)
+
+
+def test_a_kill_after_save_total_limit_deleted_the_older_checkpoint_leaves_a_complete_one(tmp_path):
+    """With `save_total_limit=1`, Trainer deletes checkpoint-2 at the end of checkpoint-4's save; GNDPO holds that back
+    until checkpoint-4 is marked complete, so a kill right after the deletion resumes from checkpoint-4 (it used to
+    leave only an unmarked checkpoint-4, and no checkpoint to resume from)."""
+    run = tmp_path / "killed"
+    run_killed("text", run, kill_after_rotation, save_total_limit=1)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4"]
+    assert (run / "checkpoint-4" / COMPLETE_MARKER).is_file()
+    resumed, warnings = resume("text", run)
+    assert "Skipping" not in warnings
+    assert_same_end_state(uninterrupted("text", tmp_path / "full"), resumed)
 
 
 def test_resume_skips_an_incomplete_newest_checkpoint(tmp_path):

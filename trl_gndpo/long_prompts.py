@@ -7,12 +7,15 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-def limit_prompt_lengths(prompt_ids: list, has_images: bool, limit: int | None, action: str) -> list:
-    """The tokenized prompts of a generation batch, as `long_prompts` (`action`) handles those over `limit` tokens.
+def limit_prompt_lengths(prompt_ids: list, has_images: bool, args) -> list:
+    """The tokenized prompts of a generation batch, as `args.long_prompts` handles those over `args.max_prompt_length`
+    tokens.
 
     `"mask"`: unchanged, with a warning that they are generated in full and then masked; `"truncate"`: their last
-    `limit` tokens (refused when the batch has images, whose tokens cannot be cut); `"error"`: a `ValueError`.
+    `max_prompt_length` tokens (refused when the batch has images, whose tokens cannot be cut); `"error"`: a
+    `ValueError`.
     """
+    limit, action = args.max_prompt_length, args.long_prompts
     if limit is None:
         return prompt_ids
     long = [(row, len(ids)) for row, ids in enumerate(prompt_ids) if len(ids) > limit]

@@ -5,11 +5,13 @@ that a checkpoint lacks, which `Trainer` would otherwise start afresh without a 
 import json
 import os
 import re
+from contextlib import contextmanager
+from unittest import mock
 
 import torch
 from transformers import PreTrainedModel
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, logging
 from trl.trainer.utils import RepeatSampler
 
@@ -146,6 +148,19 @@ def mark_checkpoint_complete(folder: str, step: int, args) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+@contextmanager
+def rotation_after_marking():
+    """Trainer deletes the checkpoints over `save_total_limit` at the end of its save, before GNDPO marks the new one
+    complete: a kill in between (with `save_total_limit=1`, or while other ranks still write their parts) would leave
+    no complete checkpoint. Inside, Trainer's call to `rotate_checkpoints` is held back (the saved arguments stay
+    untouched); the context gives `rotate()`, which makes that call, for after the marker is written."""
+    import transformers.trainer
+
+    held = []
+    with mock.patch.object(transformers.trainer, "rotate_checkpoints", lambda **kwargs: held.append(kwargs)):
+        yield lambda: [rotate_checkpoints(**kwargs) for kwargs in held]
 
 
 def is_complete(folder: str) -> bool:

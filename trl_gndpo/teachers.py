@@ -38,8 +38,11 @@ def named(teacher_model) -> dict:
     return {SINGLE: teacher_model}
 
 
-def load(teachers: dict, processing_classes, args) -> tuple[dict, dict]:
-    """Load the teachers given by name or path, with their tokenizers unless `processing_classes` gives them."""
+def load(teacher_model, processing_classes, args) -> tuple[dict, dict]:
+    """`{name: teacher}` and `{name: its processor}` from the trainer's `teacher_model` argument (`named`): the
+    teachers given by name or path loaded, with their tokenizers unless `processing_classes` gives them. None (a
+    served teacher): nothing to load."""
+    teachers = {} if teacher_model is None else named(teacher_model)
     if not isinstance(processing_classes, dict):
         processing_classes = {name: processing_classes for name in teachers}
     models, processors = {}, {}

@@ -35,6 +35,7 @@ from .resume import (
     last_complete_checkpoint,
     load_full_weights,
     mark_checkpoint_complete,
+    rotation_after_marking,
     unmark_checkpoint,
     warn_missing_checkpoint_parts,
 )
@@ -114,11 +115,7 @@ class GNDPOTrainer(GRPOTrainer):
         if teacher_model is None:
             teacher_model = args.teacher_models or args.teacher_model_name_or_path
         checks.check_arguments(args, reward_funcs, teacher_model, reference_model)  # before anything loads
-        teacher_models, teacher_processing = {}, {}  # none with a served teacher
-        if teacher_model is not None:
-            teacher_models, teacher_processing = teachers.load(
-                teachers.named(teacher_model), teacher_processing_class, args
-            )
+        teacher_models, teacher_processing = teachers.load(teacher_model, teacher_processing_class, args)
         self._placeholder_reward = not reward_funcs
         peft = grpo_kwargs.get("peft_config") is not None or (not isinstance(model, str) and is_peft_model(model))
         base_model, reference_given, reference_processing = load_reference(reference_model, model, args, peft)
@@ -193,12 +190,14 @@ class GNDPOTrainer(GRPOTrainer):
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:  # a folder saved over is incomplete until marked again
             unmark_checkpoint(folder)
-        super()._save_checkpoint(model, trial)
+        with rotation_after_marking() as rotate:  # older checkpoints are deleted once this one is complete
+            super()._save_checkpoint(model, trial)
         if self.steering is not None and self.args.should_save:  # VGS's measured eta travels with the checkpoint
             self.steering.save(folder)
         self.accelerator.wait_for_everyone()  # every process has written its part (RNG states, shards)
         if self.args.should_save:
             mark_checkpoint_complete(folder, self.state.global_step, self.args)
+            rotate()
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         warn_missing_checkpoint_parts(self, checkpoint)
@@ -218,8 +217,7 @@ class GNDPOTrainer(GRPOTrainer):
     def _tokenize_prompts(self, prompts: list):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
         has_images = images is not None or bool(multimodal_fields)
-        limit, action = self.args.max_prompt_length, self.args.long_prompts
-        return limit_prompt_lengths(prompt_ids, has_images, limit, action), images, multimodal_fields
+        return limit_prompt_lengths(prompt_ids, has_images, self.args), images, multimodal_fields
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
@@ -319,8 +317,8 @@ class GNDPOTrainer(GRPOTrainer):
 
     def _responses(self, rewards: torch.Tensor, valid: torch.Tensor) -> uniopd_batch.Responses:
         """Correctness and presence of every completion of the generation batch (all processes), for Uni-OPD."""
-        threshold = self.args.correctness_threshold
-        return uniopd_batch.responses(rewards, self.reward_weights, threshold, valid, self.accelerator)
+        threshold, weights = self.args.correctness_threshold, self.reward_weights
+        return uniopd_batch.responses(rewards, weights, threshold, valid, self.accelerator)
 
     @torch.no_grad()
     def _score_tokens(self, batch: dict, inputs: list[dict], mode: str) -> dict[str, torch.Tensor]:
@@ -484,9 +482,8 @@ class GNDPOTrainer(GRPOTrainer):
     def _global_mean(self, values: torch.Tensor) -> float:
         """Mean of `values` (any shape) over all processes' elements; NaN when there are none, which TRL's `log`
         leaves out of the average (a window with nothing to average logs None, not 0)."""
-        totals = self._reduce_sum(
-            torch.stack([values.detach().float().sum(), values.new_tensor(values.numel()).float()])
-        )
+        values = values.detach().float()
+        totals = self._reduce_sum(torch.stack([values.sum(), values.new_tensor(values.numel())]))
         return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
     def _logged_loss(self, loss: torch.Tensor, mode: str) -> float:
