@@ -942,10 +942,11 @@ class GNDPOConfig(GRPOConfig):
         """A served teacher replaces the local one and gives only the sampled tokens' log-probs."""
         urls = self.teacher_model_server_url
         if isinstance(urls, dict):
-            if not urls or not all(isinstance(url, str) and url.strip() for url in urls.values()):
+            empty = [name for name, url in urls.items() if not (isinstance(url, str) and url.strip())]
+            if not urls or empty:  # the URLs are not repeated: one of the others may carry a secret
                 raise ValueError(
-                    f"teacher_model_server_url as a dict names each teacher's server: teacher name -> base URL, got "
-                    f"{urls!r}."
+                    "teacher_model_server_url as a dict names each teacher's server: teacher name -> base URL; "
+                    f"{'it is empty' if not urls else f'no URL for {empty}'}."
                 )
         elif urls is not None and not urls.strip():
             raise ValueError("teacher_model_server_url is empty: give the server's base URL, or None.")
