@@ -17,9 +17,8 @@ prompt, activation checkpointing on):
 - `vllm`: LoRA; generation by vLLM in colocate mode, if `vllm` imports (else skipped, with the reason);
 - `served_vlm`, `served_text`: LoRA; the teacher served by vLLM on the same GPU (`teacher_model_server_url`, 25% of its
   memory, bf16, `--enable-scale-out` for the vision-language student; tests/vllm_server.py starts and stops it), for
-  the vision-language student and for a text student of the same widths; `max_served_gap` is the largest difference
-  between the served and the local teacher's log-probs on the first batch. Skipped in the dry run
-  (tests/test_real_vllm.py runs both on CPU).
+  the vision-language student and for a text student of the same widths. Skipped in the dry run; the served and local
+  teachers' log-probs are compared on CPU in float32 by tests/test_real_vllm.py.
 
 Each line: `case`, `status` (ok / skipped / failed, with `reason`), `step_time_s` (mean over the measured steps),
 `peak_gpu_memory_gib` (`torch.cuda.max_memory_allocated` over the case), `finite_weights` (every floating-point weight
@@ -52,6 +51,7 @@ from .worker import StepTimer
 CASES = ("lora", "qlora", "teacher_device", "teacher_offload", "vllm", "served_vlm", "served_text")
 LAYERS = {"student": 2, "teacher": 4}
 LORA_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
+TEXT_LORA_TARGETS = r".*\.(q|k|v|o|gate|up|down)_proj"
 SKIP_MODULES = ["model.visual", "lm_head"]  # kept in bf16 under 4-bit loading, as examples/qlora.py does
 
 
@@ -115,6 +115,16 @@ def save_models(workdir: Path, dry_run: bool) -> tuple[str, str, dict]:
     return paths[0], paths[1], counts
 
 
+def text_student(workdir: Path) -> str:
+    """The GPU student's language model alone (a text student of the same widths and vocabulary), saved."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = tiny.make_processor("qwen2_5_vl").tokenizer
+    config = Qwen2Config(**TEXT["student"], num_hidden_layers=LAYERS["student"], vocab_size=QWEN_VOCAB,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return str(tiny.save_tiny(Qwen2ForCausalLM(config).to(torch.bfloat16), tokenizer, workdir / "text"))
+
+
 def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool) -> dict:
     cuda = not dry_run
     settings = dict(
@@ -135,7 +145,7 @@ def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool
         disable_tqdm=True,
         seed=0,
     )
-    quantization = None
+    quantization, server, dataset, targets = None, None, tiny.make_image_dataset(64), LORA_TARGETS
     if case == "qlora":
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -148,7 +158,17 @@ def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool
     elif case == "teacher_offload":
         settings["teacher_offload"] = True
     elif case.startswith("served"):
-        return run_served_case(case, student, teacher, settings, workdir, dry_run)
+        if dry_run:
+            return {"case": case, "status": "skipped", "reason": "needs vLLM on a GPU (CPU: tests/test_real_vllm.py)"}
+        from tests.vllm_server import Server
+
+        flags = ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.25", "--max-model-len", "4096"]
+        flags += ["--enable-scale-out"] if case == "served_vlm" else []
+        server = Server(teacher, *flags, log_path=workdir / f"{case}-server.log", python=sys.executable)
+        settings.pop("teacher_model_init_kwargs")
+        settings["teacher_model_server_url"], teacher = server.url, None
+        if case == "served_text":
+            student, dataset, targets = text_student(workdir), tiny.make_text_dataset(64), TEXT_LORA_TARGETS
     elif case == "vllm":
         try:
             import vllm  # noqa: F401
@@ -163,17 +183,21 @@ def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer(cuda)
-    trainer = GNDPOTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=GNDPOConfig(**settings),
-        train_dataset=tiny.make_image_dataset(64),
-        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
-        quantization_config=quantization,
-        callbacks=[timer],
-    )
-    trainer.remove_callback(PrinterCallback)  # keep the trainer's log lines off stdout
-    trainer.train()
+    try:
+        trainer = GNDPOTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=GNDPOConfig(**settings),
+            train_dataset=dataset,
+            peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets),
+            quantization_config=quantization,
+            callbacks=[timer],
+        )
+        trainer.remove_callback(PrinterCallback)  # keep the trainer's log lines off stdout
+        trainer.train()
+    finally:
+        if server is not None:
+            server.stop()
     model = trainer.accelerator.unwrap_model(trainer.model)
     floating = [p for p in model.parameters() if p.is_floating_point()]
     record = {
@@ -185,87 +209,12 @@ def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool
         "finite_weights": all(torch.isfinite(p).all().item() for p in floating),
         "adapter_moved": any(p.abs().max().item() > 0 for n, p in model.named_parameters() if "lora_B" in n),
         "student_4bit": getattr(model.get_base_model(), "is_loaded_in_4bit", False),
-        "teacher_device": str(next(trainer.teacher_model.parameters()).device),
+        "teacher_device": "served" if teacher is None else str(next(trainer.teacher_model.parameters()).device),
         "settings": {k: v for k, v in settings.items() if k in ("teacher_device", "teacher_offload") or "vllm" in k},
+        **({"server_start_s": server.start_seconds} if server is not None else {}),
     }
     del trainer, model, floating
     return record
-
-
-def run_served_case(case: str, student: str, teacher: str, settings: dict, workdir: Path, dry_run: bool) -> dict:
-    """The teacher served by vLLM on this GPU; the student trained against it, its first batch also scored locally."""
-    if dry_run:
-        return {"case": case, "status": "skipped", "reason": "needs vLLM on a GPU (CPU: tests/test_real_vllm.py)"}
-    from tests.vllm_server import Server
-
-    from trl_gndpo import teacher_server
-
-    flags = ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.25", "--max-model-len", "4096"]
-    flags += ["--enable-scale-out"] if case == "served_vlm" else []
-    server = Server(teacher, *flags, log_path=workdir / f"{case}-server.log", python=sys.executable)
-    try:
-        settings = {k: v for k, v in settings.items() if k != "teacher_model_init_kwargs"}
-        settings["teacher_model_server_url"] = server.url
-        dataset, targets = tiny.make_image_dataset(64), LORA_TARGETS
-        if case == "served_text":
-            from transformers import Qwen2Config, Qwen2ForCausalLM
-
-            tokenizer = tiny.make_processor("qwen2_5_vl").tokenizer
-            config = Qwen2Config(**TEXT["student"], num_hidden_layers=LAYERS["student"], vocab_size=QWEN_VOCAB,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-            student = str(tiny.save_tiny(Qwen2ForCausalLM(config).to(torch.bfloat16), tokenizer, workdir / "text"))
-            dataset, targets = tiny.make_text_dataset(64), r".*\.(q|k|v|o|gate|up|down)_proj"
-        batches, gaps = [], []
-        served_class = teacher_server.VisionTeacherServer if case == "served_vlm" else teacher_server.TeacherServer
-        original = served_class.score
-
-        def score(self, *args, **kwargs):  # keep the first batch to score it locally afterwards
-            out = original(self, *args, **kwargs)
-            batches.append((args, kwargs, out)) if not batches else None
-            return out
-
-        timer = StepTimer(True)
-        served_class.score = score
-        try:
-            trainer = GNDPOTrainer(
-                model=student, args=GNDPOConfig(**settings), train_dataset=dataset, callbacks=[timer],
-                peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets),
-            )  # fmt: skip
-            trainer.remove_callback(PrinterCallback)
-            trainer.train()
-        finally:
-            served_class.score = original
-        local = Qwen2_5_VLForConditionalGeneration.from_pretrained(teacher, dtype=torch.bfloat16).cuda().eval()
-        (prompt_ids, prompt_mask, completion_ids, completion_mask), images, served = batches[0]
-        with torch.no_grad():
-            rows, sequences, starts = teacher_server.request_sequences(prompt_ids, prompt_mask, completion_ids,
-                                                                       completion_mask)  # fmt: skip
-            pixels = images.get("pixel_values")
-            patches = images["image_grid_thw"].prod(-1).tolist() if pixels is not None else []
-            for row, sequence, start in zip(rows, sequences, starts, strict=True):
-                extra = {}
-                if pixels is not None:  # one image per row (the dataset's)
-                    first = sum(patches[:row])
-                    extra = {"pixel_values": pixels[first : first + patches[row]].cuda(),
-                             "image_grid_thw": images["image_grid_thw"][row : row + 1].cuda()}  # fmt: skip
-                ids = torch.tensor([sequence], device="cuda")
-                extra["mm_token_type_ids"] = (ids == local.config.image_token_id).long()
-                logps = torch.log_softmax(local(input_ids=ids, **extra).logits[0].float(), -1)[start - 1 : -1]
-                logps = logps.gather(1, ids[0, start:, None])[:, 0].cpu()
-                gaps.append((logps - served[row, : len(logps)].cpu()).abs().max().item())
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        return {
-            "case": case,
-            "status": "ok",
-            "step_time_s": sum(timer.times[1:]) / max(len(timer.times) - 1, 1),
-            "steps": len(timer.times),
-            "server_start_s": server.start_seconds,
-            "max_served_gap": max(gaps),
-            "finite_weights": all(torch.isfinite(p).all().item() for p in model.parameters() if p.is_floating_point()),
-            "adapter_moved": any(p.abs().max().item() > 0 for n, p in model.named_parameters() if "lora_B" in n),
-        }
-    finally:
-        server.stop()
 
 
 def main(argv=None) -> int:
