@@ -5,28 +5,25 @@
     python -m benchmarks.render benchmarks/quality.json benchmarks/QUALITY.md  # re-render only
 
 Methods, on identical models, prompts, completions per step, completion length and optimizer: ``gndpo``
-(GNDPOTrainer, global whitening), ``opd`` (the same trainer with ``normalization_scope="none"``: the clamped log-ratio
-as the advantage, plain on-policy distillation), and TRL's ``DistillationTrainer`` with ``beta=1`` (``distill_rkl``:
-full-vocabulary reverse KL on student samples) or ``beta=0.5`` (``distill_jsd``); GNDPO variants with options the
-library has (`worker.KINDS`): ``gndpo_vopd`` (vOPD value baseline, top-32), ``gndpo_tip`` (TIP, quadrant) and
-``gndpo_g4`` (4 completions per prompt at the same completions per step). Each runs in two arms: ``full`` fine-tuning
-and ``lora`` (r=16, alpha 32, every linear layer). Every run measures the held-out exact reverse KL
-(`trl_gndpo.ReverseKLCallback`, fixed seed, prompts never trained on) every ``eval_every`` steps, against steps and
-training seconds, and logs the gradient norm (before clipping) of every step.
+(GNDPOTrainer), ``opd`` (``normalization_scope="none"``: plain on-policy distillation), TRL's ``DistillationTrainer``
+with ``beta=1`` (``distill_rkl``) or ``beta=0.5`` (``distill_jsd``), and GNDPO variants (`worker.KINDS`):
+``gndpo_vopd`` (vOPD value baseline, top-32), ``gndpo_tip`` (TIP, quadrant), ``gndpo_g4`` (4 completions per prompt,
+same batch).
+Two arms: ``full`` fine-tuning and ``lora`` (r=16, alpha 32, every linear layer). Every run measures the held-out exact
+reverse KL (`trl_gndpo.ReverseKLCallback`, fixed seed, prompts never trained on) every ``eval_every`` steps, against
+steps and training seconds, and logs the gradient norm (before clipping) of every step.
 
-Phases, in this order so that a run cut short leaves the most telling records; each run's record is written to the
-JSON as soon as it ends (a partial file renders):
+Phases, in this order so that a run cut short leaves the most telling records (each record is written to the JSON as
+soon as its run ends; a partial file renders):
 1. ``sweep``, per arm, first seed: every method at the arm's starting rates; then, while a method's best rate is the
-   lowest or the highest it has run, the next rate of ``ladder`` beyond it, so that the best rate ends inside its sweep
-   (or at the ladder's end, which the Markdown then says).
-2. ``sweep`` of the variants, per arm, at GNDPO's best rate only. The arm's recommended GNDPO recipe is the lowest
-   final KL among GNDPO and its variants there.
+   lowest or the highest it has run, the next rate of ``ladder`` beyond it (so the best ends inside, or at the ladder's
+   end, which the Markdown says).
+2. ``sweep`` of the variants at GNDPO's best rate of the arm only; the arm's recommended recipe is the lowest final KL
+   of GNDPO and its variants there.
 3. ``seeds``: every method and the recommended recipe at its rate on the other seeds.
-4. ``stress`` (full fine-tuning, at ``stress_lr``, the middle starting rate unless set): GNDPO and plain OPD with
-   teacher log-probs corrupted on purpose: on a share ``corrupt_fraction`` of completion tokens the teacher's log-prob
-   is lowered by ``corrupt_nats`` (a teacher that wrongly rules a token out); the evaluation still uses the true
-   teacher. Each stressed run is compared with the clean run of the same method, rate and seed (a stress seed other
-   than the first gets its clean run here too).
+4. ``stress`` (full fine-tuning, ``stress_lr``: the middle starting rate unless set): GNDPO and plain OPD with the
+   teacher's log-prob lowered by ``corrupt_nats`` on a share ``corrupt_fraction`` of completion tokens (a teacher that
+   wrongly rules a token out), beside the clean run of the same method, rate and seed (run here for other seeds).
 
 Models and trainers are the trainer comparison's (`models.build`, `worker.make_trainer`), at this file's sizes; the
 Markdown (`render.py`, rewritten after every run) keeps the hand-written summary between its two summary markers.
@@ -55,14 +52,15 @@ STRESS_METHODS = ("gndpo", "opd")
 # rates and the ladder a sweep extends along, methods, variants, seeds, and the stress test's rate, seeds, corruption.
 SIZES = {
     "tiny": dict(batch_size=4, num_generations=2, completion_length=8, steps=2, eval_every=1, heldout_prompts=4,
-                 heldout_samples=1, arms=["full", "lora"], full_lrs=[1e-3, 1e-2], lora_lrs=[1e-2], ladder=[1e-4, 1e-3, 1e-2],
-                 methods=["gndpo", "opd", "distill_rkl"], variants=list(VARIANTS), seeds=[0, 1], stress_seeds=[0],
+                 heldout_samples=1, arms=["full", "lora"], full_lrs=[1e-3, 1e-2], lora_lrs=[1e-2],
+                 ladder=[1e-4, 1e-3, 1e-2], methods=["gndpo", "opd", "distill_rkl"], variants=list(VARIANTS),
+                 seeds=[0, 1], stress_seeds=[0],
                  stress_lr=None, corrupt_fraction=0.1, corrupt_nats=20.0, threads=1),
     "smollm2": dict(batch_size=8, num_generations=2, completion_length=16, steps=8, eval_every=4, heldout_prompts=8,
                     heldout_samples=2, arms=["lora", "full"], full_lrs=[3e-5, 1e-4, 3e-4],
                     lora_lrs=[1e-4, 3e-4, 1e-3, 3e-3], ladder=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
-                    methods=["gndpo", "opd", "distill_rkl"], variants=list(VARIANTS), seeds=[0, 1, 2], stress_seeds=[0],
-                    stress_lr=None, corrupt_fraction=0.05, corrupt_nats=20.0, threads=1),
+                    methods=["gndpo", "opd", "distill_rkl"], variants=list(VARIANTS), seeds=[0, 1, 2],
+                    stress_seeds=[0], stress_lr=None, corrupt_fraction=0.05, corrupt_nats=20.0, threads=1),
 }  # fmt: skip
 
 
@@ -111,24 +109,11 @@ def run_one(arm: str, method: str, spec: dict, lr: float, seed: int, phase: str,
     keys = ("grad_norm", "loss", "gndpo/clamped_frac", "gndpo/reverse_kl", "gndpo/advantage_abs_max")
     steps = [{"step": e["step"], **{k: e.get(k) for k in keys}} for e in trainer.state.log_history if "grad_norm" in e]
     history = evaluation.history
-    return {
-        "arm": arm,
-        "method": method,
-        "lr": lr,
-        "seed": seed,
-        "phase": phase,
-        "stress": stress,
-        "evals": history,
-        "steps": steps,
-        "step_seconds": clock.seconds,
-        "grad_norm": render.grad_stats([s["grad_norm"] for s in steps]),
-        "initial_kl": history[0]["reverse_kl"],
-        "final_kl": history[-1]["reverse_kl"],
-        "train_seconds": history[-1]["train_seconds"],
-        "wall_seconds": wall,
-        "corrupted_tokens": counts,
-        "description": built["description"],
-    }
+    return dict(arm=arm, method=method, lr=lr, seed=seed, phase=phase, stress=stress, evals=history, steps=steps,
+                step_seconds=clock.seconds, grad_norm=render.grad_stats([s["grad_norm"] for s in steps]),
+                initial_kl=history[0]["reverse_kl"], final_kl=history[-1]["reverse_kl"],
+                train_seconds=history[-1]["train_seconds"], wall_seconds=wall, corrupted_tokens=counts,
+                description=built["description"])  # fmt: skip
 
 
 def measure(spec: dict, json_path: Path, markdown: Path | None, command: str, resume: bool = False) -> dict:

@@ -107,9 +107,8 @@ def plot(entry: dict, path: Path) -> None:
     left = [0.0] * len(trainers)
     for phase in phases:
         widths = [entry["main"][t]["phases_mean"].get(phase, 0.0) for t in trainers]
-        ax.barh(
-            [NAMES[t] for t in trainers], widths, left=left, label=phase, color=plt.cm.tab10(order.index(phase) % 10)
-        )
+        colour = plt.cm.tab10(order.index(phase) % 10)
+        ax.barh([NAMES[t] for t in trainers], widths, left=left, label=phase, color=colour)
         left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.invert_yaxis()
     ax.set_xlabel("mean seconds per optimizer step")
@@ -134,23 +133,14 @@ def render_entry(key: str, entry: dict, outdir: Path, stem: str) -> list[str]:
              f"{100 * max(other, default=0):.0f}% of the machine.", ""]  # fmt: skip
     if subject == "gndpo_vgs":
         lines += [f"Same sampled batches in every process: {'yes' if same_batches(entry) else 'NO'}.", ""]
-    rows = []
-    for t, r in main.items():
-        rounds = ", ".join(fmt(x["step_time_median"]) for x in r.get("rounds", []))
-        rows.append(
-            [
-                NAMES[t],
-                fmt(r["step_time_median"]),
-                f"{r['step_time_median'] / main[reference]['step_time_median']:.2f}",
-                rounds,
-                fmt(r["completion_tokens_per_step"] / r["step_time_median"]),
-                fmt(r["peak_rss_bytes"] / MIB),
-                f"{r['peak_rss_bytes'] / main[reference]['peak_rss_bytes']:.2f}",
-                fmt(r.get("teacher_scoring_passes_per_generation_batch")),
-                fmt(r.get("teacher_forward_calls_per_generation_batch")),
-                fmt(r.get("head_rows_per_step")),
-            ]
-        )
+    rows = [[NAMES[t], fmt(r["step_time_median"]),
+             f"{r['step_time_median'] / main[reference]['step_time_median']:.2f}",
+             ", ".join(fmt(x["step_time_median"]) for x in r.get("rounds", [])),
+             fmt(r["completion_tokens_per_step"] / r["step_time_median"]), fmt(r["peak_rss_bytes"] / MIB),
+             f"{r['peak_rss_bytes'] / main[reference]['peak_rss_bytes']:.2f}",
+             fmt(r.get("teacher_scoring_passes_per_generation_batch")),
+             fmt(r.get("teacher_forward_calls_per_generation_batch")), fmt(r.get("head_rows_per_step"))]
+            for t, r in main.items()]  # fmt: skip
     lines += table(["trainer", "step median (s)", f"x {SHORT[reference]}", "per round (s)", "completion tok/s",
                     "peak RSS (MiB)", f"x {SHORT[reference]}", "teacher scoring passes / generation batch",
                     "teacher forwards / generation batch", "vocabulary-head rows / step"], rows)  # fmt: skip
@@ -245,8 +235,7 @@ def sweep_runs(runs: list[dict], arm: str, method: str) -> list[dict]:
 
 def choose_lrs(runs: list[dict], arm: str, methods) -> dict:
     """Per method of `arm`, the learning rate whose sweep run ends with the lowest held-out KL."""
-    chosen = {m: min(rs, key=lambda r: r["final_kl"])["lr"] for m in methods if (rs := sweep_runs(runs, arm, m))}
-    return chosen
+    return {m: min(rs, key=lambda r: r["final_kl"])["lr"] for m in methods if (rs := sweep_runs(runs, arm, m))}
 
 
 def recommended(runs: list[dict], arm: str) -> str | None:
@@ -308,7 +297,7 @@ def quality_plots(results: dict, shown: list[tuple[str, str]], outdir: Path, ste
     arms = list(dict.fromkeys(arm for arm, _ in shown))
     for x, label in (("step", "optimizer step"), ("train_seconds", "training seconds (evaluations excluded)")):
         fig, axes = plt.subplots(1, len(arms), figsize=(6.5 * len(arms), 4.5), squeeze=False)
-        for ax, arm in zip(axes[0], arms):
+        for ax, arm in zip(axes[0], arms, strict=True):
             for arm_, method in shown:
                 if arm_ == arm:
                     runs = main_runs(results, arm, method)
@@ -362,8 +351,8 @@ def sweep_notes(results: dict) -> list[str]:
             lrs = sorted(r["lr"] for r in sweep_runs(results["runs"], arm, m))
             best = results["chosen_lr"].get(arm, {}).get(m)
             if lrs:
-                where = ("inside the sweep" if lrs[0] < best < lrs[-1] else "AT THE EDGE OF THE SWEEP" +
-                         (" (the ladder's end)" if best in (spec["ladder"][0], spec["ladder"][-1]) else ""))
+                end = " (the ladder's end)" if best in (spec["ladder"][0], spec["ladder"][-1]) else ""
+                where = "inside the sweep" if lrs[0] < best < lrs[-1] else f"AT THE EDGE OF THE SWEEP{end}"
                 notes.append(f"- {ARMS[arm]}, {QUALITY_METHODS[m]}: {', '.join(f'{x:g}' for x in lrs)}; best "
                              f"{best:g}, {where}.")  # fmt: skip
     return notes + [""]
@@ -432,7 +421,8 @@ def render_quality(results: dict, outdir: Path, stem: str = "QUALITY", summary: 
               fmt(statistics.median(r["step_seconds"])), fmt(r["grad_norm"]["median"]), fmt(r["grad_norm"]["max"]),
               "yes" if results["chosen_lr"].get(r["arm"], {}).get(r["method"]) == r["lr"] else ""]
              for r in sorted((r for r in runs if r["phase"] == "sweep"),
-                             key=lambda r: (spec["arms"].index(r["arm"]), order.index(r["method"]), r["lr"]))]  # fmt: skip
+                             key=lambda r: (spec["arms"].index(r["arm"]), order.index(r["method"]),
+                                            r["lr"]))]  # fmt: skip
     lines += ["## Learning-rate sweep", "", f"Seed {spec['seeds'][0]}, held-out reverse KL (nats/token).", ""]
     lines += table(["arm", "method", "lr", "KL at step 0", f"KL at step {spec['steps']}", "step median (s)",
                     "grad-norm median", "grad-norm max", "chosen"], sweep)  # fmt: skip

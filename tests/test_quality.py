@@ -42,7 +42,7 @@ def test_every_phase_is_recorded(measured):
     for arm in SPEC["arms"]:  # the starting rates first, every method at each
         starts = [(m, lr) for lr in SPEC[f"{arm}_lrs"] for m in SPEC["methods"]]
         assert [(r["method"], r["lr"]) for r in sweeps if r["arm"] == arm][: len(starts)] == starts
-    assert variants == [("sweep", arm, v, chosen[arm]["gndpo"], first) for arm in SPEC["arms"] for v in SPEC["variants"]]
+    assert variants == [("sweep", a, v, chosen[a]["gndpo"], first) for a in SPEC["arms"] for v in SPEC["variants"]]
     assert seeds == [("seeds", arm, m, chosen[arm][m], s) for s in later for arm in SPEC["arms"]
                      for m in dict.fromkeys([*SPEC["methods"], results["recommended"][arm]])]  # fmt: skip
     assert stress == [("stress", "full", m, spec["stress_lr"], s) for s in SPEC["stress_seeds"]
@@ -73,8 +73,9 @@ def test_each_best_rate_is_inside_its_sweep_or_at_the_ladders_end(measured):
             assert rates == ladder[ladder.index(rates[0]) : ladder.index(rates[-1]) + 1]
             assert rates[0] < best < rates[-1] or best in (ladder[0], ladder[-1])
         # the recommended recipe is the lowest of GNDPO and its variants at GNDPO's rate, on the first seed
-        at = {r["method"]: r["final_kl"] for r in results["runs"] if r["arm"] == arm and r["phase"] == "sweep"
-              and r["method"] in ("gndpo", *SPEC["variants"]) and r["lr"] == results["chosen_lr"][arm]["gndpo"]}
+        rate = results["chosen_lr"][arm]["gndpo"]
+        runs = [r for m in ("gndpo", *SPEC["variants"]) for r in render.sweep_runs(results["runs"], arm, m)]
+        at = {r["method"]: r["final_kl"] for r in runs if r["lr"] == rate}
         assert set(at) == {"gndpo", *SPEC["variants"]} and results["recommended"][arm] == min(at, key=at.get)
 
 
@@ -91,7 +92,8 @@ def test_the_arms_and_variants_train_what_they_say(tmp_path):
     every = sum(p.numel() for p in full.model.parameters())
     for kind in ("gndpo", "distill_rkl"):  # both trainers get the same adapter: every linear layer, not the head
         lora = make_trainer(dict(work, trainer=kind, lora="all-linear"), built, torch.device("cpu"), str(tmp_path))
-        trained = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in lora.model.named_parameters() if p.requires_grad}
+        named = lora.model.named_parameters()
+        trained = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in named if p.requires_grad}
         assert trained == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         assert lora.model.peft_config["default"].r == 16
         assert all("lora_" in n for n, p in lora.model.named_parameters() if p.requires_grad)  # the base is frozen
@@ -127,7 +129,8 @@ def test_markdown_and_plots_are_rendered_from_the_json(measured, tmp_path):
     for arm in SPEC["arms"]:
         for method in SPEC["methods"]:
             name = render.QUALITY_METHODS[method] + (" (recommended)" if results["recommended"][arm] == method else "")
-            assert f"| {render.ARMS[arm]} | {name} | {results['chosen_lr'][arm][method]:g} | {len(SPEC['seeds'])} |" in text
+            row = f"| {render.ARMS[arm]} | {name} | {results['chosen_lr'][arm][method]:g} | {len(SPEC['seeds'])} |"
+            assert row in text
     for run in results["runs"]:
         if run["phase"] == "sweep":
             assert f"| {render.ARMS[run['arm']]} | {render.QUALITY_METHODS[run['method']]} | {run['lr']:g} | " in text
