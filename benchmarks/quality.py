@@ -106,7 +106,7 @@ def run_one(arm: str, method: str, spec: dict, lr: float, seed: int, phase: str,
     began = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - began
-    keys = ("grad_norm", "loss", "gndpo/clamped_frac", "gndpo/reverse_kl", "gndpo/advantage_abs_max")
+    keys = ("grad_norm", "loss", "entropy", "gndpo/clamped_frac", "gndpo/reverse_kl", "gndpo/advantage_abs_max")
     steps = [{"step": e["step"], **{k: e.get(k) for k in keys}} for e in trainer.state.log_history if "grad_norm" in e]
     history = evaluation.history
     return dict(arm=arm, method=method, lr=lr, seed=seed, phase=phase, stress=stress, evals=history, steps=steps,

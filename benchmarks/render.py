@@ -284,6 +284,12 @@ def mean_curve(runs: list[dict], x: str) -> tuple[list[float], list[float], list
     return xs, [statistics.mean(y) for y in ys], [(min(y), max(y)) for y in ys]
 
 
+def last_entropy(runs: list[dict]) -> str:
+    """The student's mean entropy over its sampled training tokens at the last step (near 0: a collapsed student)."""
+    values = [r["steps"][-1].get("entropy") for r in runs]
+    return spread([float(v) for v in values]) if None not in values else "-"
+
+
 def norm_figures(runs: list[dict]) -> list[str]:
     """Median, p99, max and max / median of the gradient norms of every step of `runs`, pooled."""
     g = grad_stats([s["grad_norm"] for r in runs for s in r["steps"]])
@@ -396,18 +402,20 @@ def render_quality(results: dict, outdir: Path, stem: str = "QUALITY", summary: 
              "every step of every seed pooled; the losses differ in scale, so compare the spread (p99, max over the "
              "median) across methods rather than the level. Seconds are wall-clock time on the machine above, "
              "evaluations excluded: work running beside the benchmark inflates them (the step median is the least "
-             "affected).", ""]  # fmt: skip
+             "affected). Entropy, last step: the student's mean entropy (nats) over its sampled training tokens at "
+             "the last step, as the trainer logs it; near 0 the student has collapsed onto few continuations, which "
+             "the mode-seeking reverse KL does not penalise.", ""]  # fmt: skip
     shown = [(arm, m) for arm in spec["arms"] for m in [*spec["methods"], *spec["variants"]]
              if main_runs(results, arm, m)]  # fmt: skip
     rows = [[ARMS[arm], QUALITY_METHODS[m] + (" (recommended)" if results["recommended"].get(arm) == m else ""),
              f"{results['chosen_lr'][arm][m]:g}", len(rs), spread([r["initial_kl"] for r in rs]),
              spread([r["final_kl"] for r in rs]), spread([100 * (1 - r["final_kl"] / r["initial_kl"]) for r in rs]),
              fmt(statistics.median(s for r in rs for s in r["step_seconds"])),
-             spread([r["train_seconds"] for r in rs]), *norm_figures(rs)]
+             spread([r["train_seconds"] for r in rs]), last_entropy(rs), *norm_figures(rs)]
             for arm, m in shown for rs in [main_runs(results, arm, m)]]  # fmt: skip
     lines += table(["arm", "method", "lr", "seeds", "KL at step 0", f"KL at step {spec['steps']}",
-                    "KL reduction (%)", "step median (s)", "training seconds", "grad-norm median", "p99", "max",
-                    "max / median"], rows)  # fmt: skip
+                    "KL reduction (%)", "step median (s)", "training seconds", "entropy, last step",
+                    "grad-norm median", "p99", "max", "max / median"], rows)  # fmt: skip
     names = quality_plots(results, shown, outdir, stem) if shown else []
     lines += [f"![{n}]({n})" for n in names if "kl-" in n] + [""]
     if shown:
@@ -418,14 +426,15 @@ def render_quality(results: dict, outdir: Path, stem: str = "QUALITY", summary: 
         lines += table(["arm", "method", *(f"step {s}" for s in steps)], curve)
     order = list(QUALITY_METHODS)
     sweep = [[ARMS[r["arm"]], QUALITY_METHODS[r["method"]], f"{r['lr']:g}", fmt(r["initial_kl"]), fmt(r["final_kl"]),
-              fmt(statistics.median(r["step_seconds"])), fmt(r["grad_norm"]["median"]), fmt(r["grad_norm"]["max"]),
+              fmt(statistics.median(r["step_seconds"])), last_entropy([r]), fmt(r["grad_norm"]["median"]),
+              fmt(r["grad_norm"]["max"]),
               "yes" if results["chosen_lr"].get(r["arm"], {}).get(r["method"]) == r["lr"] else ""]
              for r in sorted((r for r in runs if r["phase"] == "sweep"),
                              key=lambda r: (spec["arms"].index(r["arm"]), order.index(r["method"]),
                                             r["lr"]))]  # fmt: skip
     lines += ["## Learning-rate sweep", "", f"Seed {spec['seeds'][0]}, held-out reverse KL (nats/token).", ""]
     lines += table(["arm", "method", "lr", "KL at step 0", f"KL at step {spec['steps']}", "step median (s)",
-                    "grad-norm median", "grad-norm max", "chosen"], sweep)  # fmt: skip
+                    "entropy, last step", "grad-norm median", "grad-norm max", "chosen"], sweep)  # fmt: skip
     lines += ["## Stability stress test: a corrupted teacher", "",
               f"GNDPO and plain OPD, full fine-tuning, at the same rate, {spec['stress_lr']:g}; on "
               f"{100 * spec['corrupt_fraction']:g}% of the completion tokens (drawn at random) the teacher's log-prob "
