@@ -91,7 +91,8 @@ def test_the_arms_and_variants_train_what_they_say(tmp_path):
     full = make_trainer(dict(work, trainer="distill_rkl"), built, torch.device("cpu"), str(tmp_path))
     every = sum(p.numel() for p in full.model.parameters())
     for kind in ("gndpo", "distill_rkl"):  # both trainers get the same adapter: every linear layer, not the head
-        lora = make_trainer(dict(work, trainer=kind, lora="all-linear"), built, torch.device("cpu"), str(tmp_path))
+        fresh = build({"size": "tiny"}, with_teacher=True)  # PEFT adapts the model it is given in place
+        lora = make_trainer(dict(work, trainer=kind, lora="all-linear"), fresh, torch.device("cpu"), str(tmp_path))
         named = lora.model.named_parameters()
         trained = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in named if p.requires_grad}
         assert trained == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
