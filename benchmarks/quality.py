@@ -127,17 +127,10 @@ def measure(spec: dict, json_path: Path, markdown: Path | None, command: str, re
     logging.set_verbosity_error()
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    machine = environment(torch.device("cpu"))
-    results = {
-        "spec": spec,
-        "command": command,
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "environment": {**machine["machine"], "versions": machine["versions"]},
-        "runs": [],
-        "chosen_lr": {},
-        "recommended": {},
-        "finished": False,
-    }
+    machine, now = environment(torch.device("cpu")), datetime.datetime.now(datetime.UTC)
+    results = dict(spec=spec, command=command, started=now.isoformat(timespec="seconds"), runs=[], chosen_lr={},
+                   environment={**machine["machine"], "versions": machine["versions"]}, recommended={},
+                   finished=False)  # fmt: skip
     if resume and json_path.exists():
         previous = json.loads(json_path.read_text())
         free = {"cache_dir": None, "seeds": None, "stress_seeds": None}
