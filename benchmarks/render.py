@@ -107,9 +107,8 @@ def plot(entry: dict, path: Path) -> None:
     left = [0.0] * len(trainers)
     for phase in phases:
         widths = [entry["main"][t]["phases_mean"].get(phase, 0.0) for t in trainers]
-        ax.barh(
-            [NAMES[t] for t in trainers], widths, left=left, label=phase, color=plt.cm.tab10(order.index(phase) % 10)
-        )
+        colour = plt.cm.tab10(order.index(phase) % 10)
+        ax.barh([NAMES[t] for t in trainers], widths, left=left, label=phase, color=colour)
         left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.invert_yaxis()
     ax.set_xlabel("mean seconds per optimizer step")
@@ -134,23 +133,14 @@ def render_entry(key: str, entry: dict, outdir: Path, stem: str) -> list[str]:
              f"{100 * max(other, default=0):.0f}% of the machine.", ""]  # fmt: skip
     if subject == "gndpo_vgs":
         lines += [f"Same sampled batches in every process: {'yes' if same_batches(entry) else 'NO'}.", ""]
-    rows = []
-    for t, r in main.items():
-        rounds = ", ".join(fmt(x["step_time_median"]) for x in r.get("rounds", []))
-        rows.append(
-            [
-                NAMES[t],
-                fmt(r["step_time_median"]),
-                f"{r['step_time_median'] / main[reference]['step_time_median']:.2f}",
-                rounds,
-                fmt(r["completion_tokens_per_step"] / r["step_time_median"]),
-                fmt(r["peak_rss_bytes"] / MIB),
-                f"{r['peak_rss_bytes'] / main[reference]['peak_rss_bytes']:.2f}",
-                fmt(r.get("teacher_scoring_passes_per_generation_batch")),
-                fmt(r.get("teacher_forward_calls_per_generation_batch")),
-                fmt(r.get("head_rows_per_step")),
-            ]
-        )
+    rows = [[NAMES[t], fmt(r["step_time_median"]),
+             f"{r['step_time_median'] / main[reference]['step_time_median']:.2f}",
+             ", ".join(fmt(x["step_time_median"]) for x in r.get("rounds", [])),
+             fmt(r["completion_tokens_per_step"] / r["step_time_median"]), fmt(r["peak_rss_bytes"] / MIB),
+             f"{r['peak_rss_bytes'] / main[reference]['peak_rss_bytes']:.2f}",
+             fmt(r.get("teacher_scoring_passes_per_generation_batch")),
+             fmt(r.get("teacher_forward_calls_per_generation_batch")), fmt(r.get("head_rows_per_step"))]
+            for t, r in main.items()]  # fmt: skip
     lines += table(["trainer", "step median (s)", f"x {SHORT[reference]}", "per round (s)", "completion tok/s",
                     "peak RSS (MiB)", f"x {SHORT[reference]}", "teacher scoring passes / generation batch",
                     "teacher forwards / generation batch", "vocabulary-head rows / step"], rows)  # fmt: skip
@@ -214,10 +204,14 @@ def render(results: dict, outdir: Path, stem: str = "RESULTS") -> str:
 
 QUALITY_METHODS = {
     "gndpo": "GNDPO (global whitening)",
+    "gndpo_vopd": "GNDPO + vOPD value baseline (top-32)",
+    "gndpo_tip": "GNDPO + TIP (quadrant, ratio 0.5)",
+    "gndpo_g4": "GNDPO, 4 completions per prompt",
     "opd": "plain OPD (scope none)",
     "distill_rkl": "DistillationTrainer beta=1 (reverse KL)",
     "distill_jsd": "DistillationTrainer beta=0.5 (JSD)",
 }
+ARMS = {"full": "full fine-tuning", "lora": "LoRA r=16, all linear layers"}
 SUMMARY_START, SUMMARY_END = "<!-- summary: written by hand -->", "<!-- end of summary -->"
 
 
@@ -235,20 +229,28 @@ def grad_stats(norms: list[float]) -> dict:
     return {"median": statistics.median(norms), "p99": percentile(norms, 0.99), "max": max(norms)}
 
 
-def choose_lrs(runs: list[dict], methods) -> dict:
-    """Per method, the learning rate whose sweep run ends with the lowest held-out KL."""
-    chosen = {}
-    for method in methods:
-        sweep = [r for r in runs if r["method"] == method and r["phase"] == "sweep"]
-        if sweep:
-            chosen[method] = min(sweep, key=lambda r: r["final_kl"])["lr"]
-    return chosen
+def sweep_runs(runs: list[dict], arm: str, method: str) -> list[dict]:
+    return [r for r in runs if (r["arm"], r["method"], r["phase"]) == (arm, method, "sweep")]
 
 
-def main_runs(results: dict, method: str) -> list[dict]:
-    """The runs of `method` at its chosen rate: the sweep's run on the first seed and the `seeds` phase's."""
-    lr = results["chosen_lr"].get(method)
-    return [r for r in results["runs"] if r["method"] == method and r["lr"] == lr and r["phase"] in ("sweep", "seeds")]
+def choose_lrs(runs: list[dict], arm: str, methods) -> dict:
+    """Per method of `arm`, the learning rate whose sweep run ends with the lowest held-out KL."""
+    return {m: min(rs, key=lambda r: r["final_kl"])["lr"] for m in methods if (rs := sweep_runs(runs, arm, m))}
+
+
+def recommended(runs: list[dict], arm: str) -> str | None:
+    """GNDPO or the variant of it with the lowest final KL at GNDPO's best rate (first seed)."""
+    lr = choose_lrs(runs, arm, ["gndpo"]).get("gndpo")
+    at = [r for r in runs if r["arm"] == arm and r["method"].startswith("gndpo") and r["lr"] == lr
+          and r["phase"] == "sweep"]  # fmt: skip
+    return min(at, key=lambda r: r["final_kl"])["method"] if at else None
+
+
+def main_runs(results: dict, arm: str, method: str) -> list[dict]:
+    """The runs of `method` at its chosen rate in `arm`: the sweep's run on the first seed and the `seeds` phase's."""
+    lr = results["chosen_lr"].get(arm, {}).get(method)
+    return [r for r in results["runs"] if (r["arm"], r["method"], r["lr"]) == (arm, method, lr)
+            and r["phase"] in ("sweep", "seeds")]  # fmt: skip
 
 
 def stress_runs(results: dict, method: str, stress: bool) -> list[dict]:
@@ -258,7 +260,7 @@ def stress_runs(results: dict, method: str, stress: bool) -> list[dict]:
         return stressed
     pairs, clean = {(r["seed"], r["lr"]) for r in stressed}, {}
     for r in results["runs"]:  # one clean run per seed: a `seeds` run at the stress rate is also a stress-clean one
-        if r["method"] == method and not r["stress"] and (r["seed"], r["lr"]) in pairs:
+        if r["arm"] == "full" and r["method"] == method and not r["stress"] and (r["seed"], r["lr"]) in pairs:
             clean.setdefault((r["seed"], r["lr"]), r)
     return [clean[key] for key in sorted(clean)]
 
@@ -282,34 +284,44 @@ def mean_curve(runs: list[dict], x: str) -> tuple[list[float], list[float], list
     return xs, [statistics.mean(y) for y in ys], [(min(y), max(y)) for y in ys]
 
 
+def last_entropy(runs: list[dict]) -> str:
+    """The student's mean entropy over its sampled training tokens at the last step (near 0: a collapsed student)."""
+    values = [r["steps"][-1].get("entropy") for r in runs]
+    return spread([float(v) for v in values]) if None not in values else "-"
+
+
 def norm_figures(runs: list[dict]) -> list[str]:
     """Median, p99, max and max / median of the gradient norms of every step of `runs`, pooled."""
     g = grad_stats([s["grad_norm"] for r in runs for s in r["steps"]])
     return [fmt(g["median"]), fmt(g["p99"]), fmt(g["max"]), fmt(g["max"] / g["median"]) if g["median"] else "-"]
 
 
-def quality_plots(results: dict, methods: list[str], outdir: Path, stem: str) -> list[str]:
-    """Held-out KL against steps and against seconds, gradient-norm box plots, and the stress test's curves."""
+def quality_plots(results: dict, shown: list[tuple[str, str]], outdir: Path, stem: str) -> list[str]:
+    """Held-out KL against steps and against seconds (a panel per arm), gradient-norm box plots, the stress test."""
     plt, names = pyplot(), []
-    colour = plt.cm.tab10
+    colour, order = plt.cm.tab10, list(QUALITY_METHODS)
+    arms = list(dict.fromkeys(arm for arm, _ in shown))
     for x, label in (("step", "optimizer step"), ("train_seconds", "training seconds (evaluations excluded)")):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for i, method in enumerate(methods):
-            runs = main_runs(results, method)
-            xs, ys, band = mean_curve(runs, x)
-            legend = f"{QUALITY_METHODS[method]}, lr {results['chosen_lr'][method]:g} ({len(runs)} seeds)"
-            ax.plot(xs, ys, marker="o", color=colour(i), label=legend)
-            ax.fill_between(xs, [b[0] for b in band], [b[1] for b in band], color=colour(i), alpha=0.15)
-        ax.set(xlabel=label, ylabel="held-out reverse KL (nats/token)")
-        ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
+        fig, axes = plt.subplots(1, len(arms), figsize=(6.5 * len(arms), 4.5), squeeze=False)
+        for ax, arm in zip(axes[0], arms, strict=True):
+            for arm_, method in shown:
+                if arm_ == arm:
+                    runs = main_runs(results, arm, method)
+                    xs, ys, band = mean_curve(runs, x)
+                    legend = f"{QUALITY_METHODS[method]}, lr {results['chosen_lr'][arm][method]:g} ({len(runs)} seeds)"
+                    ax.plot(xs, ys, marker="o", color=colour(order.index(method)), label=legend)
+                    ax.fill_between(xs, [b[0] for b in band], [b[1] for b in band], color=colour(order.index(method)),
+                                    alpha=0.15)  # fmt: skip
+            ax.set(title=ARMS[arm], xlabel=label, ylabel="held-out reverse KL (nats/token)")
+            ax.legend(fontsize="x-small")
+            ax.grid(alpha=0.3)
         names.append(save(fig, outdir / f"{stem}-kl-{'step' if x == 'step' else 'seconds'}.png"))
-    groups = [(QUALITY_METHODS[m], main_runs(results, m)) for m in methods]
-    groups += [(f"{QUALITY_METHODS[m]}, {label} teacher, lr {results['spec']['stress_lr']:g}",
+    groups = [(f"{QUALITY_METHODS[m]}, {arm}", main_runs(results, arm, m)) for arm, m in shown]
+    groups += [(f"{QUALITY_METHODS[m]}, full, {label} teacher, lr {results['spec']['stress_lr']:g}",
                 stress_runs(results, m, stress)) for m in stressed_methods(results)
                for stress, label in ((False, "clean"), (True, "corrupted"))]  # fmt: skip
     groups = [(label, [s["grad_norm"] for r in runs for s in r["steps"]]) for label, runs in groups if runs]
-    fig, ax = plt.subplots(figsize=(7, 1 + 0.6 * len(groups)))
+    fig, ax = plt.subplots(figsize=(7, 1 + 0.4 * len(groups)))
     ax.boxplot([g[1] for g in groups], orientation="horizontal", whis=(0, 100))
     ax.set_yticks(range(1, len(groups) + 1), [g[0] for g in groups], fontsize="small")
     ax.set(xscale="log", xlabel="gradient norm before clipping, every step of every run (whiskers: min, max)")
@@ -337,14 +349,29 @@ def quality_plots(results: dict, methods: list[str], outdir: Path, stem: str) ->
     return names
 
 
+def sweep_notes(results: dict) -> list[str]:
+    """Per arm and method: the rates swept, and where the best one sits in them."""
+    spec, notes = results["spec"], []
+    for arm in spec["arms"]:
+        for m in spec["methods"]:
+            lrs = sorted(r["lr"] for r in sweep_runs(results["runs"], arm, m))
+            best = results["chosen_lr"].get(arm, {}).get(m)
+            if lrs:
+                end = " (the ladder's end)" if best in (spec["ladder"][0], spec["ladder"][-1]) else ""
+                where = "inside the sweep" if lrs[0] < best < lrs[-1] else f"AT THE EDGE OF THE SWEEP{end}"
+                notes.append(f"- {ARMS[arm]}, {QUALITY_METHODS[m]}: {', '.join(f'{x:g}' for x in lrs)}; best "
+                             f"{best:g}, {where}.")  # fmt: skip
+    return notes + [""]
+
+
 def render_quality(results: dict, outdir: Path, stem: str = "QUALITY", summary: str = "") -> str:
     spec, runs, env = results["spec"], results["runs"], results["environment"]
-    swept = {(r["method"], r["lr"]) for r in runs if r["phase"] == "sweep"}
-    complete_sweep = swept == {(m, lr) for m in spec["methods"] for lr in spec["lrs"]}
-    if not results["chosen_lr"]:  # a partial file: the best rate among those swept so far
-        results = dict(results, chosen_lr=choose_lrs(runs, spec["methods"]))
+    if not results.get("finished"):  # a partial file: the best rate among those swept so far
+        results = dict(results, chosen_lr={arm: choose_lrs(runs, arm, [*spec["methods"], *spec["variants"]])
+                                           for arm in spec["arms"]},
+                       recommended={arm: recommended(runs, arm) for arm in spec["arms"]})  # fmt: skip
     status = "finished" if results.get("finished") else f"INCOMPLETE: {len(runs)} runs recorded so far"
-    lines = ["# Quality: GNDPO vs plain OPD vs TRL's DistillationTrainer", "",
+    lines = ["# Quality: GNDPO vs plain OPD vs TRL's DistillationTrainer, full fine-tuning and LoRA", "",
              "<!-- Generated by benchmarks/render.py from benchmarks/quality.json, except the summary between the "
              "markers: do not edit the rest. -->", "", "## Summary", "", SUMMARY_START,
              summary.strip() or "(not written yet)", SUMMARY_END, "", "## Set-up", "",
@@ -354,54 +381,66 @@ def render_quality(results: dict, outdir: Path, stem: str = "QUALITY", summary: 
              + ".", "",
              f"Work per optimizer step, identical for every method: {spec['batch_size']} sampled completions of at "
              f"most {spec['completion_length']} tokens ({spec['batch_size'] // spec['num_generations']} prompts x "
-             f"{spec['num_generations']}), temperature 1, no top-p/top-k, one micro-step, AdamW at a constant rate, "
-             f"no weight decay, gradient clipping at 1 (TRL's default), full fine-tuning (no LoRA), {spec['steps']} "
-             f"steps. Held-out evaluation every {spec['eval_every']} steps: {spec['heldout_prompts']} prompts never "
+             f"{spec['num_generations']}; the 4-completions variant: {spec['batch_size'] // 4} prompts x 4), "
+             "temperature 1, no top-p/top-k, one micro-step, AdamW at a constant rate, no weight decay, gradient "
+             f"clipping at 1 (TRL's default), {spec['steps']} steps. Two arms: full fine-tuning, and a LoRA adapter "
+             "(r=16, alpha 32, every linear layer but the output head, `target_modules=\"all-linear\"`) for every "
+             f"method. Held-out evaluation every {spec['eval_every']} steps: {spec['heldout_prompts']} prompts never "
              f"trained on x {spec['heldout_samples']} samples of at most {spec['completion_length']} tokens, seed "
              "fixed, exact reverse KL(student || teacher) over the full vocabulary per sampled token "
              "(`trl_gndpo.ReverseKLCallback`).", "",
-             f"Learning rates swept on seed {spec['seeds'][0]}: {', '.join(f'{x:g}' for x in spec['lrs'])}; each "
-             "method's rate is the one with the lowest final held-out KL there, then run on seeds "
-             f"{', '.join(map(str, spec['seeds'][1:])) or '-'} (the sweep's run is reused as the first seed)."
-             + ("" if complete_sweep else " THE SWEEP IS NOT COMPLETE: the rates below are the best of those swept "
-                "so far."), "",
+             f"Learning rates swept on seed {spec['seeds'][0]}, starting at "
+             + "; ".join(f"{ARMS[a]}: {', '.join(f'{x:g}' for x in spec[f'{a}_lrs'])}" for a in spec["arms"])
+             + f", extended along {', '.join(f'{x:g}' for x in spec['ladder'])} while a method's best rate was at "
+             "an edge of those run. Each method's rate is the one with the lowest final held-out KL there. The "
+             "GNDPO variants ran at GNDPO's best rate of their arm only (not swept); the recommended GNDPO recipe of "
+             "an arm is the lowest of GNDPO and its variants there. Every method and the recommended recipe then ran "
+             f"at its rate on seeds {', '.join(map(str, spec['seeds'][1:])) or '-'} (the sweep's run is reused as the "
+             "first seed). Rates swept:", "", *sweep_notes(results),
              "## Each method at its best learning rate", "",
              "Held-out reverse KL (nats/token): mean ± standard deviation over seeds (min to max). Gradient norms: "
              "every step of every seed pooled; the losses differ in scale, so compare the spread (p99, max over the "
              "median) across methods rather than the level. Seconds are wall-clock time on the machine above, "
              "evaluations excluded: work running beside the benchmark inflates them (the step median is the least "
-             "affected).", ""]  # fmt: skip
-    methods = [m for m in spec["methods"] if main_runs(results, m)]
-    rows = [[QUALITY_METHODS[m], f"{results['chosen_lr'][m]:g}", len(rs), spread([r["initial_kl"] for r in rs]),
+             "affected). Entropy, last step: the student's mean entropy (nats) over its sampled training tokens at "
+             "the last step, as the trainer logs it; near 0 the student has collapsed onto few continuations, which "
+             "the mode-seeking reverse KL does not penalise.", ""]  # fmt: skip
+    shown = [(arm, m) for arm in spec["arms"] for m in [*spec["methods"], *spec["variants"]]
+             if main_runs(results, arm, m)]  # fmt: skip
+    rows = [[ARMS[arm], QUALITY_METHODS[m] + (" (recommended)" if results["recommended"].get(arm) == m else ""),
+             f"{results['chosen_lr'][arm][m]:g}", len(rs), spread([r["initial_kl"] for r in rs]),
              spread([r["final_kl"] for r in rs]), spread([100 * (1 - r["final_kl"] / r["initial_kl"]) for r in rs]),
              fmt(statistics.median(s for r in rs for s in r["step_seconds"])),
-             spread([r["train_seconds"] for r in rs]), *norm_figures(rs)]
-            for m in methods for rs in [main_runs(results, m)]]  # fmt: skip
-    lines += table(["method", "lr", "seeds", "KL at step 0", f"KL at step {spec['steps']}", "KL reduction (%)",
-                    "step median (s)", "training seconds", "grad-norm median", "p99", "max", "max / median"],
-                   rows)  # fmt: skip
-    names = quality_plots(results, methods, outdir, stem) if methods else []
+             spread([r["train_seconds"] for r in rs]), last_entropy(rs), *norm_figures(rs)]
+            for arm, m in shown for rs in [main_runs(results, arm, m)]]  # fmt: skip
+    lines += table(["arm", "method", "lr", "seeds", "KL at step 0", f"KL at step {spec['steps']}",
+                    "KL reduction (%)", "step median (s)", "training seconds", "entropy, last step",
+                    "grad-norm median", "p99", "max", "max / median"], rows)  # fmt: skip
+    names = quality_plots(results, shown, outdir, stem) if shown else []
     lines += [f"![{n}]({n})" for n in names if "kl-" in n] + [""]
-    if methods:
-        steps = [e["step"] for e in main_runs(results, methods[0])[0]["evals"]]
-        curve = [[QUALITY_METHODS[m], *map(fmt, mean_curve(main_runs(results, m), "step")[1])] for m in methods]
+    if shown:
+        steps = [e["step"] for e in main_runs(results, *shown[0])[0]["evals"]]
+        curve = [[ARMS[arm], QUALITY_METHODS[m], *map(fmt, mean_curve(main_runs(results, arm, m), "step")[1])]
+                 for arm, m in shown]  # fmt: skip
         lines += ["Mean held-out reverse KL over seeds at each evaluation:", ""]
-        lines += table(["method", *(f"step {s}" for s in steps)], curve)
+        lines += table(["arm", "method", *(f"step {s}" for s in steps)], curve)
     order = list(QUALITY_METHODS)
-    sweep = [[QUALITY_METHODS[r["method"]], f"{r['lr']:g}", fmt(r["initial_kl"]), fmt(r["final_kl"]),
-              fmt(r["grad_norm"]["median"]), fmt(r["grad_norm"]["max"]),
-              "yes" if results["chosen_lr"].get(r["method"]) == r["lr"] else ""]
+    sweep = [[ARMS[r["arm"]], QUALITY_METHODS[r["method"]], f"{r['lr']:g}", fmt(r["initial_kl"]), fmt(r["final_kl"]),
+              fmt(statistics.median(r["step_seconds"])), last_entropy([r]), fmt(r["grad_norm"]["median"]),
+              fmt(r["grad_norm"]["max"]),
+              "yes" if results["chosen_lr"].get(r["arm"], {}).get(r["method"]) == r["lr"] else ""]
              for r in sorted((r for r in runs if r["phase"] == "sweep"),
-                             key=lambda r: (order.index(r["method"]), r["lr"]))]  # fmt: skip
+                             key=lambda r: (spec["arms"].index(r["arm"]), order.index(r["method"]),
+                                            r["lr"]))]  # fmt: skip
     lines += ["## Learning-rate sweep", "", f"Seed {spec['seeds'][0]}, held-out reverse KL (nats/token).", ""]
-    lines += table(["method", "lr", "KL at step 0", f"KL at step {spec['steps']}", "grad-norm median",
-                    "grad-norm max", "chosen"], sweep)  # fmt: skip
+    lines += table(["arm", "method", "lr", "KL at step 0", f"KL at step {spec['steps']}", "step median (s)",
+                    "entropy, last step", "grad-norm median", "grad-norm max", "chosen"], sweep)  # fmt: skip
     lines += ["## Stability stress test: a corrupted teacher", "",
-              f"GNDPO and plain OPD at the same rate, {spec['stress_lr']:g}; on {100 * spec['corrupt_fraction']:g}% "
-              f"of the completion tokens (drawn at random) the teacher's log-prob is lowered by "
-              f"{spec['corrupt_nats']:g} nats before the token signal is computed (which then clamps it at -5); the "
-              "held-out evaluation uses the true teacher. Each stressed run is set beside the clean run of the same "
-              "method, rate and seed.", ""]  # fmt: skip
+              f"GNDPO and plain OPD, full fine-tuning, at the same rate, {spec['stress_lr']:g}; on "
+              f"{100 * spec['corrupt_fraction']:g}% of the completion tokens (drawn at random) the teacher's log-prob "
+              f"is lowered by {spec['corrupt_nats']:g} nats before the token signal is computed (which then clamps it "
+              "at -5); the held-out evaluation uses the true teacher. Each stressed run is set beside the clean run "
+              "of the same method, rate and seed.", ""]  # fmt: skip
     rows = []
     for m in stressed_methods(results):
         for stress in (False, True):

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     parser.add_argument("--family", nargs="+", choices=FAMILIES, help="tiny Qwen-VL families (default with --vgs: "
                         "qwen2_vl); one comparison each")  # fmt: skip
     parser.add_argument("--vocab", nargs="+", type=int, help="(tiny) vocabulary sizes: one comparison each")
-    parser.add_argument("--lora", action="store_true", help="(GNDPO) train a LoRA adapter on the language model's q/v")
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter on the language model's q/v")
     parser.add_argument(
         "--trainers",
         nargs="+",

@@ -149,6 +149,9 @@ KINDS = {
     "gndpo_sampler": ("gndpo", {"old_logps_from_sampler": True}),
     "gndpo_vgs": ("gndpo", {"visual_gradient_steering": True}),
     "gndpo_cross": ("gndpo", {"cross_tokenizer_distillation": True}),  # forced on with the student's own tokenizer
+    "gndpo_vopd": ("gndpo", {"value_baseline": True, "value_baseline_top_k": 32}),
+    "gndpo_tip": ("gndpo", {"token_selection": "quadrant"}),
+    "gndpo_g4": ("gndpo", {"num_generations": 4}),  # at the spec's batch: half the prompts, twice the completions
     "opd": ("gndpo", {"normalization_scope": "none"}),
     "distillation": ("distillation", {"beta": 1.0}),
     "distill_rkl": ("distillation", {"beta": 1.0}),
@@ -182,19 +185,20 @@ def make_trainer(spec: dict, built: dict, device, output_dir: str, **config):
     ) | options | config  # fmt: skip
     data = dict(model=built["student"], train_dataset=Dataset.from_dict(columns))
     data["processing_class"] = built["processing_class"]
-    if kind == "gndpo":
-        peft = None
-        if spec.get("lora"):
-            from peft import LoraConfig
+    peft = None
+    if spec.get("lora"):  # "all-linear": r=16 on every linear layer (TRL's ModelConfig defaults); else VGS's q/v
+        from peft import LoraConfig
 
-            peft = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|v)_proj")
-        args = GNDPOConfig(**common, num_generations=spec["num_generations"])
+        peft = (LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") if spec["lora"] == "all-linear" else
+                LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|v)_proj"))  # fmt: skip
+    if kind == "gndpo":
+        args = GNDPOConfig(**{"num_generations": spec["num_generations"]} | common)
         return GNDPOTrainer(teacher_model=built["teacher"], args=args, peft_config=peft,
                             teacher_processing_class=built["processing_class"], **data)  # fmt: skip
     if kind == "distillation":
         fields = {f.name for f in dataclasses.fields(DistillationConfig)}
         args = DistillationConfig(**{k: v for k, v in common.items() if k in fields})
-        return DistillationTrainer(teacher_model=built["teacher"], args=args, **data)
+        return DistillationTrainer(teacher_model=built["teacher"], args=args, peft_config=peft, **data)
     args = GRPOConfig(**common, num_generations=spec["num_generations"])
     return GRPOTrainer(reward_funcs=length_reward, args=args, **data)
 
