@@ -124,9 +124,6 @@ class GNDPOTrainer(GRPOTrainer):
 
         reference = (base_model if reference_given else None, reference_processing)
         checks.check_setup(self, teacher_models, teacher_processing, *reference, grpo_kwargs)
-        names = list(teacher_models)  # a stream's rows are checked as they are read, naming the row
-        self.train_dataset = teachers.checked_stream(self.train_dataset, args.teacher_column, names, "training")
-        self.eval_dataset = teachers.checked_stream(self.eval_dataset, args.teacher_column, names, "evaluation")
         student = self.accelerator.unwrap_model(self.model)
         servers = {}  # served teachers: nothing to load, check or place here
         if args.teacher_model_server_url is not None:
@@ -157,6 +154,9 @@ class GNDPOTrainer(GRPOTrainer):
             own_tokenizers=own_tokenizers,
         )
         self.teacher_model = self.teachers.first  # the teacher, the first of several, or None
+        names = self.teachers.names  # local or served: a stream's rows are checked as they are read, naming the row
+        self.train_dataset = teachers.checked_stream(self.train_dataset, args.teacher_column, names, "training")
+        self.eval_dataset = teachers.checked_stream(self.eval_dataset, args.teacher_column, names, "evaluation")
         # The reference scores on the student's (tempered) scale, so that lambda = 1 cancels it exactly.
         self.base_model = (
             None if base_model is None else prepare_scoring_model(self, base_model, self.temperature, reference_given)
