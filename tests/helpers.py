@@ -234,6 +234,34 @@ def parity_reward(completions, **kwargs):
     return [float(len(str(c)) % 2 == 0) for c in completions]
 
 
+def build_text_trainer(cpu_config_kwargs, config=None, **kwargs) -> GNDPOTrainer:
+    """GNDPO on the tiny text student and teacher, `config` on the CPU config, `kwargs` replacing trainer arguments."""
+    defaults = dict(
+        model=make_text_model(seed=0),
+        teacher_model=make_text_model(seed=1),
+        args=GNDPOConfig(**cpu_config_kwargs(**(config or {}))),
+        train_dataset=make_text_dataset(),
+        processing_class=make_tokenizer(),
+    )
+    return GNDPOTrainer(**{**defaults, **kwargs})
+
+
+def keep_generation_batches(monkeypatch) -> list[dict]:
+    """A list that receives a copy of every batch GRPOTrainer's own `_generate_and_score_completions` returns (before
+    GNDPO's part), for one test."""
+    from trl import GRPOTrainer
+
+    kept, original = [], GRPOTrainer._generate_and_score_completions
+
+    def generate_once(self, inputs):
+        batch = original(self, inputs)
+        kept.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        return batch
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", generate_once)
+    return kept
+
+
 def text_trainer(cpu_config_kwargs, reward_funcs=None, **overrides):
     """GNDPO on the tiny text student and a teacher of the same width, with `overrides` on the CPU config."""
     return GNDPOTrainer(

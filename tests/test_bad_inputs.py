@@ -14,6 +14,7 @@ import PIL.ImageFile
 import pytest
 import torch
 from datasets import Dataset
+from helpers import build_text_trainer as build
 from tiny_models import (
     _trained_bpe,
     make_image_dataset,
@@ -32,17 +33,6 @@ from trl_gndpo.invalid_batches import InvalidBatchGuard
 from trl_gndpo.vgs_steering import Steering
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def build(cpu_config_kwargs, config=None, **kwargs):
-    defaults = dict(
-        model=make_text_model(seed=0),
-        teacher_model=make_text_model(seed=1),
-        args=GNDPOConfig(**cpu_config_kwargs(**(config or {}))),
-        train_dataset=make_text_dataset(),
-        processing_class=make_tokenizer(),
-    )
-    return GNDPOTrainer(**{**defaults, **kwargs})
 
 
 def build_vlm(cpu_config_kwargs, dataset, config=None):

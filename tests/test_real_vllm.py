@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import keep_generation_batches
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer
 
@@ -107,15 +108,7 @@ def test_served_advantages_equal_the_local_teachers(vllm_teacher, smollm2, cpu_c
     _, student_dir, tokenizer, teacher = smollm2
     local = make_trainer(cpu_config_kwargs, student_dir, tokenizer, teacher=teacher)
     served = make_trainer(cpu_config_kwargs, student_dir, tokenizer, teacher_model_server_url=vllm_teacher.url)
-    generated = []
-    original = GRPOTrainer._generate_and_score_completions
-
-    def generate_once(self, inputs):
-        batch = original(self, inputs)
-        generated.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-        return batch
-
-    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", generate_once)
+    generated = keep_generation_batches(monkeypatch)
     train, _ = demo.demo_prompts()
     inputs = [train[i] for i in (0, 0, 1, 1)]
     expected = local._generate_and_score_completions(inputs)

@@ -8,23 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from helpers import build_text_trainer as build
 from tiny_models import make_image, make_text_dataset, make_text_model, make_tokenizer, make_vlm, save_tiny
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from trl_gndpo import GNDPOConfig, GNDPOTrainer
-
-
-def build(cpu_config_kwargs, config=None, **kwargs) -> GNDPOTrainer:
-    defaults = dict(
-        model=make_text_model(seed=0),
-        teacher_model=make_text_model(seed=1),
-        args=GNDPOConfig(**cpu_config_kwargs(**(config or {}))),
-        train_dataset=make_text_dataset(),
-        processing_class=make_tokenizer(),
-    )
-    return GNDPOTrainer(**{**defaults, **kwargs})
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration

@@ -23,6 +23,7 @@ from helpers import (
     calls,
     configure_server,
     free_port,
+    keep_generation_batches,
     record,
     routed_dataset,
     served_requests,
@@ -213,15 +214,7 @@ def test_served_advantages_equal_the_local_teachers_and_unscored_tokens_are_mask
     token the server leaves out is masked and counted in gndpo/nonfinite_frac, and the rest stays finite."""
     local = make_trainer(cpu_config_kwargs, teacher=served_teacher())
     served = make_trainer(cpu_config_kwargs, teacher_model_server_url=server, teacher_model_server_chunk_size=3)
-    generated = []
-    original = GRPOTrainer._generate_and_score_completions
-
-    def generate_once(self, inputs):
-        batch = original(self, inputs)
-        generated.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-        return batch
-
-    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", generate_once)
+    generated = keep_generation_batches(monkeypatch)
     dataset = make_text_dataset()
     inputs = [dataset[i] for i in (0, 0, 1, 1)]
     expected = local._generate_and_score_completions(inputs)
