@@ -53,8 +53,6 @@ LAYERS = {"student": 2, "teacher": 4}
 LORA_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
 TEXT_LORA_TARGETS = r".*\.(q|k|v|o|gate|up|down)_proj"
 SKIP_MODULES = ["model.visual", "lm_head"]  # kept in bf16 under 4-bit loading, as examples/qlora.py does
-
-
 QWEN_VOCAB = 151_936
 # The text widths of the published Qwen2.5-VL-3B (student) and 7B (teacher) checkpoints, with few layers.
 TEXT = {
@@ -73,12 +71,9 @@ def qwen2_5_vl_shaped(device: str) -> dict:
     token = tokenizer.convert_tokens_to_ids
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                bos_token_id=token("<|endoftext|>"))  # fmt: skip
-    special = dict(
-        image_token_id=token("<|image_pad|>"),
-        video_token_id=token("<|video_pad|>"),
-        vision_start_token_id=token("<|vision_start|>"),
-        vision_end_token_id=token("<|vision_end|>"),
-    )
+    special = dict(image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+                   vision_start_token_id=token("<|vision_start|>"),
+                   vision_end_token_id=token("<|vision_end|>"))  # fmt: skip
     rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}
     models = {}
     for seed, role in enumerate(("student", "teacher")):
@@ -128,31 +123,17 @@ def text_student(workdir: Path) -> str:
 def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool) -> dict:
     cuda = not dry_run
     settings = dict(
-        output_dir=str(workdir / case),
-        use_cpu=dry_run,
-        bf16=True,
-        activation_checkpointing=True,
-        model_init_kwargs={"dtype": "bfloat16"},
-        teacher_model_init_kwargs={"dtype": "bfloat16"},
-        per_device_train_batch_size=4 if dry_run else 8,
-        num_generations=4,
-        max_completion_length=8 if dry_run else 128,
-        max_steps=3,
-        learning_rate=1e-4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-    )
+        output_dir=str(workdir / case), use_cpu=dry_run, bf16=True, activation_checkpointing=True,
+        model_init_kwargs={"dtype": "bfloat16"}, teacher_model_init_kwargs={"dtype": "bfloat16"},
+        per_device_train_batch_size=4 if dry_run else 8, num_generations=4,
+        max_completion_length=8 if dry_run else 128, max_steps=3, learning_rate=1e-4, logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+    )  # fmt: skip
     quantization, server, dataset, targets = None, None, tiny.make_image_dataset(64), LORA_TARGETS
     if case == "qlora":
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=SKIP_MODULES,
-        )
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.bfloat16,
+                                          llm_int8_skip_modules=SKIP_MODULES)  # fmt: skip
     elif case == "teacher_device":
         settings["teacher_device"] = "cuda:1" if cuda and torch.cuda.device_count() > 1 else "cpu"
     elif case == "teacher_offload":
@@ -184,15 +165,10 @@ def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer(cuda)
     try:
-        trainer = GNDPOTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=GNDPOConfig(**settings),
-            train_dataset=dataset,
-            peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets),
-            quantization_config=quantization,
-            callbacks=[timer],
-        )
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets)
+        trainer = GNDPOTrainer(model=student, teacher_model=teacher, args=GNDPOConfig(**settings),
+                               train_dataset=dataset, peft_config=lora, quantization_config=quantization,
+                               callbacks=[timer])  # fmt: skip
         trainer.remove_callback(PrinterCallback)  # keep the trainer's log lines off stdout
         trainer.train()
     finally:
@@ -201,10 +177,8 @@ def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool
     model = trainer.accelerator.unwrap_model(trainer.model)
     floating = [p for p in model.parameters() if p.is_floating_point()]
     record = {
-        "case": case,
-        "status": "ok",
+        "case": case, "status": "ok", "steps": len(timer.seconds),
         "step_time_s": sum(timer.seconds[1:]) / max(len(timer.seconds) - 1, 1),
-        "steps": len(timer.seconds),
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "finite_weights": all(torch.isfinite(p).all().item() for p in floating),
         "adapter_moved": any(p.abs().max().item() > 0 for n, p in model.named_parameters() if "lora_B" in n),
@@ -212,7 +186,7 @@ def run_case(case: str, student: str, teacher: str, workdir: Path, dry_run: bool
         "teacher_device": "served" if teacher is None else str(next(trainer.teacher_model.parameters()).device),
         "settings": {k: v for k, v in settings.items() if k in ("teacher_device", "teacher_offload") or "vllm" in k},
         **({"server_start_s": server.start_seconds} if server is not None else {}),
-    }
+    }  # fmt: skip
     del trainer, model, floating
     return record
 

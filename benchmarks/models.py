@@ -44,16 +44,10 @@ def build(spec: dict, with_teacher: bool) -> dict:
         tokenizer.padding_side = "left"
         layers = (student.config.num_hidden_layers, AutoConfig.from_pretrained(teacher_dir).num_hidden_layers)
         train, heldout = demo_prompts()
-        return dict(
-            student=student,
-            teacher=teacher,
-            processing_class=tokenizer,
-            prompts=list(train["prompt"]),
-            heldout=[[{"role": "user", "content": q}] for q in heldout],
-            images=None,
-            description=f"SmolLM2-135M-Instruct teacher, student with {layers[0]} of its {layers[1]} layers, "
-            f"vocabulary {student.config.vocab_size:,}, float32",
-        )
+        return dict(student=student, teacher=teacher, processing_class=tokenizer, prompts=list(train["prompt"]),
+                    heldout=[[{"role": "user", "content": q}] for q in heldout], images=None,
+                    description=f"SmolLM2-135M-Instruct teacher, student with {layers[0]} of its {layers[1]} layers, "
+                    f"vocabulary {student.config.vocab_size:,}, float32")  # fmt: skip
     if spec["size"] != "tiny":
         raise ValueError(f"unknown size {spec['size']!r}")
     from tests import tiny_models as tiny
@@ -71,13 +65,7 @@ def build(spec: dict, with_teacher: bool) -> dict:
         teacher = tiny.make_text_model("qwen2", seed=1, hidden_size=128, num_hidden_layers=3, **vocab)
         prompts, images = [row["prompt"] for row in tiny.make_text_dataset(80)], None
     text = student.config.get_text_config()
-    return dict(
-        student=student,
-        teacher=teacher if with_teacher else None,
-        processing_class=processor,
-        prompts=prompts[:64],
-        heldout=prompts[64:],
-        images=images,
-        description=f"tiny {family or 'qwen2'}: student hidden 64 x 2 layers, teacher hidden 128 x 3 layers, "
-        f"vocabulary {text.vocab_size:,}" + (", one 32x32 image per prompt" if family else ""),
-    )
+    return dict(student=student, teacher=teacher if with_teacher else None, processing_class=processor,
+                prompts=prompts[:64], heldout=prompts[64:], images=images,
+                description=f"tiny {family or 'qwen2'}: student hidden 64 x 2 layers, teacher hidden 128 x 3 layers, "
+                f"vocabulary {text.vocab_size:,}" + (", one 32x32 image per prompt" if family else ""))  # fmt: skip

@@ -75,17 +75,11 @@ def combine_rounds(records: list[dict]) -> dict:
     combined["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in records)
     combined["batch_hashes"] = [r["batch_hashes"] for r in records]
     for key in ("student_fingerprint", "teacher_fingerprint"):
-        combined[key] = (
-            sorted({str(r[key]) for r in records}) if len({r[key] for r in records}) > 1 else records[0][key]
-        )
-    combined["rounds"] = [
-        {
-            "step_time_median": statistics.median(r["step_times"]),
-            "peak_rss_bytes": r["peak_rss_bytes"],
-            "other_processes_cpu_share": r["other_processes_cpu_share"],
-        }
-        for r in records
-    ]
+        values = {str(r[key]) for r in records}
+        combined[key] = sorted(values) if len(values) > 1 else records[0][key]
+    combined["rounds"] = [{"step_time_median": statistics.median(r["step_times"]),
+                           "peak_rss_bytes": r["peak_rss_bytes"],
+                           "other_processes_cpu_share": r["other_processes_cpu_share"]} for r in records]  # fmt: skip
     return combined
 
 
@@ -121,12 +115,8 @@ def main(argv=None) -> int:
                         "qwen2_vl); one comparison each")  # fmt: skip
     parser.add_argument("--vocab", nargs="+", type=int, help="(tiny) vocabulary sizes: one comparison each")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter on the language model's q/v")
-    parser.add_argument(
-        "--trainers",
-        nargs="+",
-        choices=(*TRAINERS, "gndpo_vgs", "gndpo_cross"),
-        help="default: all of the mode; gndpo_cross: cross_tokenizer_distillation on one tokenizer",
-    )
+    parser.add_argument("--trainers", nargs="+", choices=(*TRAINERS, "gndpo_vgs", "gndpo_cross"), help="default: "
+                        "all of the mode; gndpo_cross: cross_tokenizer_distillation on one tokenizer")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per trainer, interleaved, steps pooled")
     for name in ("steps", "warmup", "batch-size", "grad-accum", "num-generations", "completion-length", "threads"):
         parser.add_argument(f"--{name}", type=int, help="default: the size's (benchmarks/models.py)")

@@ -266,11 +266,8 @@ def instrument(trainer, probe: Probe) -> None:
         wrap("_get_per_token_logps_and_entropies", "student_scoring", before=no_grad_student)
     if hasattr(trainer, "_get_last_hidden_state"):  # DistillationTrainer: teacher backbone inside the loss
         unwrapped = trainer.accelerator.unwrap_model(teacher)
-        wrap(
-            "_get_last_hidden_state",
-            "teacher",
-            before=lambda model, *a: model is unwrapped and count("teacher_passes"),
-        )
+        is_teacher = lambda model, *a: model is unwrapped and count("teacher_passes")  # noqa: E731
+        wrap("_get_last_hidden_state", "teacher", before=is_teacher)
     trainer.accelerator.backward = probe.timed("backward", trainer.accelerator.backward)
     if teacher is not None:
         backbone = trainer.accelerator.unwrap_model(teacher).base_model
