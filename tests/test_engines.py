@@ -22,27 +22,34 @@ RUNS["zero3_bf16"] = ("base",)
 TEACHER_HEAD, STUDENT_HEAD = (320, 128), (320, 64)  # vocabulary rows x hidden size of the tiny teacher / student
 
 pytestmark = pytest.mark.slow
-_launched = {}
 
 
-def launch(engine: str, out_dir: Path) -> list[dict]:
-    """`accelerate launch --config_file examples/accelerate/<engine>.yaml`, two CPU processes; both ranks' records."""
-    if engine not in _launched:
-        path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-        precision = [] if engine.endswith("bf16") else ["--mixed_precision", "no"]  # else the config's bf16
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / ENGINES[engine]),
-                   "--num_processes", "2", *precision, "--main_process_port", "0",
-                   str(TESTS / "engine_run.py"), str(out_dir), engine]  # fmt: skip
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        _launched[engine] = [torch.load(out_dir / f"{engine}_rank{r}.pt", weights_only=False) for r in range(2)]
-    return _launched[engine]
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    """`launch(engine)`: `accelerate launch --config_file examples/accelerate/<engine>.yaml`, two CPU processes, once
+    per engine for this module; both ranks' records."""
+    launched = {}
+
+    def records(engine: str) -> list[dict]:
+        if engine not in launched:
+            out_dir = tmp_path_factory.mktemp(engine)
+            path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+            precision = [] if engine.endswith("bf16") else ["--mixed_precision", "no"]  # else the config's bf16
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       str(CONFIGS / ENGINES[engine]), "--num_processes", "2", *precision, "--main_process_port", "0",
+                       str(TESTS / "engine_run.py"), str(out_dir), engine]  # fmt: skip
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+            launched[engine] = [torch.load(out_dir / f"{engine}_rank{r}.pt", weights_only=False) for r in range(2)]
+        return launched[engine]
+
+    return records
 
 
 @pytest.fixture(params=list(ENGINES))
-def engine(request, tmp_path_factory):
-    return request.param, launch(request.param, tmp_path_factory.mktemp(request.param))
+def engine(request, launch):
+    return request.param, launch(request.param)
 
 
 def runs(engine, names=None):
@@ -107,10 +114,10 @@ def test_ranks_share_the_whitening_statistics_and_end_with_identical_weights(eng
             assert max((weights[n] - initial[n]).abs().max().item() for n in initial) > 1e-3, f"{run}: nothing moved"
 
 
-def test_lora_under_zero3_and_fsdp2_trains_only_the_adapter(tmp_path_factory):
+def test_lora_under_zero3_and_fsdp2_trains_only_the_adapter(launch):
     initial = initial_student()
     for name in ("zero3", "fsdp2"):
-        (_, record, other), = runs((name, launch(name, tmp_path_factory.mktemp(name))), ["lora"])  # fmt: skip
+        (_, record, other), = runs((name, launch(name)), ["lora"])  # fmt: skip
         weights = record["student"]
         adapters = [n for n in weights if "lora_B" in n]
         assert adapters and all(weights[n].abs().max() > 0 for n in adapters), f"{name}: LoRA B stayed at zero"
@@ -120,14 +127,14 @@ def test_lora_under_zero3_and_fsdp2_trains_only_the_adapter(tmp_path_factory):
                 assert torch.equal(value, initial[base]), f"{name}: frozen base weight {n} changed"
 
 
-def test_vgs_under_zero2_measures_the_same_eta_on_both_ranks(tmp_path_factory):
-    (_, record, other), = runs(("zero2", launch("zero2", tmp_path_factory.mktemp("zero2"))), ["vgs"])  # fmt: skip
+def test_vgs_under_zero2_measures_the_same_eta_on_both_ranks(launch):
+    (_, record, other), = runs(("zero2", launch("zero2")), ["vgs"])  # fmt: skip
     assert record["eta"] == other["eta"] and 0.0 < record["eta"] < 1.0  # measured once, averaged over the ranks
     assert record["heads"]["student"] and all(shape[1] == 1 for shape in record["heads"]["student"])
 
 
-def test_zero3_checkpoint_resumes_to_the_uninterrupted_run(tmp_path_factory):
-    ranks = launch("zero3", tmp_path_factory.mktemp("zero3"))
+def test_zero3_checkpoint_resumes_to_the_uninterrupted_run(launch):
+    ranks = launch("zero3")
     for rank in ranks:
         interrupted, resumed, full = rank["base"], rank["resumed"], rank["full"]
         assert (interrupted["steps"], resumed["steps"], full["steps"]) == (2, 4, 4)
@@ -136,10 +143,10 @@ def test_zero3_checkpoint_resumes_to_the_uninterrupted_run(tmp_path_factory):
         assert all(torch.equal(resumed["student"][n], full["student"][n]) for n in full["student"])
 
 
-def test_the_engines_compute_the_same_update(tmp_path_factory):
+def test_the_engines_compute_the_same_update(launch):
     """Same data, seeds and two steps: ZeRO-2, ZeRO-3 (its interrupted run, stopped at step 2 under a constant
     learning rate) and FSDP2 end with the same weights up to float32 reduction order, far closer than the update."""
-    weights = {e: launch(e, tmp_path_factory.mktemp(e))[0]["base"]["student"] for e in ("zero2", "zero3", "fsdp2")}
+    weights = {e: launch(e)[0]["base"]["student"] for e in ("zero2", "zero3", "fsdp2")}
     initial = initial_student()
     for engine in ("zero3", "fsdp2"):
         for n, value in weights[engine].items():
@@ -147,10 +154,10 @@ def test_the_engines_compute_the_same_update(tmp_path_factory):
     assert max((weights["zero2"][n] - initial[n]).abs().max().item() for n in initial) > 1e-2
 
 
-def test_zero3_in_bf16_keeps_the_token_signal_statistics_and_loss_in_float32(tmp_path_factory):
+def test_zero3_in_bf16_keeps_the_token_signal_statistics_and_loss_in_float32(launch):
     """The config's bf16 (DeepSpeed holds student and teacher in bf16): the models run in bf16, GNDPO's token signal,
     advantages and loss stay float32, the whitening statistics float64, and training leaves finite weights."""
-    for rank in launch("zero3_bf16", tmp_path_factory.mktemp("zero3_bf16")):
+    for rank in launch("zero3_bf16"):
         record = rank["base"]
         assert {(call["dtype"], call["weight"]) for call in record["kernel"]} == {(torch.bfloat16, torch.bfloat16)}
         for call in record["whitening"]:
