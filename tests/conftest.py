@@ -5,13 +5,17 @@ workaround (see ``tiny_models.install_video_processor_workaround``) is applied a
 is collected, because processors may be built at collection time; it patches transformers for the test process only.
 """
 
+import collections
 import os
+import random
 
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The session's fresh seeds (helpers.fresh_seeds), drawn here in the main process; pytest-xdist workers inherit it.
+os.environ.setdefault("TRL_GNDPO_TEST_SEED", str(random.SystemRandom().randrange(2**32)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,6 +25,20 @@ torch.set_num_threads(1)
 from tiny_models import cpu_grpo_kwargs, install_video_processor_workaround  # noqa: E402
 
 install_video_processor_workaround()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering
+def pytest_collection_modifyitems(config, items):
+    """In a pytest-xdist worker (setup.cfg: two workers, `--dist loadscope`, so a module's tests, and its module
+    fixtures, stay on one worker), put the modules with the most `slow` tests first: xdist hands out the modules in
+    this order, so the longest ones do not start last (its own order, by number of tests, is turned off)."""
+    if hasattr(config, "workerinput"):
+        slow = collections.Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
+        items.sort(key=lambda item: -slow[item.module.__name__])  # stable: pytest's order within a module
+
+
+def pytest_report_header(config):
+    return f"fresh seeds: TRL_GNDPO_TEST_SEED={os.environ['TRL_GNDPO_TEST_SEED']} replays them"
 
 
 @pytest.fixture
@@ -45,18 +63,6 @@ def teacher_server_url(tmp_path_factory):
     from helpers import serve_teacher
 
     yield from serve_teacher(tmp_path_factory.mktemp("served-teacher"))
-
-
-@pytest.fixture(scope="session")
-def two_process_runs(tmp_path_factory, teacher_server_url) -> dict[str, list]:
-    """Every mode of tests/distributed_run.py in one two-process launch, shared by the tests that compare ranks:
-    {mode: [rank 0's records, rank 1's]}, and under "server_requests" what the `server` mode asked the server."""
-    from helpers import configure_server, run_two_processes, served_requests
-
-    modes = ("whitening", "uniopd", "vgs", "teachers", "papers", "server")
-    configure_server(teacher_server_url, clear_requests=True)
-    out, env = tmp_path_factory.mktemp("two-processes"), {"GNDPO_TEACHER_SERVER_URL": teacher_server_url}
-    return {**run_two_processes(out, *modes, env=env), "server_requests": served_requests(teacher_server_url)}
 
 
 @pytest.fixture(scope="session")

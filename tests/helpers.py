@@ -23,9 +23,14 @@ TESTS = Path(__file__).parent
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
+# Drawn anew each session from TRL_GNDPO_TEST_SEED, which conftest.py sets once in the main process, so that every
+# pytest-xdist worker collects the same seeds; set it yourself to replay a session's seeds (the header shows it).
+_SESSION_RANDOM = random.Random(os.environ.get("TRL_GNDPO_TEST_SEED"))
+
+
 def fresh_seeds(n: int) -> list[int]:
     """`n` distinct seeds drawn anew each session (parametrize with them: a failing test's id shows its seed)."""
-    return random.sample(range(2**31), n)
+    return _SESSION_RANDOM.sample(range(2**31), n)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,16 +1,30 @@
 """Two processes (gloo on CPU): global whitening, Uni-OPD group margins and prompt-group masking, TIP's entropy
 sampling, VGS and routed teachers see the whole generation batch.
 
-One launch (conftest.py's `two_process_runs`, slow) serves these tests and tests/test_teacher_server.py's."""
+One launch (`two_process_runs`) serves these tests, the served teacher's two processes included."""
+
+import math
 
 import pytest
 import torch
-from helpers import calls, reference_logps
+from helpers import calls, configure_server, reference_logps, run_two_processes, served_requests, served_teacher
 from tiny_models import make_text_model, make_vlm
 
+from trl_gndpo import functional
 from trl_gndpo import uniopd as U
+from trl_gndpo.teacher_server import request_sequences
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, teacher_server_url) -> dict[str, list]:
+    """Every mode of tests/distributed_run.py in one two-process launch, shared by the tests that compare ranks:
+    {mode: [rank 0's records, rank 1's]}, and under "server_requests" what the `server` mode asked the server."""
+    modes = ("whitening", "uniopd", "vgs", "teachers", "papers", "server")
+    configure_server(teacher_server_url, clear_requests=True)
+    out, env = tmp_path_factory.mktemp("two-processes"), {"GNDPO_TEACHER_SERVER_URL": teacher_server_url}
+    return {**run_two_processes(out, *modes, env=env), "server_requests": served_requests(teacher_server_url)}
 
 
 def test_two_processes_share_the_statistics_of_the_concatenated_batch(two_process_runs):
@@ -140,3 +154,34 @@ def test_prompt_group_mask_and_entropy_sampling_span_two_processes(two_process_r
         tokens = torch.cat([batch0["completion_mask"], batch1["completion_mask"]]).sum().item()
         assert abs(kept - 0.5 * tokens) <= 1
     assert discarded > 0
+
+
+def test_two_processes_score_their_shares_and_whiten_like_the_local_teacher(two_process_runs):
+    """Each rank sends its own rows; with the served log-probs replaced by the local teacher's, the globally whitened
+    advantages are what each rank trained on (the `server` mode of the shared two-process launch)."""
+    ranks = two_process_runs["server"]
+    teacher = served_teacher()
+    served = [ids for r in two_process_runs["server_requests"] for ids in r["ids"]]
+    steps = list(zip(*(calls(r, "scores") for r in ranks), *(calls(r, "batch") for r in ranks), strict=True))
+    assert len(steps) == 2
+    for scores0, scores1, batch0, batch1 in steps:
+        signals, masks = [], []
+        for scores, batch in ((scores0, batch0), (scores1, batch1)):
+            ids = [scores[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+            rows, sequences, prompt_lengths = request_sequences(*ids)
+            assert all(s in served for s in sequences)  # this rank's rows reached the server
+            local = torch.full_like(scores["teacher"], math.nan)
+            with torch.no_grad():
+                for row, sequence, start in zip(rows, sequences, prompt_lengths, strict=True):
+                    logps = torch.log_softmax(teacher(input_ids=torch.tensor([sequence])).logits[0], -1)
+                    local[row, : len(sequence) - start] = logps[start - 1 : -1].gather(
+                        1, torch.tensor(sequence[start:])[:, None]
+                    )[:, 0]
+            mask = batch["mask"].bool()
+            torch.testing.assert_close(scores["teacher"][mask], local[mask], atol=1e-5, rtol=1e-5)
+            signal, _ = functional.clamped_log_ratio(local, scores["student"], mask, 5.0)
+            signals.append(signal), masks.append(mask)
+        pooled = torch.cat([s[m] for s, m in zip(signals, masks, strict=True)]).double()
+        for signal, mask, batch in zip(signals, masks, (batch0, batch1), strict=True):
+            expected = (signal.double() - pooled.mean()) / torch.sqrt(pooled.var() + 1e-8) * mask
+            torch.testing.assert_close(batch["advantages"].double(), expected, atol=1e-4, rtol=1e-4)

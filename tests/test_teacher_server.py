@@ -20,7 +20,6 @@ import requests
 import torch
 from helpers import (
     assert_same_state,
-    calls,
     configure_server,
     free_port,
     keep_generation_batches,
@@ -46,7 +45,7 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 from trl import GRPOTrainer
 
-from trl_gndpo import GNDPOConfig, GNDPOTrainer, functional, teacher_server
+from trl_gndpo import GNDPOConfig, GNDPOTrainer, teacher_server
 from trl_gndpo.teacher_server import (
     TeacherServer,
     TeacherServerError,
@@ -312,38 +311,6 @@ def test_a_server_with_another_tokenizer_fails_at_start_up(server, cpu_config_kw
             make_trainer(cpu_config_kwargs, teacher_model_server_url=server)
     finally:
         configure_server(server, tokenizer_dir=None, vocab_limit=None)
-
-
-@pytest.mark.slow
-def test_two_processes_score_their_shares_and_whiten_like_the_local_teacher(two_process_runs):
-    """Each rank sends its own rows; with the served log-probs replaced by the local teacher's, the globally whitened
-    advantages are what each rank trained on (the `server` mode of the shared two-process launch)."""
-    ranks = two_process_runs["server"]
-    teacher = served_teacher()
-    served = [ids for r in two_process_runs["server_requests"] for ids in r["ids"]]
-    steps = list(zip(*(calls(r, "scores") for r in ranks), *(calls(r, "batch") for r in ranks), strict=True))
-    assert len(steps) == 2
-    for scores0, scores1, batch0, batch1 in steps:
-        signals, masks = [], []
-        for scores, batch in ((scores0, batch0), (scores1, batch1)):
-            ids = [scores[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
-            rows, sequences, prompt_lengths = request_sequences(*ids)
-            assert all(s in served for s in sequences)  # this rank's rows reached the server
-            local = torch.full_like(scores["teacher"], math.nan)
-            with torch.no_grad():
-                for row, sequence, start in zip(rows, sequences, prompt_lengths, strict=True):
-                    logps = torch.log_softmax(teacher(input_ids=torch.tensor([sequence])).logits[0], -1)
-                    local[row, : len(sequence) - start] = logps[start - 1 : -1].gather(
-                        1, torch.tensor(sequence[start:])[:, None]
-                    )[:, 0]
-            mask = batch["mask"].bool()
-            torch.testing.assert_close(scores["teacher"][mask], local[mask], atol=1e-5, rtol=1e-5)
-            signal, _ = functional.clamped_log_ratio(local, scores["student"], mask, 5.0)
-            signals.append(signal), masks.append(mask)
-        pooled = torch.cat([s[m] for s, m in zip(signals, masks, strict=True)]).double()
-        for signal, mask, batch in zip(signals, masks, (batch0, batch1), strict=True):
-            expected = (signal.double() - pooled.mean()) / torch.sqrt(pooled.var() + 1e-8) * mask
-            torch.testing.assert_close(batch["advantages"].double(), expected, atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------------------
