@@ -1,8 +1,9 @@
 """A teacher served over HTTP (`teacher_model_server_url`): the same advantages as the local teacher, training end to
-end, two processes, and the failures (server down, other tokenizer, smaller vocabulary, slow server, a token the
-server does not score, a /health that never answers, broken replies, a restart mid-run, a server down for good), the
-URLs refused and the API key (sent, and written nowhere). The server is tests/teacher_server_app.py, a stand-in for
-`vllm serve` speaking the contract TRL's `VLLMClient` uses, backed by the tiny teacher."""
+end (in two processes: tests/test_distributed.py), and the failures (server down, other tokenizer, smaller
+vocabulary, slow server, a token the server does not score, a /health that never answers, broken replies, a restart
+mid-run, a server down for good), the URLs refused and the API key (sent, and written nowhere). The server is
+tests/teacher_server_app.py, a stand-in for `vllm serve` speaking the contract TRL's `VLLMClient` uses, backed by the
+tiny teacher."""
 
 import logging
 import math
@@ -192,7 +193,7 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture
 def server(teacher_server_url):
-    """The session's served tiny teacher (conftest.py), also asked by the shared two-process launch: its URL."""
+    """The session's served tiny teacher (conftest.py): its URL."""
     return teacher_server_url
 
 
