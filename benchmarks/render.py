@@ -21,6 +21,7 @@ NAMES = {
     "distillation": "DistillationTrainer",
     "grpo": "GRPOTrainer (floor)",
     "gndpo_vgs": "GNDPOTrainer + VGS",
+    "gndpo_cross": "GNDPOTrainer, cross_tokenizer_distillation",
 }
 SHORT = {
     "gndpo": "GNDPO",
@@ -28,6 +29,7 @@ SHORT = {
     "distillation": "DistillationTrainer",
     "grpo": "GRPO floor",
     "gndpo_vgs": "GNDPO + VGS",
+    "gndpo_cross": "GNDPO, cross-tokenizer path",
 }
 MIB = 2**20
 SUMMARY_ENTRIES = 9  # plus the line pointing to the README: at most ten lines
@@ -42,8 +44,9 @@ def fmt(x: float | None, digits: int = 3) -> str:
 def roles(entry: dict) -> tuple[str, str]:
     """(the trainer measured, the one it is compared against) of an entry."""
     main = entry["main"]
-    if "gndpo_vgs" in main:
-        return "gndpo_vgs", "gndpo"
+    for variant in ("gndpo_vgs", "gndpo_cross"):  # a GNDPO option against GNDPO without it
+        if variant in main:
+            return variant, "gndpo"
     return "gndpo", "distillation" if "distillation" in main else next(iter(main))
 
 

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 TRAINERS = ("gndpo", "gndpo_sampler", "distillation", "grpo")
 VGS_TRAINERS = ("gndpo", "gndpo_vgs")
+CHOICES = (*TRAINERS, "gndpo_vgs", "gndpo_cross")
 
 
 def cpu_busy_ticks() -> int:
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
                         "qwen2_vl); one comparison each")  # fmt: skip
     parser.add_argument("--vocab", nargs="+", type=int, help="(tiny) vocabulary sizes: one comparison each")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter on the language model's q/v")
-    parser.add_argument("--trainers", nargs="+", choices=(*TRAINERS, "gndpo_vgs", "gndpo_cross"), help="default: "
+    parser.add_argument("--trainers", nargs="+", choices=CHOICES, help="default: "
                         "all of the mode; gndpo_cross: cross_tokenizer_distillation on one tokenizer")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per trainer, interleaved, steps pooled")
     for name in ("steps", "warmup", "batch-size", "grad-accum", "num-generations", "completion-length", "threads"):

@@ -123,3 +123,9 @@ def test_committed_results_are_rendered_from_their_json(name, tmp_path):
     copy = Path(shutil.copy(markdown, tmp_path))
     render.write(json.loads((BENCHMARKS / f"{name}.json").read_text()), copy)
     assert copy.read_text() == markdown.read_text()
+
+
+def test_every_trainer_the_harness_runs_is_named_in_the_tables():
+    from benchmarks import run
+
+    assert set(run.CHOICES) <= set(render.NAMES) & set(render.SHORT)
