@@ -268,13 +268,6 @@ def keep_generation_batches(monkeypatch) -> list[dict]:
 
 
 def text_trainer(cpu_config_kwargs, reward_funcs=None, **overrides):
-    """GNDPO on the tiny text student and a teacher of the same width, with `overrides` on the CPU config."""
-    return GNDPOTrainer(
-        model=make_text_model(seed=0),
-        teacher_model=make_text_model(seed=1),
-        reward_funcs=reward_funcs,
-        args=GNDPOConfig(**cpu_config_kwargs(**overrides)),
-        train_dataset=make_text_dataset(),
-        processing_class=make_tokenizer(),
-        teacher_processing_class=make_tokenizer(),
-    )
+    """`build_text_trainer` with `reward_funcs`, the teacher's tokenizer given, and `overrides` on the CPU config."""
+    return build_text_trainer(cpu_config_kwargs, overrides, reward_funcs=reward_funcs,
+                              teacher_processing_class=make_tokenizer())  # fmt: skip
